@@ -1,0 +1,24 @@
+# The two quick-start commands. Each one installs what a fresh machine lacks first:
+# the build packages (scripts/deps.sh) and the default model (models/fetch.sh).
+
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: example test setup lint
+
+# The main job, end to end: the bundled example batch on the default model.
+example: setup
+	cargo run --release -- --model $(MODEL) examples/rubric.jsonl -o target/rubric.results.jsonl --restart
+	@echo "results: target/rubric.results.jsonl"
+
+# The whole test suite (unit tests and the real-model integration tests).
+test: setup
+	cargo test --release
+
+setup:
+	@./scripts/deps.sh
+	@./models/fetch.sh
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Checks the system packages the llama.cpp build needs (cmake, clang, libclang) and installs the
+# missing ones with apt-get when run as root; otherwise names the command to run.
+set -euo pipefail
+
+packages=(cmake clang libclang-dev)
+missing=()
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v clang >/dev/null 2>&1 || missing+=(clang)
+# bindgen loads libclang at build time.
+if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
+    missing+=(libclang-dev)
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "error: cargo is not installed; install the Rust toolchain (rustup) first." >&2
+    exit 1
+fi
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "missing build packages: ${missing[*]}"
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${packages[@]}" >/dev/null
+    echo "installed: ${packages[*]}"
+else
+    echo "error: install them first, as root: apt-get install -y ${packages[*]}" >&2
+    exit 1
+fi

@@ -1,0 +1,251 @@
+//! Command-line arguments, turned into a validated [`RunConfig`] before anything runs.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+/// Default prefill chunk and batch size, in tokens.
+pub const DEFAULT_BATCH: u32 = 512;
+/// Default number of sequences decoded together.
+pub const DEFAULT_PARALLEL: u32 = 4;
+/// Default `max_tokens` for requests that give none.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// Default number of distinct shared prefixes kept in the KV cache at once.
+pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
+
+/// Offline batch inference on a GGUF model: the shared system prompt is prefilled once, and
+/// every request decodes from it independently.
+#[derive(Debug, Parser)]
+#[command(name = "infer-batch", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    /// A management command instead of a batch run.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The batch run.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Management commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {}
+
+/// Arguments of a batch run.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The GGUF model file.
+    #[arg(long, short = 'm', value_name = "GGUF")]
+    pub model: Option<PathBuf>,
+
+    /// Input: one OpenAI Batch request per line (JSONL).
+    #[arg(value_name = "INPUT.jsonl")]
+    pub input: Option<PathBuf>,
+
+    /// Output file [default: the input with `.jsonl` replaced by `.results.jsonl`].
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = DEFAULT_PARALLEL, value_name = "N")]
+    pub parallel: u32,
+
+    /// CPU threads [default: the physical cores].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<u32>,
+
+    /// `max_tokens` for requests that give none.
+    #[arg(long, default_value_t = DEFAULT_MAX_TOKENS, value_name = "N")]
+    pub max_tokens: u32,
+
+    /// `temperature` for requests that give none (0 is greedy).
+    #[arg(long, default_value_t = 1.0, value_name = "T")]
+    pub temperature: f32,
+
+    /// Base seed; a request without its own `seed` samples with one derived from this and its
+    /// `custom_id`.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+
+    /// Model layers offloaded to the GPU [default: all with the `cuda` feature, else 0].
+    #[arg(long, value_name = "N")]
+    pub gpu_layers: Option<u32>,
+
+    /// Naive baseline: every request computes its whole prompt, nothing is shared.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+
+    /// KV cache size in tokens [default: the largest resident prefixes plus `--parallel` times
+    /// the largest per-request need].
+    #[arg(long, value_name = "TOKENS")]
+    pub ctx_size: Option<u32>,
+
+    /// Most tokens per decode call, and the prefill chunk size.
+    #[arg(long, default_value_t = DEFAULT_BATCH, value_name = "TOKENS")]
+    pub batch_size: u32,
+
+    /// Distinct shared prefixes kept in the KV cache at once.
+    #[arg(long, default_value_t = DEFAULT_RESIDENT_PREFIXES, value_name = "N")]
+    pub max_prefixes: u32,
+
+    /// Replace an existing output file instead of refusing to touch it.
+    #[arg(long)]
+    pub restart: bool,
+
+    /// Show llama.cpp's own logs and debug messages.
+    #[arg(long, short = 'v')]
+    pub verbose: bool,
+}
+
+/// Everything a batch run needs, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// GGUF model file.
+    pub model: PathBuf,
+    /// JSONL input.
+    pub input: PathBuf,
+    /// JSONL output.
+    pub output: PathBuf,
+    /// Slots decoded together.
+    pub parallel: u32,
+    /// CPU threads.
+    pub threads: u32,
+    /// Default `max_tokens`.
+    pub max_tokens: u32,
+    /// Default temperature.
+    pub temperature: f32,
+    /// Base seed.
+    pub seed: u64,
+    /// GPU layers.
+    pub gpu_layers: u32,
+    /// Share prefixes (false is the naive baseline).
+    pub prefix_cache: bool,
+    /// KV cache size override.
+    pub ctx_size: Option<u32>,
+    /// Decode batch and prefill chunk size.
+    pub batch_size: u32,
+    /// Resident prefix sequences.
+    pub max_prefixes: u32,
+    /// Replace an existing output.
+    pub restart: bool,
+    /// llama.cpp logs.
+    pub verbose: bool,
+}
+
+/// A command line that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(String);
+
+impl RunArgs {
+    /// Resolves defaults and checks ranges.
+    ///
+    /// # Errors
+    /// A [`UsageError`] that names the flag and the fix.
+    pub fn resolve(&self) -> Result<RunConfig, UsageError> {
+        let model = self.model.clone().ok_or_else(|| {
+            UsageError("no model given: pass --model PATH.gguf (./models/fetch.sh fetches the default model)".into())
+        })?;
+        let input = self.input.clone().ok_or_else(|| {
+            UsageError("no input given: pass the JSONL input file as the last argument".into())
+        })?;
+        let positive = |name: &str, v: u32| {
+            if v == 0 {
+                Err(UsageError(format!("--{name} must be at least 1")))
+            } else {
+                Ok(v)
+            }
+        };
+        let parallel = positive("parallel", self.parallel)?;
+        if parallel > 128 {
+            return Err(UsageError("--parallel must be at most 128".into()));
+        }
+        if !(0.0..=2.0).contains(&self.temperature) {
+            return Err(UsageError("--temperature must be within [0, 2]".into()));
+        }
+        Ok(RunConfig {
+            output: self
+                .output
+                .clone()
+                .unwrap_or_else(|| default_output(&input)),
+            model,
+            input,
+            parallel,
+            threads: positive("threads", self.threads.unwrap_or_else(physical_cores))?,
+            max_tokens: positive("max-tokens", self.max_tokens)?,
+            temperature: self.temperature,
+            seed: self.seed,
+            gpu_layers: self.gpu_layers.unwrap_or(DEFAULT_GPU_LAYERS),
+            prefix_cache: !self.no_prefix_cache,
+            ctx_size: self.ctx_size,
+            batch_size: positive("batch-size", self.batch_size)?,
+            max_prefixes: positive("max-prefixes", self.max_prefixes)?,
+            restart: self.restart,
+            verbose: self.verbose,
+        })
+    }
+}
+
+/// All layers go to the GPU on a CUDA build; a CPU build has nowhere to put them.
+const DEFAULT_GPU_LAYERS: u32 = if cfg!(feature = "cuda") { u32::MAX } else { 0 };
+
+/// `in.jsonl` → `in.results.jsonl`; any other name gets `.results.jsonl` appended.
+pub fn default_output(input: &Path) -> PathBuf {
+    let name = input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
+    input.with_file_name(format!("{stem}.results.jsonl"))
+}
+
+/// Physical cores: llama.cpp runs 3× slower here when it also uses the hyper-threads.
+pub fn physical_cores() -> u32 {
+    let n = sysinfo::System::physical_core_count()
+        .ok()
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1);
+    u32::try_from(n).unwrap_or(1).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<RunConfig, UsageError> {
+        let mut argv = vec!["infer-batch"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap().run.resolve()
+    }
+
+    #[test]
+    fn default_output_replaces_jsonl() {
+        assert_eq!(
+            default_output(Path::new("/d/in.jsonl")),
+            PathBuf::from("/d/in.results.jsonl")
+        );
+        assert_eq!(
+            default_output(Path::new("batch.txt")),
+            PathBuf::from("batch.txt.results.jsonl")
+        );
+    }
+
+    #[test]
+    fn resolves_defaults() {
+        let c = parse(&["--model", "m.gguf", "in.jsonl"]).unwrap();
+        assert_eq!(c.output, PathBuf::from("in.results.jsonl"));
+        assert_eq!(c.parallel, DEFAULT_PARALLEL);
+        assert!(c.prefix_cache);
+        assert!(c.threads >= 1);
+    }
+
+    #[test]
+    fn rejects_bad_values_with_the_flag_name() {
+        let e = parse(&["--model", "m", "--parallel", "0", "in"]).unwrap_err();
+        assert!(e.to_string().contains("--parallel"));
+        let e = parse(&["in.jsonl"]).unwrap_err();
+        assert!(e.to_string().contains("--model"));
+        let e = parse(&["--model", "m"]).unwrap_err();
+        assert!(e.to_string().contains("input"));
+    }
+}

@@ -1,0 +1,368 @@
+//! The only module that touches `llama_cpp_2`: model, context, batch, decode, sampling.
+//!
+//! Everything above this boundary sees our own types ([`Token`], [`SeqId`], [`SamplerSpec`]),
+//! so the scheduler and the prompt logic can be read and tested without knowing llama.cpp.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::request::Message;
+
+/// A token id of the loaded model's vocabulary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Token(pub i32);
+
+/// A llama.cpp sequence id: one slot or one resident prefix.
+pub type SeqId = i32;
+
+/// Failures of the engine, each with the context a person needs.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The llama.cpp backend could not start.
+    #[error("could not initialise the llama.cpp backend: {0}")]
+    Backend(String),
+    /// The GGUF file is missing or unreadable.
+    #[error("could not load model {path}: {reason}")]
+    ModelLoad { path: PathBuf, reason: String },
+    /// The model has no usable chat template.
+    #[error("model has no chat template llama.cpp can apply: {0}")]
+    Template(String),
+    /// The context could not be allocated.
+    #[error("could not create a context of {n_ctx} tokens: {reason}")]
+    Context { n_ctx: u32, reason: String },
+    /// `llama_decode` failed.
+    #[error("llama_decode failed: {0}")]
+    Decode(String),
+    /// More tokens were queued than the batch holds.
+    #[error("batch overflow: {0}")]
+    Batch(String),
+}
+
+/// The llama.cpp backend initialises once per process; every model shares it.
+fn backend(verbose: bool) -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            // llama.cpp is chatty on stderr; it speaks only under -v.
+            llama_cpp_2::send_logs_to_tracing(
+                llama_cpp_2::LogOptions::default().with_logs_enabled(verbose),
+            );
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Backend(e.clone()))
+}
+
+/// Settings for loading a model.
+#[derive(Debug, Clone)]
+pub struct ModelSettings {
+    /// Path of the GGUF file.
+    pub path: PathBuf,
+    /// Layers offloaded to the GPU (0 on a CPU build).
+    pub gpu_layers: u32,
+    /// Pass llama.cpp's own logs through.
+    pub verbose: bool,
+}
+
+/// A loaded GGUF model with its chat template.
+pub struct Model {
+    model: LlamaModel,
+    template: LlamaChatTemplate,
+    path: PathBuf,
+}
+
+/// Shape facts of a model that planning and state keys need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// Context length the model was trained for.
+    pub n_ctx_train: u32,
+    /// Transformer layers.
+    pub n_layer: u32,
+    /// Attention KV heads.
+    pub n_head_kv: u32,
+    /// Embedding width.
+    pub n_embd: u32,
+    /// Attention heads.
+    pub n_head: u32,
+    /// Weights size in bytes.
+    pub size: u64,
+}
+
+impl Model {
+    /// Loads a GGUF model.
+    ///
+    /// # Errors
+    /// [`EngineError::ModelLoad`] when the file is missing or not a model llama.cpp can read,
+    /// [`EngineError::Template`] when it carries no chat template.
+    pub fn load(settings: &ModelSettings) -> Result<Self, EngineError> {
+        let path = settings.path.clone();
+        if !path.is_file() {
+            return Err(EngineError::ModelLoad {
+                path,
+                reason: "no such file".into(),
+            });
+        }
+        let backend = backend(settings.verbose)?;
+        let params = LlamaModelParams::default().with_n_gpu_layers(settings.gpu_layers);
+        let model = LlamaModel::load_from_file(backend, &path, &params).map_err(|e| {
+            EngineError::ModelLoad {
+                path: path.clone(),
+                reason: format!("{e} (is it a GGUF file?)"),
+            }
+        })?;
+        let template = model
+            .chat_template(None)
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        Ok(Self {
+            model,
+            template,
+            path,
+        })
+    }
+
+    /// Path the model was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Shape facts of the model.
+    pub fn info(&self) -> ModelInfo {
+        ModelInfo {
+            n_ctx_train: self.model.n_ctx_train(),
+            n_layer: self.model.n_layer(),
+            n_head_kv: self.model.n_head_kv(),
+            n_embd: u32::try_from(self.model.n_embd()).unwrap_or(0),
+            n_head: self.model.n_head(),
+            size: self.model.size(),
+        }
+    }
+
+    /// Renders a conversation through the model's chat template.
+    ///
+    /// # Errors
+    /// [`EngineError::Template`] when llama.cpp cannot apply the template.
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_assistant: bool,
+    ) -> Result<String, EngineError> {
+        let chat = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        self.model
+            .apply_chat_template(&self.template, &chat, add_assistant)
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+
+    /// Tokenizes rendered prompt text; special tokens in the text are parsed as such.
+    pub fn tokenize(&self, text: &str) -> Vec<Token> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), true, true)
+            .into_iter()
+            .map(|t| Token(t.0))
+            .collect()
+    }
+
+    /// Whether a token ends generation.
+    pub fn is_end_of_generation(&self, token: Token) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token.0))
+    }
+
+    /// Appends the bytes of a token's text to `out`; special tokens render as nothing.
+    pub fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+        self.model
+            .vocab()
+            .token_to_piece_into(LlamaToken(token.0), out, false, None);
+    }
+
+    /// Creates a context (with its KV cache) and a reusable batch.
+    ///
+    /// # Errors
+    /// [`EngineError::Context`] when llama.cpp cannot allocate it.
+    pub fn new_session(&self, settings: &SessionSettings) -> Result<Session<'_>, EngineError> {
+        let backend = backend(false)?;
+        let threads = i32::try_from(settings.threads).unwrap_or(i32::MAX);
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(settings.n_ctx))
+            .with_n_batch(settings.n_batch)
+            .with_n_ubatch(settings.n_batch)
+            .with_n_seq_max(settings.n_seq_max)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+            // One cache for all sequences, so a prefix copied to a slot is shared, not duplicated.
+            .with_kv_unified(true);
+        let ctx = self
+            .model
+            .new_context(backend, params)
+            .map_err(|e| EngineError::Context {
+                n_ctx: settings.n_ctx,
+                reason: e.to_string(),
+            })?;
+        let batch = LlamaBatch::new(settings.n_batch as usize, 1);
+        Ok(Session {
+            ctx,
+            batch,
+            capacity: settings.n_batch as usize,
+            model: self,
+        })
+    }
+}
+
+/// Context settings chosen by the planner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSettings {
+    /// KV cache cells shared by all sequences.
+    pub n_ctx: u32,
+    /// Most tokens in one decode call; also the prefill chunk size.
+    pub n_batch: u32,
+    /// Distinct sequences (slots plus resident prefixes).
+    pub n_seq_max: u32,
+    /// Threads for decode and prefill.
+    pub threads: u32,
+}
+
+/// A context with its KV cache and one reusable batch.
+pub struct Session<'m> {
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    capacity: usize,
+    model: &'m Model,
+}
+
+impl<'m> Session<'m> {
+    /// The model behind this session.
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    /// Tokens the batch holds at most.
+    pub fn batch_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tokens queued in the batch so far.
+    pub fn batch_len(&self) -> usize {
+        usize::try_from(self.batch.n_tokens()).unwrap_or(0)
+    }
+
+    /// Queues one token of sequence `seq` at position `pos`; `logits` asks for its output row.
+    /// Returns the row index that [`Session::sample`] needs when `logits` is set.
+    ///
+    /// # Errors
+    /// [`EngineError::Batch`] when the batch is full.
+    pub fn push(
+        &mut self,
+        token: Token,
+        pos: u32,
+        seq: SeqId,
+        logits: bool,
+    ) -> Result<i32, EngineError> {
+        let index = self.batch.n_tokens();
+        let pos = i32::try_from(pos).map_err(|e| EngineError::Batch(e.to_string()))?;
+        self.batch
+            .add(LlamaToken(token.0), pos, &[seq], logits)
+            .map_err(|e| EngineError::Batch(e.to_string()))?;
+        Ok(index)
+    }
+
+    /// Runs the queued batch through the model and empties it.
+    ///
+    /// # Errors
+    /// [`EngineError::Decode`] when llama.cpp fails (for example, no KV cell is free).
+    pub fn decode(&mut self) -> Result<(), EngineError> {
+        let result = self.ctx.decode(&mut self.batch);
+        self.batch.clear();
+        result.map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
+    /// Empties the batch without decoding it.
+    pub fn discard_batch(&mut self) {
+        self.batch.clear();
+    }
+
+    /// Makes `dst` share the cells of `src` (positions `[0, len)`), without copying data.
+    pub fn share_prefix(&mut self, src: SeqId, dst: SeqId, len: u32) {
+        // Positions are < n_ctx, which llama.cpp keeps far below u32::MAX.
+        let _ = self.ctx.copy_kv_cache_seq(src, dst, Some(0), Some(len));
+    }
+
+    /// Drops every cell of `seq`; cells still shared with another sequence stay.
+    pub fn clear_seq(&mut self, seq: SeqId) {
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+    }
+
+    /// The raw logits row at batch index `index` of the last decode (for tests and checks).
+    pub fn logits(&self, index: i32) -> Vec<f32> {
+        self.ctx.get_logits_ith(index).to_vec()
+    }
+
+    /// A sampler for one request.
+    pub fn sampler(&self, spec: &SamplerSpec) -> Sampler {
+        Sampler::new(spec)
+    }
+
+    /// Draws the next token for the row `index` of the last decode.
+    pub fn sample(&self, sampler: &mut Sampler, index: i32) -> Token {
+        Token(sampler.inner.sample(&self.ctx, index).0)
+    }
+}
+
+/// Resolved sampling settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplerSpec {
+    /// 0 is greedy.
+    pub temperature: f32,
+    /// Nucleus mass (1 disables).
+    pub top_p: f32,
+    /// Top-k (0 disables).
+    pub top_k: i32,
+    /// Min-p (0 disables).
+    pub min_p: f32,
+    /// Seed of the random draw.
+    pub seed: u32,
+}
+
+/// One request's sampling chain; its random state belongs to that request alone.
+pub struct Sampler {
+    inner: LlamaSampler,
+}
+
+impl Sampler {
+    fn new(spec: &SamplerSpec) -> Self {
+        if spec.temperature <= 0.0 {
+            return Self {
+                inner: LlamaSampler::greedy(),
+            };
+        }
+        let mut chain = Vec::new();
+        if spec.top_k > 0 {
+            chain.push(LlamaSampler::top_k(spec.top_k));
+        }
+        if spec.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(spec.top_p, 1));
+        }
+        if spec.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(spec.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(spec.temperature));
+        chain.push(LlamaSampler::dist(spec.seed));
+        Self {
+            inner: LlamaSampler::chain_simple(chain),
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! infer-batch: offline LLM batch inference in-process on a GGUF model.
+//!
+//! A request travels one path, one module a stage:
+//! `JSONL line` ([`request`]) → prompt split into shared prefix and own suffix ([`prompt`]) →
+//! a scheduler slot ([`scheduler`], with prefixes held by [`prefix_cache`]) → llama.cpp decode
+//! ([`engine`], the only module that knows llama.cpp) → result line ([`output`], [`sink`]).
+
+pub mod cli;
+pub mod detok;
+pub mod engine;
+pub mod metrics;
+pub mod output;
+pub mod plan;
+pub mod prefix_cache;
+pub mod prompt;
+pub mod request;
+pub mod run;
+pub mod scheduler;
+pub mod sink;

@@ -1,0 +1,138 @@
+//! Sizes the KV cache from what the input needs: the resident prefixes once, plus one
+//! per-request budget for every slot.
+
+/// What a scan of the input found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Demand {
+    /// Valid requests.
+    pub requests: u64,
+    /// Token lengths of the distinct shared prefixes (at most [`MAX_TRACKED_PREFIXES`]).
+    pub prefix_lens: Vec<usize>,
+    /// The largest KV need of one request beyond its shared prefix: own prompt tokens plus
+    /// `max_tokens`.
+    pub max_need: usize,
+}
+
+/// Distinct prefixes a scan remembers; only the largest few matter for sizing.
+pub const MAX_TRACKED_PREFIXES: usize = 4096;
+
+/// KV cells llama.cpp allocates in steps of this size.
+const CTX_STEP: usize = 256;
+
+/// The shape of the context a run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// KV cache cells.
+    pub n_ctx: u32,
+    /// Most cells one request may use beyond its shared prefix.
+    pub slot_budget: usize,
+    /// Prefix sequences kept resident.
+    pub resident_prefixes: usize,
+    /// Sequences in the context (slots plus prefixes).
+    pub n_seq_max: u32,
+}
+
+/// A context size that cannot hold the prefixes.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "--ctx-size {ctx} leaves no room for requests: the shared prefixes alone take {prefixes} \
+     tokens; raise --ctx-size or lower --max-prefixes"
+)]
+pub struct PlanError {
+    /// The override.
+    pub ctx: usize,
+    /// Cells the resident prefixes take.
+    pub prefixes: usize,
+}
+
+/// Plans the context for `parallel` slots.
+///
+/// # Errors
+/// [`PlanError`] when `ctx_override` cannot hold the resident prefixes plus one token per slot.
+pub fn plan(
+    demand: &Demand,
+    parallel: usize,
+    max_prefixes: usize,
+    share: bool,
+    ctx_override: Option<usize>,
+) -> Result<Plan, PlanError> {
+    let resident_prefixes = if share {
+        demand.prefix_lens.len().min(max_prefixes)
+    } else {
+        0
+    };
+    let mut lens = demand.prefix_lens.clone();
+    lens.sort_unstable_by(|a, b| b.cmp(a));
+    let prefix_area: usize = lens.iter().take(resident_prefixes).sum();
+    let (n_ctx, slot_budget) = match ctx_override {
+        Some(ctx) => {
+            if ctx < prefix_area + parallel {
+                return Err(PlanError {
+                    ctx,
+                    prefixes: prefix_area,
+                });
+            }
+            (ctx, (ctx - prefix_area) / parallel)
+        }
+        None => {
+            let want = prefix_area + parallel * demand.max_need.max(1);
+            (want.div_ceil(CTX_STEP) * CTX_STEP, demand.max_need.max(1))
+        }
+    };
+    Ok(Plan {
+        n_ctx: u32::try_from(n_ctx).unwrap_or(u32::MAX),
+        slot_budget,
+        resident_prefixes,
+        n_seq_max: u32::try_from(parallel + resident_prefixes).unwrap_or(u32::MAX),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn demand(prefixes: &[usize], max_need: usize) -> Demand {
+        Demand {
+            requests: 10,
+            prefix_lens: prefixes.to_vec(),
+            max_need,
+        }
+    }
+
+    #[test]
+    fn prefix_counted_once_and_slots_each_get_the_need() {
+        let p = plan(&demand(&[1000], 300), 4, 4, true, None).unwrap();
+        assert_eq!(p.n_ctx, 2304); // 1000 + 4 × 300 = 2200, rounded up to 256
+        assert_eq!(p.slot_budget, 300);
+        assert_eq!((p.resident_prefixes, p.n_seq_max), (1, 5));
+    }
+
+    #[test]
+    fn only_the_largest_resident_prefixes_are_reserved() {
+        let p = plan(&demand(&[10, 500, 300, 200], 100), 1, 2, true, None).unwrap();
+        assert_eq!(p.resident_prefixes, 2);
+        assert_eq!(p.n_ctx, 1024); // 500 + 300 + 100 = 900
+    }
+
+    #[test]
+    fn naive_mode_reserves_no_prefix() {
+        let p = plan(&demand(&[1000], 1300), 2, 4, false, None).unwrap();
+        assert_eq!((p.resident_prefixes, p.n_seq_max), (0, 2));
+        assert_eq!(p.n_ctx, 2816);
+    }
+
+    #[test]
+    fn override_divides_what_is_left() {
+        let p = plan(&demand(&[1000], 300), 4, 4, true, Some(3000)).unwrap();
+        assert_eq!((p.n_ctx, p.slot_budget), (3000, 500));
+        let e = plan(&demand(&[1000], 300), 4, 4, true, Some(1002)).unwrap_err();
+        assert_eq!(e.prefixes, 1000);
+    }
+
+    #[test]
+    fn empty_input_still_gets_a_context() {
+        let p = plan(&Demand::default(), 4, 4, true, None).unwrap();
+        assert_eq!(p.n_ctx, 256);
+        assert_eq!(p.resident_prefixes, 0);
+    }
+}

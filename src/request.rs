@@ -1,0 +1,598 @@
+//! The OpenAI Batch input line and a line-numbered JSONL reader.
+//!
+//! A line is either the full batch form (`custom_id`, `method`, `url`, `body`) or the short form
+//! (`custom_id`, `messages` and the sampling fields at the top level). Parsing never panics:
+//! every fault becomes a [`LineError`] that names the line, the field and what to do, so one bad
+//! line yields one error line and the batch goes on.
+
+use std::io::BufRead;
+
+use serde_json::{Map, Value};
+
+/// The only endpoint a batch line may target.
+pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
+
+/// Roles a chat message may carry.
+const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
+/// One chat message, as validated from the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// `system`, `user` or `assistant` (`developer` is read as `system`).
+    pub role: String,
+    /// The message text.
+    pub content: String,
+}
+
+/// Sampling settings a request may carry; `None` falls back to the run's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingParams {
+    /// Upper bound on generated tokens (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens: Option<u32>,
+    /// 0 selects greedy decoding.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0 disables).
+    pub top_k: Option<i32>,
+    /// Minimum probability relative to the most likely token.
+    pub min_p: Option<f32>,
+    /// The request's own sampling seed.
+    pub seed: Option<u64>,
+    /// Strings that end generation; they are not part of the output.
+    pub stop: Vec<String>,
+}
+
+/// A valid chat-completion request from one input line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// 1-based line number in the input file.
+    pub line: u64,
+    /// The caller's identifier, unique within the file.
+    pub custom_id: String,
+    /// The conversation, at least one message.
+    pub messages: Vec<Message>,
+    /// Sampling settings given by the request.
+    pub sampling: SamplingParams,
+}
+
+/// Machine-readable error codes written into error lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ErrorCode {
+    /// The line is not a JSON object.
+    InvalidJson,
+    /// `custom_id` is absent, empty or not a string.
+    MissingCustomId,
+    /// An earlier line already used this `custom_id`.
+    DuplicateCustomId,
+    /// `method` or `url` is not `POST /v1/chat/completions`.
+    InvalidUrl,
+    /// `stream: true` cannot be served in a batch.
+    StreamUnsupported,
+    /// `messages` is absent, empty or malformed.
+    InvalidMessages,
+    /// A message has a role we do not know.
+    InvalidRole,
+    /// A message's content is not a string.
+    InvalidContent,
+    /// A sampling field has the wrong type or range.
+    InvalidParameter,
+    /// The prompt plus `max_tokens` does not fit the context.
+    ContextLengthExceeded,
+    /// llama.cpp failed while serving this request.
+    EngineError,
+}
+
+impl ErrorCode {
+    /// The code as written into the output's `error.code`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::MissingCustomId => "missing_custom_id",
+            Self::DuplicateCustomId => "duplicate_custom_id",
+            Self::InvalidUrl => "invalid_url",
+            Self::StreamUnsupported => "stream_unsupported",
+            Self::InvalidMessages => "invalid_messages",
+            Self::InvalidRole => "invalid_role",
+            Self::InvalidContent => "invalid_content",
+            Self::InvalidParameter => "invalid_parameter",
+            Self::ContextLengthExceeded => "context_length_exceeded",
+            Self::EngineError => "engine_error",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why one input line (or its request) failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct LineError {
+    /// 1-based line number.
+    pub line: u64,
+    /// The line's `custom_id`, where it could be read.
+    pub custom_id: Option<String>,
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// What went wrong and how to fix it.
+    pub message: String,
+}
+
+impl LineError {
+    /// An error for `line`, with the `custom_id` when known.
+    pub fn new(line: u64, custom_id: Option<&str>, code: ErrorCode, message: String) -> Self {
+        Self {
+            line,
+            custom_id: custom_id.map(str::to_owned),
+            code,
+            message,
+        }
+    }
+}
+
+/// Parses one non-blank input line.
+///
+/// # Errors
+/// A [`LineError`] naming the field at fault. Duplicate ids are the reader's concern, not this.
+pub fn parse_line(line_no: u64, text: &str) -> Result<Request, LineError> {
+    let value: Value = serde_json::from_str(text).map_err(|e| {
+        LineError::new(
+            line_no,
+            None,
+            ErrorCode::InvalidJson,
+            format!("not valid JSON ({e}); each line must hold one JSON object"),
+        )
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(LineError::new(
+            line_no,
+            None,
+            ErrorCode::InvalidJson,
+            "expected a JSON object per line".into(),
+        ));
+    };
+    let custom_id = match obj.get("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) => {
+            return Err(LineError::new(
+                line_no,
+                None,
+                ErrorCode::MissingCustomId,
+                "field `custom_id` is empty; give each request a unique non-empty id".into(),
+            ))
+        }
+        Some(_) => {
+            return Err(LineError::new(
+                line_no,
+                None,
+                ErrorCode::MissingCustomId,
+                "field `custom_id` must be a string".into(),
+            ))
+        }
+        None => {
+            return Err(LineError::new(
+                line_no,
+                None,
+                ErrorCode::MissingCustomId,
+                "field `custom_id` is missing; give each request a unique id".into(),
+            ))
+        }
+    };
+    let fail =
+        |code, message: String| Err(LineError::new(line_no, Some(&custom_id), code, message));
+
+    // The full batch form nests the request under `body`; the short form keeps it at the top.
+    let body = if obj.contains_key("body") || obj.contains_key("url") || obj.contains_key("method")
+    {
+        if let Some(method) = obj.get("method") {
+            if method.as_str() != Some("POST") {
+                return fail(
+                    ErrorCode::InvalidUrl,
+                    format!("field `method` is {method}; only \"POST\" is supported"),
+                );
+            }
+        }
+        match obj.get("url") {
+            Some(Value::String(u)) if u == CHAT_COMPLETIONS_URL => {}
+            Some(u) => {
+                return fail(
+                    ErrorCode::InvalidUrl,
+                    format!("field `url` is {u}; only \"{CHAT_COMPLETIONS_URL}\" is supported"),
+                )
+            }
+            None => {
+                return fail(
+                    ErrorCode::InvalidUrl,
+                    format!("field `url` is missing; set it to \"{CHAT_COMPLETIONS_URL}\""),
+                )
+            }
+        }
+        match obj.get("body") {
+            Some(Value::Object(b)) => b,
+            _ => {
+                return fail(
+                    ErrorCode::InvalidMessages,
+                    "field `body` must be an object holding `messages`".into(),
+                )
+            }
+        }
+    } else {
+        &obj
+    };
+
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        return fail(
+            ErrorCode::StreamUnsupported,
+            "field `stream` is true; batch requests cannot stream, remove it".into(),
+        );
+    }
+    let messages = parse_messages(body)
+        .map_err(|(code, message)| LineError::new(line_no, Some(&custom_id), code, message))?;
+    let sampling = parse_sampling(body).map_err(|message| {
+        LineError::new(
+            line_no,
+            Some(&custom_id),
+            ErrorCode::InvalidParameter,
+            message,
+        )
+    })?;
+    Ok(Request {
+        line: line_no,
+        custom_id,
+        messages,
+        sampling,
+    })
+}
+
+fn parse_messages(body: &Map<String, Value>) -> Result<Vec<Message>, (ErrorCode, String)> {
+    let list = match body.get("messages") {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) => {
+            return Err((
+                ErrorCode::InvalidMessages,
+                "field `messages` is empty; give at least one message".into(),
+            ))
+        }
+        Some(_) => {
+            return Err((
+                ErrorCode::InvalidMessages,
+                "field `messages` must be an array of {role, content} objects".into(),
+            ))
+        }
+        None => {
+            return Err((
+                ErrorCode::InvalidMessages,
+                "field `messages` is missing".into(),
+            ))
+        }
+    };
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err((
+                ErrorCode::InvalidMessages,
+                format!("`messages[{i}]` must be an object with `role` and `content`"),
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {
+                if r == "developer" {
+                    "system".to_owned()
+                } else {
+                    r.clone()
+                }
+            }
+            Some(r) => {
+                return Err((
+                    ErrorCode::InvalidRole,
+                    format!("`messages[{i}].role` is {r}; use one of system, user, assistant"),
+                ))
+            }
+            None => {
+                return Err((
+                    ErrorCode::InvalidRole,
+                    format!("`messages[{i}].role` is missing"),
+                ))
+            }
+        };
+        let content = match m.get("content") {
+            Some(Value::String(c)) => c.clone(),
+            Some(Value::Array(parts)) => text_parts(parts).ok_or_else(|| {
+                (
+                    ErrorCode::InvalidContent,
+                    format!(
+                        "`messages[{i}].content` must be a string or a list of {{\"type\":\"text\"}} parts"
+                    ),
+                )
+            })?,
+            _ => {
+                return Err((
+                    ErrorCode::InvalidContent,
+                    format!("`messages[{i}].content` must be a string"),
+                ))
+            }
+        };
+        if content.contains('\0') {
+            return Err((
+                ErrorCode::InvalidContent,
+                format!("`messages[{i}].content` contains a NUL character"),
+            ));
+        }
+        messages.push(Message { role, content });
+    }
+    Ok(messages)
+}
+
+/// Joins OpenAI content parts when all of them are text.
+fn text_parts(parts: &[Value]) -> Option<String> {
+    let mut out = String::new();
+    for p in parts {
+        if p.get("type")?.as_str()? != "text" {
+            return None;
+        }
+        out.push_str(p.get("text")?.as_str()?);
+    }
+    Some(out)
+}
+
+fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
+    let float = |name: &str, lo: f64, hi: f64| -> Result<Option<f32>, String> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if (lo..=hi).contains(&x) => Ok(Some(x as f32)),
+                _ => Err(format!(
+                    "field `{name}` is {v}; expected a number in [{lo}, {hi}]"
+                )),
+            },
+        }
+    };
+    let uint = |name: &str, hi: u64| -> Result<Option<u64>, String> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(x) if x <= hi => Ok(Some(x)),
+                _ => Err(format!(
+                    "field `{name}` is {v}; expected an integer in [0, {hi}]"
+                )),
+            },
+        }
+    };
+    let max_tokens = match uint("max_completion_tokens", u64::from(u32::MAX))? {
+        Some(n) => Some(n),
+        None => uint("max_tokens", u64::from(u32::MAX))?,
+    };
+    if max_tokens == Some(0) {
+        return Err("field `max_tokens` is 0; ask for at least one token".into());
+    }
+    let stop = match body.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("field `stop` must be a string or an array of strings")?,
+        Some(v) => return Err(format!("field `stop` is {v}; expected a string or array")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err("field `stop` holds an empty string".into());
+    }
+    Ok(SamplingParams {
+        max_tokens: max_tokens.map(|n| n as u32),
+        temperature: float("temperature", 0.0, 2.0)?,
+        top_p: float("top_p", 0.0, 1.0)?,
+        top_k: uint("top_k", i32::MAX as u64)?.map(|k| k as i32),
+        min_p: float("min_p", 0.0, 1.0)?,
+        seed: uint("seed", u64::MAX)?,
+        stop,
+    })
+}
+
+/// One item read from the input: a request, or the error its line gets.
+pub type Item = Result<Request, LineError>;
+
+/// Streams requests from JSONL input, one line at a time, with 1-based line numbers.
+///
+/// Blank lines are skipped. Duplicate `custom_id`s are detected with a set of 64-bit hashes,
+/// so memory stays small on a million-line file.
+pub struct RequestReader<R> {
+    input: R,
+    line_no: u64,
+    buf: Vec<u8>,
+    seen: std::collections::HashSet<u64>,
+}
+
+impl<R: BufRead> RequestReader<R> {
+    /// Wraps a buffered input.
+    pub fn new(input: R) -> Self {
+        Self {
+            input,
+            line_no: 0,
+            buf: Vec::new(),
+            seen: std::collections::HashSet::new(),
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for RequestReader<R> {
+    type Item = std::io::Result<Item>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            self.buf.clear();
+            self.line_no += 1;
+            match self.input.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            // A line that is not UTF-8 is the line's fault, not the run's.
+            let Ok(text) = std::str::from_utf8(&self.buf) else {
+                return Some(Ok(Err(LineError::new(
+                    self.line_no,
+                    None,
+                    ErrorCode::InvalidJson,
+                    "line is not valid UTF-8".into(),
+                ))));
+            };
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            let item = parse_line(self.line_no, text).and_then(|req| {
+                if self.seen.insert(id_hash(&req.custom_id)) {
+                    Ok(req)
+                } else {
+                    Err(LineError::new(
+                        req.line,
+                        Some(&req.custom_id),
+                        ErrorCode::DuplicateCustomId,
+                        format!(
+                            "`custom_id` {:?} was used by an earlier line; ids must be unique",
+                            req.custom_id
+                        ),
+                    ))
+                }
+            });
+            return Some(Ok(item));
+        }
+    }
+}
+
+/// A stable 64-bit hash of a `custom_id`.
+pub fn id_hash(custom_id: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(custom_id.as_bytes());
+    u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_line(7, text).unwrap_err().code
+    }
+
+    #[test]
+    fn full_batch_form_parses() {
+        let r = parse_line(
+            3,
+            r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}],"max_tokens":5,"temperature":0,"stop":"\n"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.line, 3);
+        assert_eq!(r.custom_id, "a");
+        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.messages[1].content, "U");
+        assert_eq!(r.sampling.max_tokens, Some(5));
+        assert_eq!(r.sampling.temperature, Some(0.0));
+        assert_eq!(r.sampling.stop, vec!["\n".to_owned()]);
+    }
+
+    #[test]
+    fn short_form_and_max_completion_tokens() {
+        let r = parse_line(
+            1,
+            r#"{"custom_id":"b","messages":[{"role":"developer","content":[{"type":"text","text":"x"},{"type":"text","text":"y"}]}],"max_completion_tokens":9,"max_tokens":3,"seed":42}"#,
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].role, "system");
+        assert_eq!(r.messages[0].content, "xy");
+        assert_eq!(r.sampling.max_tokens, Some(9));
+        assert_eq!(r.sampling.seed, Some(42));
+    }
+
+    #[test]
+    fn each_fault_gets_its_code() {
+        assert_eq!(code("{not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"messages":[]}"#), ErrorCode::MissingCustomId);
+        assert_eq!(code(r#"{"custom_id":5}"#), ErrorCode::MissingCustomId);
+        assert_eq!(
+            code(r#"{"custom_id":"a","url":"/v1/embeddings","body":{}}"#),
+            ErrorCode::InvalidUrl
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{}}"#),
+            ErrorCode::InvalidUrl
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","stream":true,"messages":[{"role":"user","content":"x"}]}"#),
+            ErrorCode::StreamUnsupported
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[]}"#),
+            ErrorCode::InvalidMessages
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":"hi"}"#),
+            ErrorCode::InvalidMessages
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[{"role":"robot","content":"x"}]}"#),
+            ErrorCode::InvalidRole
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[{"role":"user","content":7}]}"#),
+            ErrorCode::InvalidContent
+        );
+        assert_eq!(
+            code(
+                r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#
+            ),
+            ErrorCode::InvalidParameter
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#),
+            ErrorCode::InvalidParameter
+        );
+    }
+
+    #[test]
+    fn errors_name_line_id_and_field() {
+        let e = parse_line(
+            12,
+            r#"{"custom_id":"c9","messages":[{"role":"user","content":null}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 12);
+        assert_eq!(e.custom_id.as_deref(), Some("c9"));
+        assert!(e.message.contains("messages[0].content"), "{}", e.message);
+    }
+
+    #[test]
+    fn reader_numbers_lines_skips_blanks_and_flags_duplicates() {
+        let input = concat!(
+            r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#,
+            "\n\n   \n",
+            r#"{"custom_id":"b","messages":[{"role":"user","content":"y"}]}"#,
+            "\n",
+            r#"{"custom_id":"a","messages":[{"role":"user","content":"z"}]}"#,
+            "\n",
+        );
+        let items: Vec<Item> = RequestReader::new(input.as_bytes())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().unwrap().line, 1);
+        assert_eq!(items[1].as_ref().unwrap().line, 4);
+        let dup = items[2].as_ref().unwrap_err();
+        assert_eq!((dup.line, dup.code), (5, ErrorCode::DuplicateCustomId));
+    }
+
+    #[test]
+    fn reader_survives_invalid_utf8() {
+        let mut input = b"\xff\xfe garbage\n".to_vec();
+        input.extend_from_slice(br#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#);
+        let items: Vec<Item> = RequestReader::new(&input[..]).map(Result::unwrap).collect();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].as_ref().unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(items[1].as_ref().unwrap().line, 2);
+    }
+}

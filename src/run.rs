@@ -1,0 +1,339 @@
+//! One batch run: scan the input, plan the context, then stream every request through the
+//! scheduler into the output.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use crate::cli::RunConfig;
+use crate::engine::{Model, ModelSettings, SamplerSpec, SessionSettings};
+use crate::metrics::Metrics;
+use crate::output::{error_line, success_line};
+use crate::plan::{plan, Demand, Plan, MAX_TRACKED_PREFIXES};
+use crate::prompt::{PrefixKey, PromptBuilder};
+use crate::request::{ErrorCode, LineError, Request, RequestReader};
+use crate::scheduler::{Admission, GenParams, Job, Outcome, Scheduler};
+use crate::sink::Sink;
+
+/// How often a progress line is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Measured counters.
+    pub metrics: Metrics,
+    /// The context plan used.
+    pub plan: Plan,
+    /// Wall time of the whole run.
+    pub wall: Duration,
+}
+
+impl RunReport {
+    /// Whether every request succeeded.
+    pub fn all_ok(&self) -> bool {
+        self.metrics.requests_failed == 0
+    }
+}
+
+/// Runs a batch end to end.
+///
+/// # Errors
+/// When the run cannot proceed: unreadable input, missing model, an output that already holds
+/// results, a context that cannot be allocated. A bad request is never an error here: it gets
+/// its error line and the batch goes on.
+pub fn run(cfg: &RunConfig) -> Result<RunReport> {
+    let started = Instant::now();
+    let open_input = || -> Result<RequestReader<BufReader<File>>> {
+        let file = File::open(&cfg.input)
+            .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+        Ok(RequestReader::new(BufReader::new(file)))
+    };
+    open_input()?;
+    if !cfg.model.is_file() {
+        anyhow::bail!(
+            "model {} not found: run ./models/fetch.sh to fetch the default model, or pass \
+             --model with the path of a GGUF file",
+            cfg.model.display()
+        );
+    }
+    let model = Model::load(&ModelSettings {
+        path: cfg.model.clone(),
+        gpu_layers: cfg.gpu_layers,
+        verbose: cfg.verbose,
+    })?;
+    let mut sink = Sink::create(&cfg.output, cfg.restart)?;
+    let info = model.info();
+    let mut prompts = PromptBuilder::new(&model);
+
+    let demand = scan(open_input()?, &mut prompts, cfg, info.n_ctx_train as usize)?;
+    let plan = plan(
+        &demand,
+        cfg.parallel as usize,
+        cfg.max_prefixes as usize,
+        cfg.prefix_cache,
+        cfg.ctx_size.map(|c| c as usize),
+    )?;
+    tracing::info!(
+        requests = demand.requests,
+        prefixes = demand.prefix_lens.len(),
+        n_ctx = plan.n_ctx,
+        slot_budget = plan.slot_budget,
+        "planned"
+    );
+    let mut session = model.new_session(&SessionSettings {
+        n_ctx: plan.n_ctx,
+        n_batch: cfg.batch_size,
+        n_seq_max: plan.n_seq_max,
+        threads: cfg.threads,
+    })?;
+    let mut scheduler = Scheduler::new(
+        &mut session,
+        cfg.parallel as usize,
+        plan.resident_prefixes,
+        cfg.prefix_cache,
+    );
+
+    let model_name = model_name(&cfg.model);
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let limits = Limits {
+        n_ctx_train: info.n_ctx_train as usize,
+        slot_budget: plan.slot_budget,
+        ctx_overridden: cfg.ctx_size.is_some(),
+    };
+    let write = |sink: &mut Sink, metrics: &mut Metrics, outcome: Outcome| -> Result<()> {
+        match outcome {
+            Ok(c) => {
+                metrics.requests_ok += 1;
+                sink.write(&success_line(&c, &model_name, created))
+            }
+            Err(e) => {
+                metrics.requests_failed += 1;
+                sink.write(&error_line(&e))
+            }
+        }
+    };
+
+    let mut input = open_input()?;
+    let mut waiting: Option<Job> = None;
+    let mut done = Vec::new();
+    let mut last_progress = Instant::now();
+    loop {
+        // Fill free slots; a request that is refused now waits for the next step.
+        while scheduler.has_idle_slot() {
+            let job = match waiting.take() {
+                Some(job) => job,
+                None => match input.next() {
+                    None => break,
+                    Some(item) => {
+                        let item = item.with_context(|| {
+                            format!("cannot read input {}", cfg.input.display())
+                        })?;
+                        match item.and_then(|r| prepare(r, &mut prompts, cfg, &limits)) {
+                            Ok(job) => job,
+                            Err(e) => {
+                                write(&mut sink, &mut scheduler.metrics, Err(e))?;
+                                continue;
+                            }
+                        }
+                    }
+                },
+            };
+            match scheduler.admit(job) {
+                Ok(Admission::Started) => {}
+                Ok(Admission::Wait(job)) => {
+                    waiting = Some(job);
+                    break;
+                }
+                Err(e) => write(&mut sink, &mut scheduler.metrics, Err(e))?,
+            }
+        }
+        if scheduler.is_idle() {
+            break;
+        }
+        scheduler.step(&mut done);
+        for outcome in done.drain(..) {
+            write(&mut sink, &mut scheduler.metrics, outcome)?;
+        }
+        if last_progress.elapsed() >= PROGRESS_EVERY {
+            last_progress = Instant::now();
+            log_progress(&scheduler.metrics, demand.requests, started.elapsed());
+        }
+    }
+    sink.finish()?;
+    Ok(RunReport {
+        metrics: scheduler.metrics.clone(),
+        plan,
+        wall: started.elapsed(),
+    })
+}
+
+/// Bounds a request must fit.
+struct Limits {
+    n_ctx_train: usize,
+    slot_budget: usize,
+    ctx_overridden: bool,
+}
+
+/// First pass: how many requests, which prefixes, and the largest per-request need.
+fn scan(
+    input: RequestReader<BufReader<File>>,
+    prompts: &mut PromptBuilder<'_>,
+    cfg: &RunConfig,
+    n_ctx_train: usize,
+) -> Result<Demand> {
+    let mut demand = Demand::default();
+    let mut prefixes: HashMap<PrefixKey, usize> = HashMap::new();
+    for item in input {
+        let item = item.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+        let Ok(request) = item else { continue };
+        let Ok(prompt) = prompts.build(&request.messages) else {
+            continue;
+        };
+        let max_tokens = request.sampling.max_tokens.unwrap_or(cfg.max_tokens) as usize;
+        if prompt.tokens.len() + max_tokens > n_ctx_train {
+            continue; // it gets its error in the second pass
+        }
+        demand.requests += 1;
+        let shared = match prompt.prefix_key() {
+            Some(key) if cfg.prefix_cache => {
+                if prefixes.len() < MAX_TRACKED_PREFIXES {
+                    prefixes.insert(key, prompt.shared_len);
+                }
+                prompt.shared_len
+            }
+            _ => 0,
+        };
+        demand.max_need = demand
+            .max_need
+            .max(prompt.tokens.len() - shared + max_tokens);
+    }
+    demand.prefix_lens = prefixes.into_values().collect();
+    Ok(demand)
+}
+
+/// Turns a parsed request into a job: prompt tokens, resolved sampling, and a fit check.
+fn prepare(
+    request: Request,
+    prompts: &mut PromptBuilder<'_>,
+    cfg: &RunConfig,
+    limits: &Limits,
+) -> Result<Job, LineError> {
+    let fail = |code, message: String| {
+        Err(LineError::new(
+            request.line,
+            Some(&request.custom_id),
+            code,
+            message,
+        ))
+    };
+    let prompt = match prompts.build(&request.messages) {
+        Ok(p) => p,
+        Err(e) => return fail(ErrorCode::InvalidMessages, e.to_string()),
+    };
+    let s = &request.sampling;
+    let max_tokens = s.max_tokens.unwrap_or(cfg.max_tokens);
+    let len = prompt.tokens.len();
+    if len + max_tokens as usize > limits.n_ctx_train {
+        return fail(
+            ErrorCode::ContextLengthExceeded,
+            format!(
+                "prompt of {len} tokens plus max_tokens {max_tokens} exceeds the model's context \
+                 of {} tokens; shorten the messages or lower max_tokens",
+                limits.n_ctx_train
+            ),
+        );
+    }
+    let shared = if cfg.prefix_cache && prompt.shared_len > 0 {
+        prompt.shared_len
+    } else {
+        0
+    };
+    let need = len - shared + max_tokens as usize;
+    if need > limits.slot_budget {
+        let fix = if limits.ctx_overridden {
+            "raise --ctx-size or lower --parallel"
+        } else {
+            "lower max_tokens"
+        };
+        return fail(
+            ErrorCode::ContextLengthExceeded,
+            format!(
+                "request needs {need} KV cells ({} own prompt tokens + max_tokens {max_tokens}) \
+                 but each slot has {}; {fix}",
+                len - shared,
+                limits.slot_budget
+            ),
+        );
+    }
+    let sampler = SamplerSpec {
+        temperature: s.temperature.unwrap_or(cfg.temperature),
+        top_p: s.top_p.unwrap_or(1.0),
+        top_k: s.top_k.unwrap_or(0),
+        min_p: s.min_p.unwrap_or(0.0),
+        seed: request_seed(s.seed, cfg.seed, &request.custom_id),
+    };
+    Ok(Job {
+        line: request.line,
+        custom_id: request.custom_id,
+        prompt,
+        params: GenParams {
+            sampler,
+            max_tokens,
+            stop: request.sampling.stop,
+        },
+    })
+}
+
+/// The request's own seed, or one derived from the run's seed and its id, so a request samples
+/// the same tokens whatever its position, slot or batch-mates.
+pub fn request_seed(own: Option<u64>, base: u64, custom_id: &str) -> u32 {
+    match own {
+        Some(s) => (s ^ (s >> 32)) as u32,
+        None => {
+            let d = Sha256::new()
+                .chain_update(base.to_le_bytes())
+                .chain_update(custom_id.as_bytes())
+                .finalize();
+            u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+        }
+    }
+}
+
+/// The name results report as `model`: the GGUF file name without its extension.
+fn model_name(path: &Path) -> String {
+    path.file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
+fn log_progress(m: &Metrics, total: u64, elapsed: Duration) {
+    let done = m.requests_ok + m.requests_failed;
+    let secs = elapsed.as_secs_f64().max(1e-9);
+    tracing::info!(
+        "{done}/{total} requests ({} failed), {:.2} req/s, prefill {:.0} tok/s, decode {:.0} tok/s",
+        m.requests_failed,
+        done as f64 / secs,
+        m.prefill_tokens_per_sec(),
+        m.decode_tokens_per_sec()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seed_comes_from_the_request_or_its_id() {
+        assert_eq!(request_seed(Some(7), 1, "a"), 7);
+        assert_eq!(request_seed(None, 1, "a"), request_seed(None, 1, "a"));
+        assert_ne!(request_seed(None, 1, "a"), request_seed(None, 1, "b"));
+        assert_ne!(request_seed(None, 1, "a"), request_seed(None, 2, "a"));
+    }
+}

@@ -1,0 +1,432 @@
+//! The continuous-batching loop: slots, their states, and one decode call per step.
+//!
+//! Each step queues the next token of every generating slot, fills the rest of the batch with
+//! prompt chunks, decodes once, and samples for the slots whose last token asked for logits. A
+//! finished slot drops its cells (the shared prefix stays, held by its own sequence) and admits
+//! the next request. A slot only ever sees its own sequence's cells, so requests never see each
+//! other.
+//!
+//! Prompt chunks start at fixed boundaries: a prompt is split into its prefix part and its own
+//! part, and each part is cut every `n_batch` tokens from its start. The prefix alone is
+//! prefilled with exactly the same cuts, so with `--no-prefix-cache` a request computes the same
+//! chunks that the shared path computes once.
+
+use std::time::Instant;
+
+use crate::detok::TextBuilder;
+use crate::engine::{EngineError, Sampler, SamplerSpec, SeqId, Session, Token};
+use crate::metrics::Metrics;
+use crate::output::{Completion, StopReason, Usage};
+use crate::prefix_cache::{Lease, PrefixPool};
+use crate::prompt::{PrefixKey, SplitPrompt};
+use crate::request::{ErrorCode, LineError};
+
+/// Resolved generation settings of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenParams {
+    /// Sampling chain and seed.
+    pub sampler: SamplerSpec,
+    /// Most tokens to sample.
+    pub max_tokens: u32,
+    /// Strings that end generation.
+    pub stop: Vec<String>,
+}
+
+/// A request ready to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Input line number.
+    pub line: u64,
+    /// The caller's id.
+    pub custom_id: String,
+    /// Tokens, split into shared prefix and own part.
+    pub prompt: SplitPrompt,
+    /// How to generate.
+    pub params: GenParams,
+}
+
+/// What one request came to.
+pub type Outcome = Result<Completion, LineError>;
+
+/// A request being served by a slot.
+struct Active {
+    job: Job,
+    sampler: Sampler,
+    /// The prefix lease this request holds, if it shares one.
+    prefix: Option<PrefixKey>,
+    /// Tokens of this sequence already in the KV cache.
+    pos: usize,
+    /// The batch row whose logits the next sample reads.
+    row: Option<i32>,
+    text: TextBuilder,
+    generated: u64,
+    started: Instant,
+    first_token: Option<f64>,
+}
+
+/// A slot's state, as in llama.cpp's server.
+enum SlotState {
+    Idle,
+    /// Computing the prompt; `Active::pos` tells how far.
+    Prompt(Active),
+    /// Sampling; `last` is the token to feed next.
+    Generating {
+        active: Active,
+        last: Token,
+    },
+}
+
+struct Slot {
+    seq: SeqId,
+    state: SlotState,
+}
+
+/// Whether admission took the job.
+pub enum Admission {
+    /// A slot runs it.
+    Started,
+    /// No slot (or no prefix sequence) is free: offer it again after a step.
+    Wait(Job),
+}
+
+/// Slots over one session.
+pub struct Scheduler<'s, 'm> {
+    session: &'s mut Session<'m>,
+    slots: Vec<Slot>,
+    prefixes: PrefixPool,
+    share: bool,
+    n_batch: usize,
+    /// Counters of the run.
+    pub metrics: Metrics,
+}
+
+impl<'s, 'm> Scheduler<'s, 'm> {
+    /// `parallel` slots use sequences `0..parallel`; resident prefixes the next
+    /// `resident_prefixes`. With `share` false every request computes its whole prompt.
+    pub fn new(
+        session: &'s mut Session<'m>,
+        parallel: usize,
+        resident_prefixes: usize,
+        share: bool,
+    ) -> Self {
+        let n_batch = session.batch_capacity();
+        let parallel_seq = SeqId::try_from(parallel).unwrap_or(SeqId::MAX);
+        Self {
+            session,
+            slots: (0..parallel_seq)
+                .map(|seq| Slot {
+                    seq,
+                    state: SlotState::Idle,
+                })
+                .collect(),
+            prefixes: PrefixPool::new(parallel_seq, resident_prefixes),
+            share,
+            n_batch,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Whether a slot is free for [`Self::admit`].
+    pub fn has_idle_slot(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|s| matches!(s.state, SlotState::Idle))
+    }
+
+    /// Whether no request is in flight.
+    pub fn is_idle(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| matches!(s.state, SlotState::Idle))
+    }
+
+    /// Puts a job into a free slot, prefilling its shared prefix first if it is not resident.
+    ///
+    /// # Errors
+    /// A [`LineError`] for this job alone when its prefix cannot be prefilled.
+    pub fn admit(&mut self, job: Job) -> Result<Admission, LineError> {
+        let Some(index) = self
+            .slots
+            .iter()
+            .position(|s| matches!(s.state, SlotState::Idle))
+        else {
+            return Ok(Admission::Wait(job));
+        };
+        let seq = self.slots[index].seq;
+        let shared = self.share.then(|| job.prompt.prefix_key()).flatten();
+        let mut pos = 0;
+        if let Some(key) = shared {
+            let len = job.prompt.shared_len;
+            let prefix_seq = match self.prefixes.acquire(key, len) {
+                None => return Ok(Admission::Wait(job)),
+                Some(Lease::Resident(prefix_seq)) => prefix_seq,
+                Some(Lease::Prefill {
+                    seq: prefix_seq, ..
+                }) => {
+                    self.session.clear_seq(prefix_seq);
+                    if let Err(e) = self.prefill_prefix(prefix_seq, job.prompt.prefix()) {
+                        self.session.clear_seq(prefix_seq);
+                        self.prefixes.forget(&key);
+                        return Err(engine_failure(&job, &e));
+                    }
+                    prefix_seq
+                }
+            };
+            self.session.share_prefix(prefix_seq, seq, to_u32(len));
+            pos = len;
+        }
+        let sampler = self.session.sampler(&job.params.sampler);
+        self.slots[index].state = SlotState::Prompt(Active {
+            sampler,
+            prefix: shared,
+            pos,
+            row: None,
+            text: TextBuilder::new(),
+            generated: 0,
+            started: Instant::now(),
+            first_token: None,
+            job,
+        });
+        Ok(Admission::Started)
+    }
+
+    /// Decodes a prefix into its own sequence, chunk by chunk from position 0.
+    fn prefill_prefix(&mut self, seq: SeqId, tokens: &[Token]) -> Result<(), EngineError> {
+        let started = Instant::now();
+        for (c, chunk) in tokens.chunks(self.n_batch).enumerate() {
+            let base = c * self.n_batch;
+            for (i, &t) in chunk.iter().enumerate() {
+                self.session.push(t, to_u32(base + i), seq, false)?;
+            }
+            let t0 = Instant::now();
+            self.session.decode()?;
+            self.metrics.prefill_time += t0.elapsed();
+        }
+        self.metrics.prompt_tokens_computed += tokens.len() as u64;
+        self.metrics.prefixes_prefilled += 1;
+        self.metrics.prefix_tokens_prefilled += tokens.len() as u64;
+        self.metrics.prefix_prefill_time += started.elapsed();
+        Ok(())
+    }
+
+    /// Runs one decode call over all busy slots; finished requests are appended to `done`.
+    ///
+    /// # Errors
+    /// None today: a failed decode becomes an error outcome for the requests in that batch.
+    pub fn step(&mut self, done: &mut Vec<Outcome>) {
+        let n_batch = self.n_batch;
+        let mut prompt_tokens = 0usize;
+        let mut gen_tokens = 0usize;
+        let mut queued: Vec<usize> = Vec::new();
+        let mut failure: Option<EngineError> = None;
+
+        // Generating slots first, so their latency does not wait on long prompts.
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            if let SlotState::Generating { active, last } = &mut slot.state {
+                match self.session.push(*last, to_u32(active.pos), slot.seq, true) {
+                    Ok(row) => {
+                        active.row = Some(row);
+                        active.pos += 1;
+                        gen_tokens += 1;
+                        queued.push(i);
+                    }
+                    Err(e) => failure = Some(e),
+                }
+            }
+        }
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            let room = n_batch - self.session.batch_len();
+            if room == 0 || failure.is_some() {
+                break;
+            }
+            let SlotState::Prompt(active) = &mut slot.state else {
+                continue;
+            };
+            let tokens = &active.job.prompt.tokens;
+            let end = chunk_end(
+                active.pos,
+                active.job.prompt.shared_len,
+                tokens.len(),
+                n_batch,
+            )
+            .min(active.pos + room);
+            for p in active.pos..end {
+                let last = p + 1 == tokens.len();
+                match self.session.push(tokens[p], to_u32(p), slot.seq, last) {
+                    Ok(row) if last => active.row = Some(row),
+                    Ok(_) => {}
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            prompt_tokens += end - active.pos;
+            active.pos = end;
+            queued.push(i);
+        }
+        if queued.is_empty() {
+            return;
+        }
+
+        let t0 = Instant::now();
+        let result = match failure {
+            Some(e) => {
+                self.session.discard_batch();
+                Err(e)
+            }
+            None => self.session.decode(),
+        };
+        let elapsed = t0.elapsed();
+        if let Err(e) = result {
+            for i in queued {
+                self.fail(i, &e, done);
+            }
+            return;
+        }
+        if prompt_tokens > 0 {
+            self.metrics.prefill_time += elapsed;
+            self.metrics.prompt_tokens_computed += prompt_tokens as u64;
+        } else {
+            self.metrics.decode_time += elapsed;
+            self.metrics.decode_tokens += gen_tokens as u64;
+        }
+        for i in queued {
+            self.after_decode(i, done);
+        }
+    }
+
+    /// Samples for slot `i` if its last queued token asked for logits, and moves it on.
+    fn after_decode(&mut self, i: usize, done: &mut Vec<Outcome>) {
+        let model = self.session.model();
+        let state = std::mem::replace(&mut self.slots[i].state, SlotState::Idle);
+        let mut active = match state {
+            SlotState::Prompt(a) | SlotState::Generating { active: a, .. } => a,
+            SlotState::Idle => return,
+        };
+        let Some(row) = active.row.take() else {
+            self.slots[i].state = SlotState::Prompt(active);
+            return;
+        };
+        let token = self.session.sample(&mut active.sampler, row);
+        self.metrics.completion_tokens += 1;
+        active.generated += 1;
+        if active.first_token.is_none() {
+            active.first_token = Some(active.started.elapsed().as_secs_f64());
+        }
+        let reason = if model.is_end_of_generation(token) {
+            Some(StopReason::Stop)
+        } else {
+            let searched = active.text.text().len();
+            let mut bytes = Vec::new();
+            model.token_bytes(token, &mut bytes);
+            active.text.push(&bytes);
+            if active.text.cut_at_stop(&active.job.params.stop, searched) {
+                Some(StopReason::Stop)
+            } else if active.generated >= u64::from(active.job.params.max_tokens) {
+                Some(StopReason::Length)
+            } else {
+                None
+            }
+        };
+        match reason {
+            None => {
+                self.slots[i].state = SlotState::Generating {
+                    active,
+                    last: token,
+                }
+            }
+            Some(reason) => {
+                self.release(i, active.prefix.as_ref());
+                let usage = Usage {
+                    prompt_tokens: active.job.prompt.tokens.len() as u64,
+                    completion_tokens: active.generated,
+                    cached_tokens: if active.prefix.is_some() {
+                        active.job.prompt.shared_len as u64
+                    } else {
+                        0
+                    },
+                };
+                self.metrics.prompt_tokens_reused += usage.cached_tokens;
+                let ttft = active.first_token.unwrap_or_default();
+                self.metrics.time_to_first_token.push(ttft);
+                done.push(Ok(Completion {
+                    custom_id: active.job.custom_id,
+                    content: active.text.finish(),
+                    reason,
+                    usage,
+                    time_to_first_token: ttft,
+                }));
+            }
+        }
+    }
+
+    /// Ends slot `i`'s request with an engine error.
+    fn fail(&mut self, i: usize, e: &EngineError, done: &mut Vec<Outcome>) {
+        let state = std::mem::replace(&mut self.slots[i].state, SlotState::Idle);
+        if let SlotState::Prompt(a) | SlotState::Generating { active: a, .. } = state {
+            self.release(i, a.prefix.as_ref());
+            done.push(Err(engine_failure(&a.job, e)));
+        }
+    }
+
+    /// Frees slot `i`'s cells and its prefix lease.
+    fn release(&mut self, i: usize, prefix: Option<&PrefixKey>) {
+        self.session.clear_seq(self.slots[i].seq);
+        if let Some(key) = prefix {
+            self.prefixes.release(key);
+        }
+    }
+}
+
+/// Where the prompt chunk that starts at `pos` ends: chunks are cut every `n_batch` tokens from
+/// the start of the prefix part `[0, split)` and from the start of the own part `[split, len)`.
+pub fn chunk_end(pos: usize, split: usize, len: usize, n_batch: usize) -> usize {
+    let (start, end) = if pos < split {
+        (0, split)
+    } else {
+        (split, len)
+    };
+    let next_cut = start + ((pos - start) / n_batch + 1) * n_batch;
+    next_cut.min(end)
+}
+
+fn engine_failure(job: &Job, e: &EngineError) -> LineError {
+    LineError::new(
+        job.line,
+        Some(&job.custom_id),
+        ErrorCode::EngineError,
+        format!("{e}; the request was not completed, run it again"),
+    )
+}
+
+/// Positions and lengths stay below the context size, which llama.cpp holds in an i32.
+fn to_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_end;
+
+    #[test]
+    fn chunks_are_cut_from_each_part_start() {
+        // Prefix [0, 10), own part [10, 25), batch 4.
+        assert_eq!(chunk_end(0, 10, 25, 4), 4);
+        assert_eq!(chunk_end(4, 10, 25, 4), 8);
+        assert_eq!(chunk_end(8, 10, 25, 4), 10);
+        assert_eq!(chunk_end(10, 10, 25, 4), 14);
+        assert_eq!(chunk_end(22, 10, 25, 4), 25);
+    }
+
+    #[test]
+    fn a_resumed_chunk_ends_at_the_same_cut() {
+        // A chunk that began at 10 and was stopped short at 12 still ends at 14.
+        assert_eq!(chunk_end(12, 10, 25, 4), 14);
+    }
+
+    #[test]
+    fn without_a_prefix_the_prompt_is_one_part() {
+        assert_eq!(chunk_end(0, 0, 3, 512), 3);
+    }
+}

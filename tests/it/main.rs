@@ -1,0 +1,8 @@
+//! Integration tests: the real `infer-batch` binary and library on the real default model.
+//!
+//! Tests that run the model hold one lock, so they do not fight over the two cores (llama.cpp
+//! slows down several times when oversubscribed) and stay quick.
+
+mod batch;
+mod harness;
+mod prefix;
