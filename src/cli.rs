@@ -10,6 +10,8 @@ pub const DEFAULT_BATCH: u32 = 512;
 pub const DEFAULT_PARALLEL: u32 = 4;
 /// Default `max_tokens` for requests that give none.
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
+/// Default size bound of the prefix cache directory: 4 GiB.
+pub const DEFAULT_PREFIX_CACHE_MAX_BYTES: u64 = 4 << 30;
 /// Default number of distinct shared prefixes kept in the KV cache at once.
 pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
 
@@ -29,7 +31,38 @@ pub struct Cli {
 
 /// Management commands.
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Manage the on-disk prefix state cache.
+    Cache {
+        /// What to do.
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+}
+
+/// Prefix cache actions.
+#[derive(Debug, Subcommand)]
+pub enum CacheAction {
+    /// List stored prefix states: tokens, bytes, model, last use.
+    Ls {
+        /// The cache directory [default: $XDG_CACHE_HOME/infer-batch].
+        #[arg(long, value_name = "DIR")]
+        prefix_cache_dir: Option<PathBuf>,
+    },
+    /// Delete every stored prefix state.
+    Clear {
+        /// The cache directory [default: $XDG_CACHE_HOME/infer-batch].
+        #[arg(long, value_name = "DIR")]
+        prefix_cache_dir: Option<PathBuf>,
+    },
+    /// Prefill and store the prefixes of an input without decoding anything (to prepare
+    /// shards).
+    Warm {
+        /// Same flags as a batch run; only those that shape the prefix state matter.
+        #[command(flatten)]
+        run: RunArgs,
+    },
+}
 
 /// Arguments of a batch run.
 #[derive(Debug, Args)]
@@ -88,6 +121,19 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_RESIDENT_PREFIXES, value_name = "N")]
     pub max_prefixes: u32,
 
+    /// Where prefix states are kept between runs [default: $XDG_CACHE_HOME/infer-batch, or
+    /// ~/.cache/infer-batch].
+    #[arg(long, value_name = "DIR")]
+    pub prefix_cache_dir: Option<PathBuf>,
+
+    /// Keep prefix states in memory only: neither read nor write the disk cache.
+    #[arg(long)]
+    pub no_disk_cache: bool,
+
+    /// Size bound of the prefix cache directory; least recently used states go first.
+    #[arg(long, default_value_t = DEFAULT_PREFIX_CACHE_MAX_BYTES, value_name = "BYTES")]
+    pub prefix_cache_max_bytes: u64,
+
     /// Replace an existing output file instead of refusing to touch it.
     #[arg(long)]
     pub restart: bool,
@@ -126,6 +172,12 @@ pub struct RunConfig {
     pub batch_size: u32,
     /// Resident prefix sequences.
     pub max_prefixes: u32,
+    /// Prefix state directory.
+    pub prefix_cache_dir: PathBuf,
+    /// Read and write prefix states on disk.
+    pub disk_cache: bool,
+    /// Size bound of the prefix state directory.
+    pub prefix_cache_max_bytes: u64,
     /// Replace an existing output.
     pub restart: bool,
     /// llama.cpp logs.
@@ -180,6 +232,12 @@ impl RunArgs {
             ctx_size: self.ctx_size,
             batch_size: positive("batch-size", self.batch_size)?,
             max_prefixes: positive("max-prefixes", self.max_prefixes)?,
+            prefix_cache_dir: self
+                .prefix_cache_dir
+                .clone()
+                .unwrap_or_else(crate::prefix_store::default_dir),
+            disk_cache: !self.no_disk_cache,
+            prefix_cache_max_bytes: self.prefix_cache_max_bytes,
             restart: self.restart,
             verbose: self.verbose,
         })

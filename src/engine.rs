@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -17,6 +18,20 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::request::Message;
+
+/// The llama.cpp build this binary links: the `llama-cpp-sys-2` version (which pins the
+/// llama.cpp sources) and the GPU backend compiled in.
+pub fn llama_build() -> String {
+    let backend = if cfg!(feature = "cuda") {
+        "cuda"
+    } else {
+        "cpu"
+    };
+    format!(
+        "llama-cpp-sys-2 {} {backend}",
+        env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION")
+    )
+}
 
 /// A token id of the loaded model's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -43,6 +58,9 @@ pub enum EngineError {
     /// `llama_decode` failed.
     #[error("llama_decode failed: {0}")]
     Decode(String),
+    /// llama.cpp refused a saved sequence state.
+    #[error("llama.cpp rejected a saved prefix state of {0} bytes")]
+    Restore(usize),
     /// More tokens were queued than the batch holds.
     #[error("batch overflow: {0}")]
     Batch(String),
@@ -221,6 +239,18 @@ impl Model {
     }
 }
 
+impl SessionSettings {
+    /// Every setting that changes the bytes of a sequence state: the KV cache types, the
+    /// attention path (which decides whether V is stored transposed), the prefill chunk size
+    /// (which changes rounding) and where the layers ran.
+    pub fn state_layout(&self, gpu_layers: u32) -> String {
+        format!(
+            "kv=f16/f16 flash_attn=auto unified n_batch={} gpu_layers={gpu_layers}",
+            self.n_batch
+        )
+    }
+}
+
 /// Context settings chosen by the planner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionSettings {
@@ -304,6 +334,40 @@ impl<'m> Session<'m> {
         let _ = self
             .ctx
             .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
+    }
+
+    /// The serialised KV state of sequence `seq` (llama.cpp's per-sequence state format).
+    pub fn seq_state(&self, seq: SeqId) -> Vec<u8> {
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        let mut bytes = vec![0u8; size];
+        // SAFETY: the buffer holds the `size` bytes llama.cpp just said the state needs.
+        let written = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags)
+        };
+        bytes.truncate(written);
+        bytes
+    }
+
+    /// Loads a state produced by [`Self::seq_state`] into sequence `seq`.
+    ///
+    /// The caller must only pass bytes that this build wrote for this model and layout:
+    /// llama.cpp's loader trusts its input and may abort on malformed state.
+    ///
+    /// # Errors
+    /// [`EngineError::Restore`] when llama.cpp rejects the state.
+    pub fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
+        let flags = LlamaStateSeqFlags::empty();
+        // SAFETY: `state` passed the prefix store's checksum and identity checks, so it is
+        // exactly what `seq_state` produced under this build, model and KV layout.
+        let ok = unsafe { self.ctx.state_seq_set_data_ext(state, seq, flags) };
+        if ok {
+            Ok(())
+        } else {
+            self.clear_seq(seq);
+            Err(EngineError::Restore(state.len()))
+        }
     }
 
     /// The raw logits row at batch index `index` of the last decode (for tests and checks).

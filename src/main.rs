@@ -3,8 +3,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use infer_batch::cli::Cli;
-use infer_batch::run::{run, RunReport};
+use infer_batch::cli::{CacheAction, Cli, Command};
+use infer_batch::prefix_cache::PrefixEvent;
+use infer_batch::prefix_store;
+use infer_batch::run::{run, warm, RunReport};
 
 /// Every request succeeded.
 const EXIT_OK: u8 = 0;
@@ -26,8 +28,8 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
-    if let Some(command) = &cli.command {
-        match *command {}
+    if let Some(Command::Cache { action }) = &cli.command {
+        return cache(action).map(|()| EXIT_OK);
     }
     let cfg = cli.run.resolve()?;
     let report = run(&cfg)?;
@@ -37,6 +39,76 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     } else {
         EXIT_SOME_FAILED
     })
+}
+
+fn cache(action: &CacheAction) -> anyhow::Result<()> {
+    let dir_or_default =
+        |d: &Option<std::path::PathBuf>| d.clone().unwrap_or_else(prefix_store::default_dir);
+    match action {
+        CacheAction::Ls { prefix_cache_dir } => {
+            let dir = dir_or_default(prefix_cache_dir);
+            let mut entries = prefix_store::entries(&dir);
+            entries.sort_by_key(|e| std::cmp::Reverse(e.last_used));
+            println!(
+                "{:<40} {:>8} {:>12} {:<12} last used",
+                "file", "tokens", "bytes", "model"
+            );
+            for e in &entries {
+                let name = e.path.file_name().unwrap_or_default().to_string_lossy();
+                let age = e.last_used.elapsed().map_or(0, |d| d.as_secs());
+                println!(
+                    "{name:<40} {:>8} {:>12} {:<12} {} ago{}",
+                    e.tokens.map_or("?".into(), |t| t.to_string()),
+                    e.bytes,
+                    e.model.as_deref().unwrap_or("?"),
+                    human_age(age),
+                    e.problem
+                        .as_deref()
+                        .map_or(String::new(), |p| format!("  ({p})"))
+                );
+            }
+            let total: u64 = entries.iter().map(|e| e.bytes).sum();
+            println!(
+                "{} states, {} bytes in {}",
+                entries.len(),
+                total,
+                dir.display()
+            );
+        }
+        CacheAction::Clear { prefix_cache_dir } => {
+            let dir = dir_or_default(prefix_cache_dir);
+            let n = prefix_store::clear(&dir)?;
+            println!("removed {n} files from {}", dir.display());
+        }
+        CacheAction::Warm { run } => {
+            let cfg = run.resolve()?;
+            for e in warm(&cfg)? {
+                print_prefix(&e);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn human_age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+fn print_prefix(e: &PrefixEvent) {
+    eprintln!(
+        "prefix {}: {} {} tokens in {:.0} ms{}",
+        e.key.short(),
+        e.source,
+        e.tokens,
+        e.time.as_secs_f64() * 1e3,
+        e.file_bytes
+            .map_or(String::new(), |b| format!(", state file {b} bytes"))
+    );
 }
 
 fn init_logging(verbose: bool) {
@@ -61,13 +133,12 @@ fn print_summary(report: &RunReport, output: &std::path::Path) {
         (m.requests_ok + m.requests_failed) as f64 / wall.max(1e-9),
         output.display()
     );
+    for e in &m.prefix_events {
+        print_prefix(e);
+    }
     eprintln!(
-        "prompt tokens: {} computed, {} reused from shared prefixes ({} prefixes prefilled, {} tokens, {:.0} ms)",
-        m.prompt_tokens_computed,
-        m.prompt_tokens_reused,
-        m.prefixes_prefilled,
-        m.prefix_tokens_prefilled,
-        m.prefix_prefill_time.as_secs_f64() * 1e3
+        "prompt tokens: {} computed, {} reused from shared prefixes",
+        m.prompt_tokens_computed, m.prompt_tokens_reused,
     );
     eprintln!(
         "prefill {:.1} tok/s, decode {:.1} tok/s, {} completion tokens, ttft p50 {:.3}s",

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use crate::prefix_cache::{PrefixEvent, PrefixSource};
+
 /// Counters updated by the scheduler as it works.
 #[derive(Debug, Default, Clone)]
 pub struct Metrics {
@@ -21,21 +23,33 @@ pub struct Metrics {
     pub decode_time: Duration,
     /// Tokens sampled, over all requests.
     pub completion_tokens: u64,
-    /// Shared prefixes prefilled in this run.
-    pub prefixes_prefilled: u64,
-    /// Tokens of those prefixes.
-    pub prefix_tokens_prefilled: u64,
-    /// Time spent prefilling them.
-    pub prefix_prefill_time: Duration,
+    /// Each prefix made resident: prefilled or restored, with its size and time.
+    pub prefix_events: Vec<PrefixEvent>,
     /// Requests that completed.
     pub requests_ok: u64,
     /// Requests that got an error line.
     pub requests_failed: u64,
+    /// Error lines by their `error.code`.
+    pub errors_by_code: std::collections::BTreeMap<String, u64>,
     /// Seconds from admission to first token, one per completed request.
     pub time_to_first_token: Vec<f64>,
 }
 
 impl Metrics {
+    /// Records a prefix made resident.
+    pub fn record_prefix(&mut self, event: &PrefixEvent) {
+        self.prefix_events.push(event.clone());
+    }
+
+    /// Prefix tokens made resident by `source`.
+    pub fn prefix_tokens(&self, source: PrefixSource) -> u64 {
+        self.prefix_events
+            .iter()
+            .filter(|e| e.source == source)
+            .map(|e| e.tokens as u64)
+            .sum()
+    }
+
     /// Prefill rate over the calls that held prompt tokens.
     pub fn prefill_tokens_per_sec(&self) -> f64 {
         rate(self.prompt_tokens_computed, self.prefill_time)

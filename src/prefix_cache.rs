@@ -4,9 +4,139 @@
 //! that prefix gets the prefix's cells by sequence copy: in the unified KV cache that only tags
 //! the cells, so the prefix sits in memory once however many slots use it. When more distinct
 //! prefixes come than fit, the least recently used one that no slot holds makes room.
+//!
+//! [`materialize`] fills a prefix's sequence: restored from the on-disk store when it holds a
+//! valid state, otherwise prefilled once and saved for the next run.
 
-use crate::engine::SeqId;
+use std::time::{Duration, Instant};
+
+use crate::engine::{EngineError, SeqId, Session, Token};
+use crate::metrics::Metrics;
+use crate::prefix_store::{Lookup, PrefixStore};
 use crate::prompt::PrefixKey;
+
+/// How a prefix got into the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefixSource {
+    /// Computed by llama.cpp in this run.
+    Prefilled,
+    /// Loaded from a state file.
+    Restored,
+}
+
+impl std::fmt::Display for PrefixSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Prefilled => "prefilled",
+            Self::Restored => "restored",
+        })
+    }
+}
+
+/// One prefix made resident, as the run summary reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixEvent {
+    /// Which prefix.
+    pub key: PrefixKey,
+    /// Its tokens.
+    pub tokens: usize,
+    /// Prefilled or restored.
+    pub source: PrefixSource,
+    /// Size of its state file, when one was read or written.
+    pub file_bytes: Option<u64>,
+    /// Time to prefill or restore it (saving excluded).
+    pub time: Duration,
+}
+
+/// Puts the prefix `tokens` into the empty sequence `seq`: restored from `store` when it holds
+/// a valid state, otherwise prefilled chunk by chunk from position 0 and saved to `store`.
+/// A file that fails validation is reported in one line and replaced.
+///
+/// # Errors
+/// When prefilling fails; the sequence is then cleared.
+pub fn materialize(
+    session: &mut Session<'_>,
+    seq: SeqId,
+    tokens: &[Token],
+    store: Option<&PrefixStore>,
+    metrics: &mut Metrics,
+) -> Result<PrefixEvent, EngineError> {
+    let key = PrefixKey::of(tokens);
+    if let Some(store) = store {
+        let started = Instant::now();
+        match store.load(tokens) {
+            Lookup::Hit {
+                payload,
+                file_bytes,
+            } => match session.restore_seq_state(seq, &payload) {
+                Ok(()) => {
+                    let event = PrefixEvent {
+                        key,
+                        tokens: tokens.len(),
+                        source: PrefixSource::Restored,
+                        file_bytes: Some(file_bytes),
+                        time: started.elapsed(),
+                    };
+                    metrics.record_prefix(&event);
+                    return Ok(event);
+                }
+                Err(e) => tracing::warn!(
+                    "prefix state {}: {e}; prefilling again",
+                    store.path_of(tokens).display()
+                ),
+            },
+            Lookup::Invalid { path, reason } => tracing::warn!(
+                "prefix state {} is invalid ({reason}); prefilling again and replacing it",
+                path.display()
+            ),
+            Lookup::Miss => {}
+        }
+    }
+    let started = Instant::now();
+    if let Err(e) = prefill(session, seq, tokens, metrics) {
+        session.clear_seq(seq);
+        return Err(e);
+    }
+    let time = started.elapsed();
+    let file_bytes = store.and_then(|store| match store.save(tokens, &session.seq_state(seq)) {
+        Ok(bytes) => Some(bytes),
+        Err(e) => {
+            tracing::warn!("{e:#}; this prefix will be prefilled again next run");
+            None
+        }
+    });
+    let event = PrefixEvent {
+        key,
+        tokens: tokens.len(),
+        source: PrefixSource::Prefilled,
+        file_bytes,
+        time,
+    };
+    metrics.record_prefix(&event);
+    Ok(event)
+}
+
+/// Decodes `tokens` into `seq`, cut every batch-size tokens from position 0: the same cuts a
+/// request's own prompt gets, so the state is bit-identical to computing it in the request.
+fn prefill(
+    session: &mut Session<'_>,
+    seq: SeqId,
+    tokens: &[Token],
+    metrics: &mut Metrics,
+) -> Result<(), EngineError> {
+    let n_batch = session.batch_capacity();
+    for (c, chunk) in tokens.chunks(n_batch).enumerate() {
+        for (i, &t) in chunk.iter().enumerate() {
+            let pos = u32::try_from(c * n_batch + i).unwrap_or(u32::MAX);
+            session.push(t, pos, seq, false)?;
+        }
+        let t0 = Instant::now();
+        session.decode()?;
+        metrics.prefill_time += t0.elapsed();
+        metrics.prompt_tokens_computed += chunk.len() as u64;
+    }
+    Ok(())
+}
 
 /// What a slot must do to get its prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,14 +11,17 @@ use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
 use crate::cli::RunConfig;
-use crate::engine::{Model, ModelSettings, SamplerSpec, SessionSettings};
+use crate::engine::{llama_build, Model, ModelSettings, SamplerSpec, SessionSettings, Token};
 use crate::metrics::Metrics;
 use crate::output::{error_line, success_line};
 use crate::plan::{plan, Demand, Plan, MAX_TRACKED_PREFIXES};
+use crate::prefix_cache::{materialize, PrefixEvent};
+use crate::prefix_store::{model_sha256, PrefixStore, StateIdentity};
 use crate::prompt::{PrefixKey, PromptBuilder};
 use crate::request::{ErrorCode, LineError, Request, RequestReader};
 use crate::scheduler::{Admission, GenParams, Job, Outcome, Scheduler};
 use crate::sink::Sink;
+use crate::summary;
 
 /// How often a progress line is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(10);
@@ -71,7 +74,13 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     let info = model.info();
     let mut prompts = PromptBuilder::new(&model);
 
-    let demand = scan(open_input()?, &mut prompts, cfg, info.n_ctx_train as usize)?;
+    let demand = scan(
+        open_input()?,
+        &mut prompts,
+        cfg,
+        info.n_ctx_train as usize,
+        |_, _| {},
+    )?;
     let plan = plan(
         &demand,
         cfg.parallel as usize,
@@ -86,17 +95,24 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         slot_budget = plan.slot_budget,
         "planned"
     );
-    let mut session = model.new_session(&SessionSettings {
+    let settings = SessionSettings {
         n_ctx: plan.n_ctx,
         n_batch: cfg.batch_size,
         n_seq_max: plan.n_seq_max,
         threads: cfg.threads,
-    })?;
+    };
+    let store = if cfg.prefix_cache && cfg.disk_cache && demand.prefix_lens.iter().any(|&n| n > 0) {
+        open_store(cfg, &settings)
+    } else {
+        None
+    };
+    let mut session = model.new_session(&settings)?;
     let mut scheduler = Scheduler::new(
         &mut session,
         cfg.parallel as usize,
         plan.resident_prefixes,
         cfg.prefix_cache,
+        store.as_ref(),
     );
 
     let model_name = model_name(&cfg.model);
@@ -116,6 +132,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             }
             Err(e) => {
                 metrics.requests_failed += 1;
+                *metrics
+                    .errors_by_code
+                    .entry(e.code.as_str().to_owned())
+                    .or_default() += 1;
                 sink.write(&error_line(&e))
             }
         }
@@ -168,11 +188,95 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         }
     }
     sink.finish()?;
-    Ok(RunReport {
+    let report = RunReport {
         metrics: scheduler.metrics.clone(),
         plan,
         wall: started.elapsed(),
-    })
+    };
+    summary::write(
+        &summary::summary_path(&cfg.output),
+        &summary::to_json(&report.metrics, &report.plan, report.wall),
+    )?;
+    Ok(report)
+}
+
+/// Opens the prefix state store for this model and layout; without one the run goes on,
+/// sharing prefixes in memory only.
+fn open_store(cfg: &RunConfig, settings: &SessionSettings) -> Option<PrefixStore> {
+    let open = || -> Result<PrefixStore> {
+        let identity = StateIdentity {
+            model_sha256: model_sha256(&cfg.model, &cfg.prefix_cache_dir)?,
+            llama_build: llama_build(),
+            layout: settings.state_layout(cfg.gpu_layers),
+        };
+        PrefixStore::open(&cfg.prefix_cache_dir, cfg.prefix_cache_max_bytes, identity)
+    };
+    match open() {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::warn!("{e:#}; prefix states stay in memory for this run");
+            None
+        }
+    }
+}
+
+/// Prefills and stores every distinct prefix of the input without decoding any request.
+///
+/// # Errors
+/// When the input or model cannot be read, or the store cannot be opened.
+pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+    if !cfg.model.is_file() {
+        anyhow::bail!("model {} not found", cfg.model.display());
+    }
+    let model = Model::load(&ModelSettings {
+        path: cfg.model.clone(),
+        gpu_layers: cfg.gpu_layers,
+        verbose: cfg.verbose,
+    })?;
+    let mut prompts = PromptBuilder::new(&model);
+    let mut prefixes: Vec<Vec<Token>> = Vec::new();
+    let reader = RequestReader::new(BufReader::new(file));
+    scan(
+        reader,
+        &mut prompts,
+        cfg,
+        model.info().n_ctx_train as usize,
+        |_, tokens| {
+            prefixes.push(tokens.to_vec());
+        },
+    )?;
+    let longest = prefixes.iter().map(Vec::len).max().unwrap_or(0);
+    let settings = SessionSettings {
+        n_ctx: u32::try_from(longest.div_ceil(256).max(1) * 256)?,
+        n_batch: cfg.batch_size,
+        n_seq_max: 1,
+        threads: cfg.threads,
+    };
+    let store = PrefixStore::open(
+        &cfg.prefix_cache_dir,
+        cfg.prefix_cache_max_bytes,
+        StateIdentity {
+            model_sha256: model_sha256(&cfg.model, &cfg.prefix_cache_dir)?,
+            llama_build: llama_build(),
+            layout: settings.state_layout(cfg.gpu_layers),
+        },
+    )?;
+    let mut session = model.new_session(&settings)?;
+    let mut metrics = Metrics::default();
+    let mut events = Vec::new();
+    for tokens in &prefixes {
+        events.push(materialize(
+            &mut session,
+            0,
+            tokens,
+            Some(&store),
+            &mut metrics,
+        )?);
+        session.clear_seq(0);
+    }
+    Ok(events)
 }
 
 /// Bounds a request must fit.
@@ -183,11 +287,13 @@ struct Limits {
 }
 
 /// First pass: how many requests, which prefixes, and the largest per-request need.
+/// `on_new_prefix` sees each distinct shared prefix once.
 fn scan(
     input: RequestReader<BufReader<File>>,
     prompts: &mut PromptBuilder<'_>,
     cfg: &RunConfig,
     n_ctx_train: usize,
+    mut on_new_prefix: impl FnMut(PrefixKey, &[Token]),
 ) -> Result<Demand> {
     let mut demand = Demand::default();
     let mut prefixes: HashMap<PrefixKey, usize> = HashMap::new();
@@ -204,8 +310,9 @@ fn scan(
         demand.requests += 1;
         let shared = match prompt.prefix_key() {
             Some(key) if cfg.prefix_cache => {
-                if prefixes.len() < MAX_TRACKED_PREFIXES {
+                if prefixes.len() < MAX_TRACKED_PREFIXES && !prefixes.contains_key(&key) {
                     prefixes.insert(key, prompt.shared_len);
+                    on_new_prefix(key, prompt.prefix());
                 }
                 prompt.shared_len
             }

@@ -17,7 +17,8 @@ use crate::detok::TextBuilder;
 use crate::engine::{EngineError, Sampler, SamplerSpec, SeqId, Session, Token};
 use crate::metrics::Metrics;
 use crate::output::{Completion, StopReason, Usage};
-use crate::prefix_cache::{Lease, PrefixPool};
+use crate::prefix_cache::{materialize, Lease, PrefixPool};
+use crate::prefix_store::PrefixStore;
 use crate::prompt::{PrefixKey, SplitPrompt};
 use crate::request::{ErrorCode, LineError};
 
@@ -94,6 +95,7 @@ pub struct Scheduler<'s, 'm> {
     session: &'s mut Session<'m>,
     slots: Vec<Slot>,
     prefixes: PrefixPool,
+    store: Option<&'s PrefixStore>,
     share: bool,
     n_batch: usize,
     /// Counters of the run.
@@ -102,12 +104,14 @@ pub struct Scheduler<'s, 'm> {
 
 impl<'s, 'm> Scheduler<'s, 'm> {
     /// `parallel` slots use sequences `0..parallel`; resident prefixes the next
-    /// `resident_prefixes`. With `share` false every request computes its whole prompt.
+    /// `resident_prefixes`. With `share` false every request computes its whole prompt. With a
+    /// `store`, prefixes are restored from disk when they can be and saved when computed.
     pub fn new(
         session: &'s mut Session<'m>,
         parallel: usize,
         resident_prefixes: usize,
         share: bool,
+        store: Option<&'s PrefixStore>,
     ) -> Self {
         let n_batch = session.batch_capacity();
         let parallel_seq = SeqId::try_from(parallel).unwrap_or(SeqId::MAX);
@@ -120,6 +124,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                 })
                 .collect(),
             prefixes: PrefixPool::new(parallel_seq, resident_prefixes),
+            store,
             share,
             n_batch,
             metrics: Metrics::default(),
@@ -164,8 +169,14 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                     seq: prefix_seq, ..
                 }) => {
                     self.session.clear_seq(prefix_seq);
-                    if let Err(e) = self.prefill_prefix(prefix_seq, job.prompt.prefix()) {
-                        self.session.clear_seq(prefix_seq);
+                    let made = materialize(
+                        self.session,
+                        prefix_seq,
+                        job.prompt.prefix(),
+                        self.store,
+                        &mut self.metrics,
+                    );
+                    if let Err(e) = made {
                         self.prefixes.forget(&key);
                         return Err(engine_failure(&job, &e));
                     }
@@ -188,25 +199,6 @@ impl<'s, 'm> Scheduler<'s, 'm> {
             job,
         });
         Ok(Admission::Started)
-    }
-
-    /// Decodes a prefix into its own sequence, chunk by chunk from position 0.
-    fn prefill_prefix(&mut self, seq: SeqId, tokens: &[Token]) -> Result<(), EngineError> {
-        let started = Instant::now();
-        for (c, chunk) in tokens.chunks(self.n_batch).enumerate() {
-            let base = c * self.n_batch;
-            for (i, &t) in chunk.iter().enumerate() {
-                self.session.push(t, to_u32(base + i), seq, false)?;
-            }
-            let t0 = Instant::now();
-            self.session.decode()?;
-            self.metrics.prefill_time += t0.elapsed();
-        }
-        self.metrics.prompt_tokens_computed += tokens.len() as u64;
-        self.metrics.prefixes_prefilled += 1;
-        self.metrics.prefix_tokens_prefilled += tokens.len() as u64;
-        self.metrics.prefix_prefill_time += started.elapsed();
-        Ok(())
     }
 
     /// Runs one decode call over all busy slots; finished requests are appended to `done`.

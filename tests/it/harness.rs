@@ -55,7 +55,10 @@ impl Scratch {
 /// Runs the binary with `args`; the model lock must be held by the caller when it loads one.
 pub fn infer_batch(args: &[&str]) -> Output {
     let mut cmd = assert_cmd::Command::cargo_bin("infer-batch").expect("binary");
-    cmd.args(args).env("INFER_BATCH_LOG", "warn");
+    cmd.args(args).env("INFER_BATCH_LOG", "warn").env(
+        "XDG_CACHE_HOME",
+        std::env::temp_dir().join("infer-batch-tests-xdg"),
+    );
     cmd.output().expect("run infer-batch")
 }
 
@@ -68,6 +71,7 @@ pub fn run_batch(
 ) -> (Output, BTreeMap<String, Value>) {
     let out = scratch.path(out_name);
     let model = model_path();
+    let cache = scratch.path("prefix-cache");
     let mut args = vec![
         "--model",
         model.to_str().unwrap(),
@@ -75,6 +79,9 @@ pub fn run_batch(
         out.to_str().unwrap(),
         input.to_str().unwrap(),
     ];
+    if !extra.contains(&"--prefix-cache-dir") {
+        args.extend_from_slice(&["--prefix-cache-dir", cache.to_str().unwrap()]);
+    }
     args.extend_from_slice(extra);
     let output = infer_batch(&args);
     let lines = read_results(&out);
@@ -86,6 +93,14 @@ fn key_of(v: &Value) -> String {
         .as_str()
         .map(str::to_owned)
         .unwrap_or_else(|| format!("line:{}", v["error"]["line"]))
+}
+
+/// The summary a run wrote next to `out_name`.
+pub fn summary(scratch: &Scratch, out_name: &str) -> Value {
+    let name = out_name.strip_suffix(".jsonl").unwrap_or(out_name);
+    let text = std::fs::read_to_string(scratch.path(&format!("{name}.summary.json")))
+        .expect("the run wrote a summary");
+    serde_json::from_str(&text).expect("summary is JSON")
 }
 
 /// Every line of a results file, parsed.

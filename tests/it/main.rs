@@ -4,5 +4,6 @@
 //! slows down several times when oversubscribed) and stay quick.
 
 mod batch;
+mod disk_cache;
 mod harness;
 mod prefix;

@@ -1,0 +1,120 @@
+//! `prefix/cold_prefill` against `prefix/restore_file` against `prefix/fork_in_memory`, at
+//! 500, 1,000 and 2,000 prefix tokens, on the default model.
+//!
+//! Run: `cargo bench --bench prefix` (fetch the model first with `./models/fetch.sh`).
+//! Threads: `INFER_BATCH_BENCH_THREADS`, default the physical cores.
+
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use infer_batch::cli::physical_cores;
+use infer_batch::engine::{llama_build, Model, ModelSettings, Session, SessionSettings, Token};
+use infer_batch::metrics::Metrics;
+use infer_batch::prefix_cache::materialize;
+use infer_batch::prefix_store::{model_sha256, PrefixStore, StateIdentity};
+
+const SIZES: [usize; 3] = [500, 1000, 2000];
+const N_BATCH: u32 = 512;
+
+fn model() -> Model {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    Model::load(&ModelSettings {
+        path,
+        gpu_layers: 0,
+        verbose: false,
+    })
+    .expect("run ./models/fetch.sh first")
+}
+
+fn settings() -> SessionSettings {
+    let threads = std::env::var("INFER_BATCH_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(physical_cores);
+    SessionSettings {
+        n_ctx: 2304,
+        n_batch: N_BATCH,
+        n_seq_max: 2,
+        threads,
+    }
+}
+
+/// Exactly `n` tokens of rubric-like text.
+fn prefix_tokens(model: &Model, n: usize) -> Vec<Token> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut i = 0;
+    while tokens.len() < n {
+        text.push_str(&format!(
+            "Criterion {i}: rate the candidate's evidence of shipped work from 0 to 3, citing only the profile. "
+        ));
+        tokens = model.tokenize(&text);
+        i += 1;
+    }
+    tokens.truncate(n);
+    tokens
+}
+
+fn bench_prefix(c: &mut Criterion) {
+    let model = model();
+    let settings = settings();
+    let dir = tempfile::tempdir().unwrap();
+    let store = PrefixStore::open(
+        dir.path(),
+        u64::MAX,
+        StateIdentity {
+            model_sha256: model_sha256(model.path(), dir.path()).unwrap(),
+            llama_build: llama_build(),
+            layout: settings.state_layout(0),
+        },
+    )
+    .unwrap();
+    let mut session: Session<'_> = model.new_session(&settings).unwrap();
+    let mut metrics = Metrics::default();
+    let mut group = c.benchmark_group("prefix");
+    group.sample_size(10);
+    for n in SIZES {
+        let tokens = prefix_tokens(&model, n);
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::new("cold_prefill", n), &tokens, |b, t| {
+            b.iter(|| {
+                materialize(&mut session, 0, t, None, &mut metrics).unwrap();
+                session.clear_seq(0);
+            })
+        });
+        // Save once, then every iteration reads, verifies and loads the file.
+        materialize(&mut session, 0, &tokens, Some(&store), &mut metrics).unwrap();
+        session.clear_seq(0);
+        group.bench_with_input(BenchmarkId::new("restore_file", n), &tokens, |b, t| {
+            b.iter(|| {
+                let e = materialize(&mut session, 0, t, Some(&store), &mut metrics).unwrap();
+                assert_eq!(e.source.to_string(), "restored");
+                session.clear_seq(0);
+            })
+        });
+        materialize(&mut session, 1, &tokens, None, &mut metrics).unwrap();
+        group.bench_with_input(BenchmarkId::new("fork_in_memory", n), &n, |b, &n| {
+            b.iter(|| {
+                session.share_prefix(1, 0, n as u32);
+                session.clear_seq(0);
+            })
+        });
+        session.clear_seq(1);
+        let bytes = std::fs::metadata(store.path_of(&tokens)).unwrap().len();
+        let info = model.info();
+        // f16 K and V: layers × 2 × KV heads × head dim × 2 bytes.
+        let theory = info.n_layer as u64
+            * 2
+            * info.n_head_kv as u64
+            * (info.n_embd / info.n_head) as u64
+            * 2;
+        eprintln!(
+            "prefix {n} tokens: state file {bytes} bytes = {:.0} bytes/token (theoretical KV {theory} bytes/token)",
+            bytes as f64 / n as f64
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_prefix);
+criterion_main!(benches);
