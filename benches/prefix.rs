@@ -8,7 +8,9 @@ use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use infer_batch::cli::physical_cores;
-use infer_batch::engine::{llama_build, Model, ModelSettings, Session, SessionSettings, Token};
+use infer_batch::engine::{
+    llama_build, FlashAttn, Model, ModelSettings, Session, SessionSettings, Token,
+};
 use infer_batch::metrics::Metrics;
 use infer_batch::prefix_cache::materialize;
 use infer_batch::prefix_store::{model_sha256, PrefixStore, StateIdentity};
@@ -36,6 +38,12 @@ fn settings() -> SessionSettings {
         n_batch: N_BATCH,
         n_seq_max: 2,
         threads,
+        flash_attn: match std::env::var("INFER_BATCH_BENCH_FA").as_deref() {
+            Ok("on") => FlashAttn::On,
+            Ok("off") => FlashAttn::Off,
+            _ => FlashAttn::Auto,
+        },
+        kv_unified: true,
     }
 }
 
@@ -63,7 +71,7 @@ fn bench_prefix(c: &mut Criterion) {
         dir.path(),
         u64::MAX,
         StateIdentity {
-            model_sha256: model_sha256(model.path(), dir.path()).unwrap(),
+            model_sha256: model_sha256(model.path(), Some(dir.path())).unwrap(),
             llama_build: llama_build(),
             layout: settings.state_layout(0),
         },
@@ -93,9 +101,9 @@ fn bench_prefix(c: &mut Criterion) {
             })
         });
         materialize(&mut session, 1, &tokens, None, &mut metrics).unwrap();
-        group.bench_with_input(BenchmarkId::new("fork_in_memory", n), &n, |b, &n| {
+        group.bench_with_input(BenchmarkId::new("fork_in_memory", n), &n, |b, _| {
             b.iter(|| {
-                session.share_prefix(1, 0, n as u32);
+                session.share_prefix(1, 0);
                 session.clear_seq(0);
             })
         });

@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::FlashAttn;
+
 /// Default prefill chunk and batch size, in tokens.
 pub const DEFAULT_BATCH: u32 = 512;
 /// Default number of sequences decoded together.
@@ -12,6 +14,8 @@ pub const DEFAULT_PARALLEL: u32 = 4;
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 /// Default size bound of the prefix cache directory: 4 GiB.
 pub const DEFAULT_PREFIX_CACHE_MAX_BYTES: u64 = 4 << 30;
+/// Default interval between syncs of the output to disk.
+pub const DEFAULT_FSYNC_MS: u64 = 2000;
 /// Default number of distinct shared prefixes kept in the KV cache at once.
 pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
 
@@ -32,6 +36,15 @@ pub struct Cli {
 /// Management commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Print a run's progress from its output and manifest, without loading the model.
+    Status {
+        /// The output file of the run.
+        #[arg(value_name = "OUTPUT.jsonl")]
+        output: PathBuf,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the on-disk prefix state cache.
     Cache {
         /// What to do.
@@ -113,6 +126,19 @@ pub struct RunArgs {
     #[arg(long, value_name = "TOKENS")]
     pub ctx_size: Option<u32>,
 
+    /// Let batch-mates change a request's output in the last bits, for less KV memory: one
+    /// unified KV cache where a prefix sits once for all slots, and mixed batches. By default
+    /// every request's output is independent of its batch-mates, so it is the same at any
+    /// --parallel and after a resume.
+    #[arg(long)]
+    pub no_deterministic: bool,
+
+    /// llama.cpp's flash-attention kernels [default: off, or llama.cpp's choice with
+    /// --no-deterministic]. Its CPU kernels change with the batch shape, so `on` needs
+    /// --no-deterministic.
+    #[arg(long, value_enum, value_name = "WHEN")]
+    pub flash_attn: Option<FlashAttn>,
+
     /// Most tokens per decode call, and the prefill chunk size.
     #[arg(long, default_value_t = DEFAULT_BATCH, value_name = "TOKENS")]
     pub batch_size: u32,
@@ -134,9 +160,17 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_PREFIX_CACHE_MAX_BYTES, value_name = "BYTES")]
     pub prefix_cache_max_bytes: u64,
 
-    /// Replace an existing output file instead of refusing to touch it.
+    /// Start over: delete the output and its manifest instead of resuming into them.
     #[arg(long)]
     pub restart: bool,
+
+    /// On resume, run again the requests that got error lines.
+    #[arg(long)]
+    pub retry_failed: bool,
+
+    /// Sync the output to disk at least this often (0: after every line).
+    #[arg(long, default_value_t = DEFAULT_FSYNC_MS, value_name = "MS")]
+    pub fsync_interval_ms: u64,
 
     /// Show llama.cpp's own logs and debug messages.
     #[arg(long, short = 'v')]
@@ -170,6 +204,10 @@ pub struct RunConfig {
     pub ctx_size: Option<u32>,
     /// Decode batch and prefill chunk size.
     pub batch_size: u32,
+    /// Attention kernels.
+    pub flash_attn: FlashAttn,
+    /// Batch-invariant outputs.
+    pub deterministic: bool,
     /// Resident prefix sequences.
     pub max_prefixes: u32,
     /// Prefix state directory.
@@ -178,8 +216,12 @@ pub struct RunConfig {
     pub disk_cache: bool,
     /// Size bound of the prefix state directory.
     pub prefix_cache_max_bytes: u64,
-    /// Replace an existing output.
+    /// Delete the output instead of resuming.
     pub restart: bool,
+    /// Rerun requests that have error lines.
+    pub retry_failed: bool,
+    /// Longest time a written line may wait for a sync.
+    pub fsync_every: std::time::Duration,
     /// llama.cpp logs.
     pub verbose: bool,
 }
@@ -231,6 +273,19 @@ impl RunArgs {
             prefix_cache: !self.no_prefix_cache,
             ctx_size: self.ctx_size,
             batch_size: positive("batch-size", self.batch_size)?,
+            flash_attn: match (self.flash_attn, self.no_deterministic) {
+                (Some(FlashAttn::On), false) => {
+                    return Err(UsageError(
+                        "--flash-attn on is not batch-invariant in llama.cpp's CPU kernels; add \
+                         --no-deterministic to use it"
+                            .into(),
+                    ))
+                }
+                (Some(fa), _) => fa,
+                (None, false) => FlashAttn::Off,
+                (None, true) => FlashAttn::Auto,
+            },
+            deterministic: !self.no_deterministic,
             max_prefixes: positive("max-prefixes", self.max_prefixes)?,
             prefix_cache_dir: self
                 .prefix_cache_dir
@@ -239,6 +294,8 @@ impl RunArgs {
             disk_cache: !self.no_disk_cache,
             prefix_cache_max_bytes: self.prefix_cache_max_bytes,
             restart: self.restart,
+            retry_failed: self.retry_failed,
+            fsync_every: std::time::Duration::from_millis(self.fsync_interval_ms),
             verbose: self.verbose,
         })
     }
@@ -295,6 +352,8 @@ mod tests {
         assert_eq!(c.parallel, DEFAULT_PARALLEL);
         assert!(c.prefix_cache);
         assert!(c.threads >= 1);
+        assert!(c.deterministic);
+        assert_eq!(c.flash_attn, FlashAttn::Off);
     }
 
     #[test]
@@ -305,5 +364,16 @@ mod tests {
         assert!(e.to_string().contains("--model"));
         let e = parse(&["--model", "m"]).unwrap_err();
         assert!(e.to_string().contains("input"));
+        let e = parse(&["--model", "m", "--flash-attn", "on", "in"]).unwrap_err();
+        assert!(e.to_string().contains("--no-deterministic"));
+        let c = parse(&[
+            "--model",
+            "m",
+            "--flash-attn",
+            "on",
+            "--no-deterministic",
+            "in",
+        ]);
+        assert_eq!(c.unwrap().flash_attn, FlashAttn::On);
     }
 }

@@ -220,8 +220,8 @@ impl Model {
             .with_n_seq_max(settings.n_seq_max)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
-            // One cache for all sequences, so a prefix copied to a slot is shared, not duplicated.
-            .with_kv_unified(true);
+            .with_flash_attention_policy(settings.flash_attn.policy())
+            .with_kv_unified(settings.kv_unified);
         let ctx = self
             .model
             .new_context(backend, params)
@@ -233,6 +233,11 @@ impl Model {
         Ok(Session {
             ctx,
             batch,
+            streams: if settings.kv_unified {
+                1
+            } else {
+                settings.n_seq_max
+            },
             capacity: settings.n_batch as usize,
             model: self,
         })
@@ -242,11 +247,12 @@ impl Model {
 impl SessionSettings {
     /// Every setting that changes the bytes of a sequence state: the KV cache types, the
     /// attention path (which decides whether V is stored transposed), the prefill chunk size
-    /// (which changes rounding) and where the layers ran.
+    /// (which changes rounding) and where the layers ran. Not the stream layout: states are
+    /// stored in one-stream form.
     pub fn state_layout(&self, gpu_layers: u32) -> String {
         format!(
-            "kv=f16/f16 flash_attn=auto unified n_batch={} gpu_layers={gpu_layers}",
-            self.n_batch
+            "kv=f16/f16 flash_attn={:?} n_batch={} gpu_layers={gpu_layers}",
+            self.flash_attn, self.n_batch
         )
     }
 }
@@ -262,12 +268,42 @@ pub struct SessionSettings {
     pub n_seq_max: u32,
     /// Threads for decode and prefill.
     pub threads: u32,
+    /// Attention kernel choice.
+    pub flash_attn: FlashAttn,
+    /// One KV cache for all sequences, so a prefix copied to a slot is shared, not duplicated.
+    /// Otherwise each sequence has a stream of `n_ctx / n_seq_max` cells of its own, and a
+    /// sequence's cells sit at places that do not depend on the others.
+    pub kv_unified: bool,
+}
+
+/// Whether llama.cpp uses its flash-attention kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FlashAttn {
+    /// llama.cpp decides per device.
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl FlashAttn {
+    fn policy(self) -> llama_cpp_sys_2::llama_flash_attn_type {
+        match self {
+            Self::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Self::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Self::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }
+    }
 }
 
 /// A context with its KV cache and one reusable batch.
 pub struct Session<'m> {
     ctx: LlamaContext<'m>,
     batch: LlamaBatch<'static>,
+    /// KV streams: 1 for a unified cache, else one per sequence.
+    streams: u32,
     capacity: usize,
     model: &'m Model,
 }
@@ -323,10 +359,12 @@ impl<'m> Session<'m> {
         self.batch.clear();
     }
 
-    /// Makes `dst` share the cells of `src` (positions `[0, len)`), without copying data.
-    pub fn share_prefix(&mut self, src: SeqId, dst: SeqId, len: u32) {
-        // Positions are < n_ctx, which llama.cpp keeps far below u32::MAX.
-        let _ = self.ctx.copy_kv_cache_seq(src, dst, Some(0), Some(len));
+    /// Gives `dst` every cell of `src`. In a unified cache the cells are only tagged, not
+    /// copied; with a KV stream per sequence llama.cpp copies the whole stream, so `dst` gets
+    /// the same cells at the same places.
+    pub fn share_prefix(&mut self, src: SeqId, dst: SeqId) {
+        // The whole range: llama.cpp only copies whole streams.
+        let _ = self.ctx.copy_kv_cache_seq(src, dst, None, None);
     }
 
     /// Drops every cell of `seq`; cells still shared with another sequence stay.
@@ -336,8 +374,10 @@ impl<'m> Session<'m> {
             .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
     }
 
-    /// The serialised KV state of sequence `seq` (llama.cpp's per-sequence state format).
-    pub fn seq_state(&self, seq: SeqId) -> Vec<u8> {
+    /// The serialised KV state of sequence `seq`, in llama.cpp's per-sequence format as a
+    /// unified (one-stream) cache writes it, whatever this session's layout. `None` when
+    /// llama.cpp's bytes do not have the expected shape (another state format).
+    pub fn seq_state(&self, seq: SeqId) -> Option<Vec<u8>> {
         let flags = LlamaStateSeqFlags::empty();
         let size = self.ctx.state_seq_get_size_ext(seq, flags);
         let mut bytes = vec![0u8; size];
@@ -347,7 +387,7 @@ impl<'m> Session<'m> {
                 .state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags)
         };
         bytes.truncate(written);
-        bytes
+        to_one_stream(&bytes)
     }
 
     /// Loads a state produced by [`Self::seq_state`] into sequence `seq`.
@@ -359,9 +399,16 @@ impl<'m> Session<'m> {
     /// [`EngineError::Restore`] when llama.cpp rejects the state.
     pub fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
         let flags = LlamaStateSeqFlags::empty();
+        let state = if self.streams > 1 {
+            let stream = u32::try_from(seq).map_err(|_| EngineError::Restore(state.len()))?;
+            to_streams(state, self.streams, stream).ok_or(EngineError::Restore(state.len()))?
+        } else {
+            state.to_vec()
+        };
         // SAFETY: `state` passed the prefix store's checksum and identity checks, so it is
-        // exactly what `seq_state` produced under this build, model and KV layout.
-        let ok = unsafe { self.ctx.state_seq_set_data_ext(state, seq, flags) };
+        // exactly what `seq_state` produced under this build, model and KV layout (with the
+        // stream count adapted to this session).
+        let ok = unsafe { self.ctx.state_seq_set_data_ext(&state, seq, flags) };
         if ok {
             Ok(())
         } else {
@@ -384,6 +431,61 @@ impl<'m> Session<'m> {
     pub fn sample(&self, sampler: &mut Sampler, index: i32) -> Token {
         Token(sampler.inner.sample(&self.ctx, index).0)
     }
+}
+
+// llama.cpp's per-sequence state is a header (magic, source sequence id), the cache's stream
+// count, then one block per stream, each opening with its cell count; a sequence's state has
+// cells in its own stream only. Stored states keep the one-stream form, so a state written
+// with one `--parallel` (or KV layout) restores into any other.
+
+/// Bytes of the magic and sequence id before the stream count.
+const STATE_HEADER: usize = 8;
+
+fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
+}
+
+/// The one-stream form of a sequence state: the stream count set to 1 and the empty blocks of
+/// the other streams dropped. `None` when the bytes do not have that shape.
+pub fn to_one_stream(state: &[u8]) -> Option<Vec<u8>> {
+    let n = read_u32(state, STATE_HEADER)? as usize;
+    if n <= 1 {
+        return Some(state.to_vec());
+    }
+    let blocks = STATE_HEADER + 4;
+    // The first stream block with cells; the blocks after it must all be empty.
+    let first = (0..n).find(|k| read_u32(state, blocks + 4 * k) != Some(0));
+    let mut out = state[..STATE_HEADER].to_vec();
+    out.extend_from_slice(&1u32.to_le_bytes());
+    let Some(k) = first else {
+        out.extend_from_slice(&0u32.to_le_bytes());
+        return Some(out);
+    };
+    let start = blocks + 4 * k;
+    let end = state.len().checked_sub(4 * (n - k - 1))?;
+    if start >= end || state[end..].iter().any(|&b| b != 0) {
+        return None;
+    }
+    out.extend_from_slice(&state[start..end]);
+    Some(out)
+}
+
+/// The state of [`to_one_stream`] laid out for a cache of `streams` streams, in `stream`.
+pub fn to_streams(one: &[u8], streams: u32, stream: u32) -> Option<Vec<u8>> {
+    if read_u32(one, STATE_HEADER)? != 1 || stream >= streams {
+        return None;
+    }
+    let zero = 0u32.to_le_bytes();
+    let mut out = one[..STATE_HEADER].to_vec();
+    out.extend_from_slice(&streams.to_le_bytes());
+    for _ in 0..stream {
+        out.extend_from_slice(&zero);
+    }
+    out.extend_from_slice(&one[STATE_HEADER + 4..]);
+    for _ in stream + 1..streams {
+        out.extend_from_slice(&zero);
+    }
+    Some(out)
 }
 
 /// Resolved sampling settings of one request.
@@ -428,5 +530,44 @@ impl Sampler {
         Self {
             inner: LlamaSampler::chain_simple(chain),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(ws: &[u32]) -> Vec<u8> {
+        ws.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn stream_layouts_convert_both_ways() {
+        // Header (magic, seq 5), 3 streams; stream 1 holds 2 cells of payload [7, 8].
+        let three = words(&[0xaf14, 5, 3, 0, 2, 7, 8, 0]);
+        let one = to_one_stream(&three).unwrap();
+        assert_eq!(one, words(&[0xaf14, 5, 1, 2, 7, 8]));
+        assert_eq!(to_streams(&one, 3, 1).unwrap(), three);
+        assert_eq!(to_streams(&one, 1, 0).unwrap(), one);
+        assert_eq!(to_one_stream(&one).unwrap(), one);
+    }
+
+    #[test]
+    fn malformed_stream_layouts_are_refused() {
+        let h = [0xaf14, 5];
+        let w = |rest: &[u32]| words(&[&h[..], rest].concat());
+        assert_eq!(
+            to_one_stream(&w(&[3, 0, 2, 7, 8, 5])),
+            None,
+            "trailing block not empty"
+        );
+        assert_eq!(
+            to_streams(&w(&[2, 1, 9]), 3, 0),
+            None,
+            "not one-stream form"
+        );
+        assert_eq!(to_streams(&w(&[1, 1, 9]), 3, 3), None, "no such stream");
+        assert_eq!(to_one_stream(&[1, 2]), None);
+        assert_eq!(to_one_stream(&w(&[2, 0, 0])).unwrap(), w(&[1, 0]));
     }
 }

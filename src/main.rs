@@ -1,6 +1,8 @@
 //! The `infer-batch` command: parse the arguments, run, map the outcome to an exit code.
 
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::Parser;
 use infer_batch::cli::{CacheAction, Cli, Command};
@@ -14,6 +16,8 @@ const EXIT_OK: u8 = 0;
 const EXIT_SOME_FAILED: u8 = 1;
 /// The run could not proceed.
 const EXIT_FATAL: u8 = 2;
+/// Stopped by SIGINT or SIGTERM; running the same command again resumes (sysexits' TEMPFAIL).
+const EXIT_INTERRUPTED: u8 = 75;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -28,17 +32,52 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
-    if let Some(Command::Cache { action }) = &cli.command {
-        return cache(action).map(|()| EXIT_OK);
+    match &cli.command {
+        Some(Command::Cache { action }) => return cache(action).map(|()| EXIT_OK),
+        Some(Command::Status { output, json }) => return status(output, *json).map(|()| EXIT_OK),
+        None => {}
     }
     let cfg = cli.run.resolve()?;
-    let report = run(&cfg)?;
+    let stop = stop_on_signals()?;
+    let report = run(&cfg, &stop)?;
     print_summary(&report, &cfg.output);
-    Ok(if report.all_ok() {
+    Ok(if report.interrupted {
+        eprintln!("interrupted: run the same command again to resume");
+        EXIT_INTERRUPTED
+    } else if report.all_ok() {
         EXIT_OK
     } else {
         EXIT_SOME_FAILED
     })
+}
+
+/// The first SIGINT or SIGTERM asks the run to stop cleanly; a second one kills at once.
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register_conditional_default(sig, Arc::clone(&stop))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+fn status(output: &std::path::Path, json: bool) -> anyhow::Result<()> {
+    let s = infer_batch::checkpoint::status(output)?;
+    if json {
+        println!("{}", s.to_json(output));
+    } else {
+        println!(
+            "{}: {} of {} done ({} completed, {} failed), {} remaining",
+            s.label(),
+            s.completed + s.failed,
+            s.total,
+            s.completed,
+            s.failed,
+            s.remaining()
+        );
+    }
+    Ok(())
 }
 
 fn cache(action: &CacheAction) -> anyhow::Result<()> {
@@ -125,6 +164,9 @@ fn init_logging(verbose: bool) {
 fn print_summary(report: &RunReport, output: &std::path::Path) {
     let m = &report.metrics;
     let wall = report.wall.as_secs_f64();
+    if report.resumed > 0 {
+        eprintln!("resumed: {} requests were already done", report.resumed);
+    }
     eprintln!(
         "done: {} ok, {} failed in {:.1}s ({:.2} req/s) -> {}",
         m.requests_ok,

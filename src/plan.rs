@@ -4,6 +4,8 @@
 /// What a scan of the input found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Demand {
+    /// Input lines that get an output line (blank lines excluded).
+    pub lines: u64,
     /// Valid requests.
     pub requests: u64,
     /// Token lengths of the distinct shared prefixes (at most [`MAX_TRACKED_PREFIXES`]).
@@ -19,6 +21,16 @@ pub const MAX_TRACKED_PREFIXES: usize = 4096;
 /// KV cells llama.cpp allocates in steps of this size.
 const CTX_STEP: usize = 256;
 
+/// How sequences share the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvLayout {
+    /// One cache: a prefix sits in memory once, whatever the number of slots.
+    Unified,
+    /// A stream per sequence (exact mode), plus one stream that pads lone decode rows; every
+    /// stream holds the largest prefix plus one request's need.
+    Streams,
+}
+
 /// The shape of the context a run uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
@@ -28,8 +40,10 @@ pub struct Plan {
     pub slot_budget: usize,
     /// Prefix sequences kept resident.
     pub resident_prefixes: usize,
-    /// Sequences in the context (slots plus prefixes).
+    /// Sequences in the context (slots plus prefixes, plus the pad stream in exact mode).
     pub n_seq_max: u32,
+    /// How the sequences share the cache.
+    pub layout: KvLayout,
 }
 
 /// A context size that cannot hold the prefixes.
@@ -55,6 +69,7 @@ pub fn plan(
     max_prefixes: usize,
     share: bool,
     ctx_override: Option<usize>,
+    layout: KvLayout,
 ) -> Result<Plan, PlanError> {
     let resident_prefixes = if share {
         demand.prefix_lens.len().min(max_prefixes)
@@ -63,6 +78,9 @@ pub fn plan(
     };
     let mut lens = demand.prefix_lens.clone();
     lens.sort_unstable_by(|a, b| b.cmp(a));
+    if layout == KvLayout::Streams {
+        return plan_streams(demand, parallel, resident_prefixes, &lens, ctx_override);
+    }
     let prefix_area: usize = lens.iter().take(resident_prefixes).sum();
     let (n_ctx, slot_budget) = match ctx_override {
         Some(ctx) => {
@@ -84,6 +102,46 @@ pub fn plan(
         slot_budget,
         resident_prefixes,
         n_seq_max: u32::try_from(parallel + resident_prefixes).unwrap_or(u32::MAX),
+        layout,
+    })
+}
+
+/// Streams: each slot's stream gets a copy of the largest prefix plus one request's need.
+fn plan_streams(
+    demand: &Demand,
+    parallel: usize,
+    resident_prefixes: usize,
+    lens_desc: &[usize],
+    ctx_override: Option<usize>,
+) -> Result<Plan, PlanError> {
+    let n_seq = parallel + resident_prefixes + 1;
+    let largest_prefix = if resident_prefixes > 0 {
+        lens_desc.first().copied().unwrap_or(0)
+    } else {
+        0
+    };
+    let (stream, slot_budget) = match ctx_override {
+        Some(ctx) => {
+            let stream = ctx / n_seq;
+            if stream <= largest_prefix {
+                return Err(PlanError {
+                    ctx,
+                    prefixes: largest_prefix * n_seq,
+                });
+            }
+            (stream, stream - largest_prefix)
+        }
+        None => {
+            let need = demand.max_need.max(1);
+            ((largest_prefix + need).div_ceil(CTX_STEP) * CTX_STEP, need)
+        }
+    };
+    Ok(Plan {
+        n_ctx: u32::try_from(stream * n_seq).unwrap_or(u32::MAX),
+        slot_budget,
+        resident_prefixes,
+        n_seq_max: u32::try_from(n_seq).unwrap_or(u32::MAX),
+        layout: KvLayout::Streams,
     })
 }
 
@@ -93,6 +151,7 @@ mod tests {
 
     fn demand(prefixes: &[usize], max_need: usize) -> Demand {
         Demand {
+            lines: 10,
             requests: 10,
             prefix_lens: prefixes.to_vec(),
             max_need,
@@ -101,7 +160,7 @@ mod tests {
 
     #[test]
     fn prefix_counted_once_and_slots_each_get_the_need() {
-        let p = plan(&demand(&[1000], 300), 4, 4, true, None).unwrap();
+        let p = plan(&demand(&[1000], 300), 4, 4, true, None, KvLayout::Unified).unwrap();
         assert_eq!(p.n_ctx, 2304); // 1000 + 4 × 300 = 2200, rounded up to 256
         assert_eq!(p.slot_budget, 300);
         assert_eq!((p.resident_prefixes, p.n_seq_max), (1, 5));
@@ -109,29 +168,70 @@ mod tests {
 
     #[test]
     fn only_the_largest_resident_prefixes_are_reserved() {
-        let p = plan(&demand(&[10, 500, 300, 200], 100), 1, 2, true, None).unwrap();
+        let p = plan(
+            &demand(&[10, 500, 300, 200], 100),
+            1,
+            2,
+            true,
+            None,
+            KvLayout::Unified,
+        )
+        .unwrap();
         assert_eq!(p.resident_prefixes, 2);
         assert_eq!(p.n_ctx, 1024); // 500 + 300 + 100 = 900
     }
 
     #[test]
     fn naive_mode_reserves_no_prefix() {
-        let p = plan(&demand(&[1000], 1300), 2, 4, false, None).unwrap();
+        let p = plan(&demand(&[1000], 1300), 2, 4, false, None, KvLayout::Unified).unwrap();
         assert_eq!((p.resident_prefixes, p.n_seq_max), (0, 2));
         assert_eq!(p.n_ctx, 2816);
     }
 
     #[test]
     fn override_divides_what_is_left() {
-        let p = plan(&demand(&[1000], 300), 4, 4, true, Some(3000)).unwrap();
+        let p = plan(
+            &demand(&[1000], 300),
+            4,
+            4,
+            true,
+            Some(3000),
+            KvLayout::Unified,
+        )
+        .unwrap();
         assert_eq!((p.n_ctx, p.slot_budget), (3000, 500));
-        let e = plan(&demand(&[1000], 300), 4, 4, true, Some(1002)).unwrap_err();
+        let e = plan(
+            &demand(&[1000], 300),
+            4,
+            4,
+            true,
+            Some(1002),
+            KvLayout::Unified,
+        )
+        .unwrap_err();
         assert_eq!(e.prefixes, 1000);
     }
 
     #[test]
+    fn streams_give_every_sequence_the_prefix_plus_a_need() {
+        let p = plan(
+            &demand(&[1000, 10], 300),
+            4,
+            4,
+            true,
+            None,
+            KvLayout::Streams,
+        )
+        .unwrap();
+        // 4 slots + 2 prefixes + 1 pad, each 1300 cells rounded up to 1536.
+        assert_eq!((p.n_seq_max, p.n_ctx, p.slot_budget), (7, 7 * 1536, 300));
+        let naive = plan(&demand(&[1000], 1300), 1, 4, false, None, KvLayout::Streams).unwrap();
+        assert_eq!((naive.n_seq_max, naive.n_ctx), (2, 2 * 1536));
+    }
+
+    #[test]
     fn empty_input_still_gets_a_context() {
-        let p = plan(&Demand::default(), 4, 4, true, None).unwrap();
+        let p = plan(&Demand::default(), 4, 4, true, None, KvLayout::Unified).unwrap();
         assert_eq!(p.n_ctx, 256);
         assert_eq!(p.resident_prefixes, 0);
     }

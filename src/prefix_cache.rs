@@ -98,11 +98,17 @@ pub fn materialize(
         return Err(e);
     }
     let time = started.elapsed();
-    let file_bytes = store.and_then(|store| match store.save(tokens, &session.seq_state(seq)) {
-        Ok(bytes) => Some(bytes),
-        Err(e) => {
-            tracing::warn!("{e:#}; this prefix will be prefilled again next run");
-            None
+    let file_bytes = store.and_then(|store| {
+        let saved = session
+            .seq_state(seq)
+            .ok_or_else(|| anyhow::anyhow!("llama.cpp's sequence state has an unknown layout"))
+            .and_then(|state| store.save(tokens, &state));
+        match saved {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                tracing::warn!("{e:#}; this prefix will be prefilled again next run");
+                None
+            }
         }
     });
     let event = PrefixEvent {

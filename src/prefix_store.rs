@@ -434,12 +434,12 @@ pub fn default_dir() -> PathBuf {
     base.join("infer-batch")
 }
 
-/// SHA-256 of a model file, remembered in `dir` by path, size and modification time so a
-/// multi-gigabyte model is hashed once.
+/// SHA-256 of a model file, remembered in `dir` (when given) by path, size and modification
+/// time so a multi-gigabyte model is hashed once.
 ///
 /// # Errors
 /// When the model cannot be read.
-pub fn model_sha256(model: &Path, dir: &Path) -> Result<[u8; 32]> {
+pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32]> {
     let meta = fs::metadata(model).with_context(|| format!("cannot stat {}", model.display()))?;
     let mtime = meta
         .modified()
@@ -448,6 +448,9 @@ pub fn model_sha256(model: &Path, dir: &Path) -> Result<[u8; 32]> {
         .map_or(0, |d| d.as_nanos());
     let canonical = fs::canonicalize(model).unwrap_or_else(|_| model.to_owned());
     let stamp = format!("{}\n{}\n{}\n", canonical.display(), meta.len(), mtime);
+    let Some(dir) = dir else {
+        return hash_file(model);
+    };
     let memo_dir = dir.join("model-ids");
     let memo = memo_dir.join(format!(
         "{}.id",
@@ -458,7 +461,19 @@ pub fn model_sha256(model: &Path, dir: &Path) -> Result<[u8; 32]> {
             return Ok(hash);
         }
     }
-    let mut f = File::open(model).with_context(|| format!("cannot read {}", model.display()))?;
+    let hash = hash_file(model)?;
+    // A failed memo only costs a re-hash next time.
+    if fs::create_dir_all(&memo_dir).is_ok() {
+        let tmp = memo.with_extension(format!("{}.tmp", std::process::id()));
+        if fs::write(&tmp, format!("{stamp}{}", hex(&hash))).is_ok() {
+            let _ = fs::rename(&tmp, &memo);
+        }
+    }
+    Ok(hash)
+}
+
+fn hash_file(path: &Path) -> Result<[u8; 32]> {
+    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -468,15 +483,7 @@ pub fn model_sha256(model: &Path, dir: &Path) -> Result<[u8; 32]> {
         }
         h.update(&buf[..n]);
     }
-    let hash: [u8; 32] = h.finalize().into();
-    // A failed memo only costs a re-hash next time.
-    if fs::create_dir_all(&memo_dir).is_ok() {
-        let tmp = memo.with_extension(format!("{}.tmp", std::process::id()));
-        if fs::write(&tmp, format!("{stamp}{}", hex(&hash))).is_ok() {
-            let _ = fs::rename(&tmp, &memo);
-        }
-    }
-    Ok(hash)
+    Ok(h.finalize().into())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -640,10 +647,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("m.gguf");
         fs::write(&model, b"weights").unwrap();
-        let a = model_sha256(&model, dir.path()).unwrap();
+        let a = model_sha256(&model, Some(dir.path())).unwrap();
         assert_eq!(a, <[u8; 32]>::from(Sha256::digest(b"weights")));
-        assert_eq!(model_sha256(&model, dir.path()).unwrap(), a);
+        assert_eq!(model_sha256(&model, Some(dir.path())).unwrap(), a);
         fs::write(&model, b"other weights").unwrap();
-        assert_ne!(model_sha256(&model, dir.path()).unwrap(), a);
+        assert_ne!(model_sha256(&model, Some(dir.path())).unwrap(), a);
     }
 }

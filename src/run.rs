@@ -5,21 +5,23 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
+use crate::checkpoint::{self, file_sha256, Manifest, RunState};
 use crate::cli::RunConfig;
 use crate::engine::{llama_build, Model, ModelSettings, SamplerSpec, SessionSettings, Token};
 use crate::metrics::Metrics;
 use crate::output::{error_line, success_line};
-use crate::plan::{plan, Demand, Plan, MAX_TRACKED_PREFIXES};
+use crate::plan::{plan, Demand, KvLayout, Plan, MAX_TRACKED_PREFIXES};
 use crate::prefix_cache::{materialize, PrefixEvent};
 use crate::prefix_store::{model_sha256, PrefixStore, StateIdentity};
 use crate::prompt::{PrefixKey, PromptBuilder};
 use crate::request::{ErrorCode, LineError, Request, RequestReader};
-use crate::scheduler::{Admission, GenParams, Job, Outcome, Scheduler};
+use crate::scheduler::{Admission, Exact, GenParams, Job, Outcome, Scheduler};
 use crate::sink::Sink;
 use crate::summary;
 
@@ -29,28 +31,36 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// What a finished run reports.
 #[derive(Debug, Clone)]
 pub struct RunReport {
-    /// Measured counters.
+    /// Measured counters of this run (a resumed run counts only its own work).
     pub metrics: Metrics,
     /// The context plan used.
     pub plan: Plan,
     /// Wall time of the whole run.
     pub wall: Duration,
+    /// Requests already done by an earlier run and skipped.
+    pub resumed: u64,
+    /// Of those, the ones with error lines.
+    pub resumed_failed: u64,
+    /// Stopped by a signal before the end; running the same command again resumes.
+    pub interrupted: bool,
 }
 
 impl RunReport {
-    /// Whether every request succeeded.
+    /// Whether every request in the output succeeded, earlier runs' included.
     pub fn all_ok(&self) -> bool {
-        self.metrics.requests_failed == 0
+        self.metrics.requests_failed == 0 && self.resumed_failed == 0
     }
 }
 
-/// Runs a batch end to end.
+/// Runs a batch end to end, resuming into an existing output of the same computation.
+/// `stop` is polled between decode steps: once set, no request is admitted, in-flight ones
+/// are dropped (a resumed run redoes them) and the run returns as interrupted.
 ///
 /// # Errors
-/// When the run cannot proceed: unreadable input, missing model, an output that already holds
-/// results, a context that cannot be allocated. A bad request is never an error here: it gets
-/// its error line and the batch goes on.
-pub fn run(cfg: &RunConfig) -> Result<RunReport> {
+/// When the run cannot proceed: unreadable input, missing model, an output that holds results
+/// of another computation, a context that cannot be allocated. A bad request is never an
+/// error here: it gets its error line and the batch goes on.
+pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
     let started = Instant::now();
     let open_input = || -> Result<RequestReader<BufReader<File>>> {
         let file = File::open(&cfg.input)
@@ -65,15 +75,23 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
             cfg.model.display()
         );
     }
+    let memo_dir = cfg.disk_cache.then_some(cfg.prefix_cache_dir.as_path());
+    let mut manifest = Manifest {
+        input_sha256: file_sha256(&cfg.input)?,
+        model_sha256: hex(&model_sha256(&cfg.model, memo_dir)?),
+        params: output_params(cfg),
+        total: 0,
+        state: RunState::Running,
+    };
+    let done = checkpoint::prepare(&cfg.output, &manifest, cfg.restart, cfg.retry_failed)?;
+
     let model = Model::load(&ModelSettings {
         path: cfg.model.clone(),
         gpu_layers: cfg.gpu_layers,
         verbose: cfg.verbose,
     })?;
-    let mut sink = Sink::create(&cfg.output, cfg.restart)?;
     let info = model.info();
     let mut prompts = PromptBuilder::new(&model);
-
     let demand = scan(
         open_input()?,
         &mut prompts,
@@ -81,15 +99,25 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         info.n_ctx_train as usize,
         |_, _| {},
     )?;
+    manifest.total = demand.lines;
+    manifest.write(&cfg.output, &cfg.input, &cfg.model)?;
+    let mut sink = Sink::open(&cfg.output, cfg.fsync_every)?;
+
     let plan = plan(
         &demand,
         cfg.parallel as usize,
         cfg.max_prefixes as usize,
         cfg.prefix_cache,
         cfg.ctx_size.map(|c| c as usize),
+        if cfg.deterministic {
+            KvLayout::Streams
+        } else {
+            KvLayout::Unified
+        },
     )?;
     tracing::info!(
-        requests = demand.requests,
+        requests = demand.lines,
+        already_done = done.len(),
         prefixes = demand.prefix_lens.len(),
         n_ctx = plan.n_ctx,
         slot_budget = plan.slot_budget,
@@ -100,8 +128,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         n_batch: cfg.batch_size,
         n_seq_max: plan.n_seq_max,
         threads: cfg.threads,
+        flash_attn: cfg.flash_attn,
+        kv_unified: plan.layout == KvLayout::Unified,
     };
-    let store = if cfg.prefix_cache && cfg.disk_cache && demand.prefix_lens.iter().any(|&n| n > 0) {
+    let store = if cfg.prefix_cache && cfg.disk_cache && !demand.prefix_lens.is_empty() {
         open_store(cfg, &settings)
     } else {
         None
@@ -113,6 +143,10 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         plan.resident_prefixes,
         cfg.prefix_cache,
         store.as_ref(),
+        (plan.layout == KvLayout::Streams).then(|| Exact {
+            // The last sequence: after the slots and the prefixes.
+            pad_seq: i32::try_from(plan.n_seq_max - 1).ok(),
+        }),
     );
 
     let model_name = model_name(&cfg.model);
@@ -141,11 +175,17 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         }
     };
 
+    let remaining = demand.lines.saturating_sub(done.len());
     let mut input = open_input()?;
     let mut waiting: Option<Job> = None;
-    let mut done = Vec::new();
+    let mut finished = Vec::new();
     let mut last_progress = Instant::now();
+    let mut interrupted = false;
     loop {
+        if stop.load(Ordering::Relaxed) {
+            interrupted = true;
+            break;
+        }
         // Fill free slots; a request that is refused now waits for the next step.
         while scheduler.has_idle_slot() {
             let job = match waiting.take() {
@@ -156,6 +196,13 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
                         let item = item.with_context(|| {
                             format!("cannot read input {}", cfg.input.display())
                         })?;
+                        let (id, line) = match &item {
+                            Ok(r) => (Some(r.custom_id.as_str()), r.line),
+                            Err(e) => (None, e.line),
+                        };
+                        if done.contains(id, line) {
+                            continue;
+                        }
                         match item.and_then(|r| prepare(r, &mut prompts, cfg, &limits)) {
                             Ok(job) => job,
                             Err(e) => {
@@ -178,20 +225,29 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
         if scheduler.is_idle() {
             break;
         }
-        scheduler.step(&mut done);
-        for outcome in done.drain(..) {
+        scheduler.step(&mut finished);
+        for outcome in finished.drain(..) {
             write(&mut sink, &mut scheduler.metrics, outcome)?;
         }
         if last_progress.elapsed() >= PROGRESS_EVERY {
             last_progress = Instant::now();
-            log_progress(&scheduler.metrics, demand.requests, started.elapsed());
+            log_progress(&scheduler.metrics, remaining, started.elapsed());
         }
     }
     sink.finish()?;
+    manifest.state = if interrupted {
+        RunState::Interrupted
+    } else {
+        RunState::Finished
+    };
+    manifest.write(&cfg.output, &cfg.input, &cfg.model)?;
     let report = RunReport {
         metrics: scheduler.metrics.clone(),
         plan,
         wall: started.elapsed(),
+        resumed: done.len(),
+        resumed_failed: done.failed.len() as u64,
+        interrupted,
     };
     summary::write(
         &summary::summary_path(&cfg.output),
@@ -200,12 +256,33 @@ pub fn run(cfg: &RunConfig) -> Result<RunReport> {
     Ok(report)
 }
 
+/// The settings that change what a request's line says; a resume must not mix two of them.
+fn output_params(cfg: &RunConfig) -> serde_json::Value {
+    serde_json::json!({
+        "max-tokens": cfg.max_tokens,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "batch-size": cfg.batch_size,
+        "flash-attn": format!("{:?}", cfg.flash_attn).to_lowercase(),
+        "gpu-layers": cfg.gpu_layers,
+        "no-prefix-cache": !cfg.prefix_cache,
+        "ctx-size": cfg.ctx_size,
+        "deterministic": cfg.deterministic,
+        // Batch-mates change the rounding unless the run is deterministic.
+        "parallel": (!cfg.deterministic).then_some(cfg.parallel),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Opens the prefix state store for this model and layout; without one the run goes on,
 /// sharing prefixes in memory only.
 fn open_store(cfg: &RunConfig, settings: &SessionSettings) -> Option<PrefixStore> {
     let open = || -> Result<PrefixStore> {
         let identity = StateIdentity {
-            model_sha256: model_sha256(&cfg.model, &cfg.prefix_cache_dir)?,
+            model_sha256: model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?,
             llama_build: llama_build(),
             layout: settings.state_layout(cfg.gpu_layers),
         };
@@ -253,12 +330,14 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
         n_batch: cfg.batch_size,
         n_seq_max: 1,
         threads: cfg.threads,
+        flash_attn: cfg.flash_attn,
+        kv_unified: !cfg.deterministic,
     };
     let store = PrefixStore::open(
         &cfg.prefix_cache_dir,
         cfg.prefix_cache_max_bytes,
         StateIdentity {
-            model_sha256: model_sha256(&cfg.model, &cfg.prefix_cache_dir)?,
+            model_sha256: model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?,
             llama_build: llama_build(),
             layout: settings.state_layout(cfg.gpu_layers),
         },
@@ -299,6 +378,7 @@ fn scan(
     let mut prefixes: HashMap<PrefixKey, usize> = HashMap::new();
     for item in input {
         let item = item.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+        demand.lines += 1;
         let Ok(request) = item else { continue };
         let Ok(prompt) = prompts.build(&request.messages) else {
             continue;

@@ -82,6 +82,26 @@ struct Slot {
     state: SlotState,
 }
 
+/// Most generated tokens decoded together in exact mode: below llama.cpp's 64-row tile size
+/// for attention, so every group takes the same attention kernel.
+const EXACT_MAX_ROWS: usize = 32;
+
+/// Exact-mode settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exact {
+    /// A sequence (with its own KV stream) that pads a lone generated token to two rows.
+    pub pad_seq: Option<SeqId>,
+}
+
+/// What one decode call holds.
+#[derive(Default)]
+struct Batch {
+    slots: Vec<usize>,
+    prompt: usize,
+    generated: usize,
+    failure: Option<EngineError>,
+}
+
 /// Whether admission took the job.
 pub enum Admission {
     /// A slot runs it.
@@ -97,6 +117,8 @@ pub struct Scheduler<'s, 'm> {
     prefixes: PrefixPool,
     store: Option<&'s PrefixStore>,
     share: bool,
+    exact: Option<Exact>,
+    next_prompt_slot: usize,
     n_batch: usize,
     /// Counters of the run.
     pub metrics: Metrics,
@@ -105,13 +127,16 @@ pub struct Scheduler<'s, 'm> {
 impl<'s, 'm> Scheduler<'s, 'm> {
     /// `parallel` slots use sequences `0..parallel`; resident prefixes the next
     /// `resident_prefixes`. With `share` false every request computes its whole prompt. With a
-    /// `store`, prefixes are restored from disk when they can be and saved when computed.
+    /// `store`, prefixes are restored from disk when they can be and saved when computed. With
+    /// `exact`, batches are shaped so a request's output never depends on its batch-mates (the
+    /// session must then give each sequence its own KV stream).
     pub fn new(
         session: &'s mut Session<'m>,
         parallel: usize,
         resident_prefixes: usize,
         share: bool,
         store: Option<&'s PrefixStore>,
+        exact: Option<Exact>,
     ) -> Self {
         let n_batch = session.batch_capacity();
         let parallel_seq = SeqId::try_from(parallel).unwrap_or(SeqId::MAX);
@@ -126,6 +151,8 @@ impl<'s, 'm> Scheduler<'s, 'm> {
             prefixes: PrefixPool::new(parallel_seq, resident_prefixes),
             store,
             share,
+            exact,
+            next_prompt_slot: 0,
             n_batch,
             metrics: Metrics::default(),
         }
@@ -183,7 +210,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                     prefix_seq
                 }
             };
-            self.session.share_prefix(prefix_seq, seq, to_u32(len));
+            self.session.share_prefix(prefix_seq, seq);
             pos = len;
         }
         let sampler = self.session.sampler(&job.params.sampler);
@@ -201,68 +228,129 @@ impl<'s, 'm> Scheduler<'s, 'm> {
         Ok(Admission::Started)
     }
 
-    /// Runs one decode call over all busy slots; finished requests are appended to `done`.
-    ///
-    /// # Errors
-    /// None today: a failed decode becomes an error outcome for the requests in that batch.
+    /// Runs one step over all busy slots; finished requests are appended to `done`. A failed
+    /// decode becomes an error outcome for the requests in that batch.
     pub fn step(&mut self, done: &mut Vec<Outcome>) {
-        let n_batch = self.n_batch;
-        let mut prompt_tokens = 0usize;
-        let mut gen_tokens = 0usize;
-        let mut queued: Vec<usize> = Vec::new();
-        let mut failure: Option<EngineError> = None;
-
-        // Generating slots first, so their latency does not wait on long prompts.
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            if let SlotState::Generating { active, last } = &mut slot.state {
-                match self.session.push(*last, to_u32(active.pos), slot.seq, true) {
-                    Ok(row) => {
-                        active.row = Some(row);
-                        active.pos += 1;
-                        gen_tokens += 1;
-                        queued.push(i);
-                    }
-                    Err(e) => failure = Some(e),
-                }
-            }
+        if self.exact.is_some() {
+            self.step_exact(done);
+        } else {
+            self.step_mixed(done);
         }
-        for (i, slot) in self.slots.iter_mut().enumerate() {
-            let room = n_batch - self.session.batch_len();
-            if room == 0 || failure.is_some() {
+    }
+
+    /// Throughput mode: one decode call holds every generating slot's next token and as many
+    /// prompt tokens as fit, from any slots.
+    fn step_mixed(&mut self, done: &mut Vec<Outcome>) {
+        let mut batch = Batch::default();
+        // Generating slots first, so their latency does not wait on long prompts.
+        for i in 0..self.slots.len() {
+            self.queue_generated(i, &mut batch);
+        }
+        for i in 0..self.slots.len() {
+            let room = self.n_batch - self.session.batch_len();
+            if room == 0 || batch.failure.is_some() {
                 break;
             }
-            let SlotState::Prompt(active) = &mut slot.state else {
-                continue;
-            };
-            let tokens = &active.job.prompt.tokens;
-            let end = chunk_end(
-                active.pos,
-                active.job.prompt.shared_len,
-                tokens.len(),
-                n_batch,
-            )
-            .min(active.pos + room);
-            for p in active.pos..end {
-                let last = p + 1 == tokens.len();
-                match self.session.push(tokens[p], to_u32(p), slot.seq, last) {
-                    Ok(row) if last => active.row = Some(row),
-                    Ok(_) => {}
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
+            self.queue_prompt_chunk(i, room, &mut batch);
+        }
+        self.run_batch(batch, done);
+    }
+
+    /// Exact mode: a request's numbers never depend on its batch-mates. Prompt chunks are
+    /// decoded alone, so their shape is the request's own; generated tokens are decoded
+    /// together in groups padded to at least two rows, so every step takes the same kernels
+    /// (llama.cpp switches the attention kernel and the matmul path for a single row).
+    fn step_exact(&mut self, done: &mut Vec<Outcome>) {
+        let generating: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| matches!(self.slots[i].state, SlotState::Generating { .. }))
+            .collect();
+        for group in generating.chunks(EXACT_MAX_ROWS) {
+            let mut batch = Batch::default();
+            for &i in group {
+                self.queue_generated(i, &mut batch);
+            }
+            if group.len() == 1 {
+                if let Some(pad) = self.exact.and_then(|e| e.pad_seq) {
+                    // Row 0 of an empty stream, dropped after the decode.
+                    if let Err(e) = self.session.push(Token(0), 0, pad, false) {
+                        batch.failure = Some(e);
                     }
                 }
             }
-            prompt_tokens += end - active.pos;
-            active.pos = end;
-            queued.push(i);
+            self.run_batch(batch, done);
+            if let Some(pad) = self.exact.and_then(|e| e.pad_seq) {
+                self.session.clear_seq(pad);
+            }
         }
-        if queued.is_empty() {
+        let n = self.slots.len();
+        let start = self.next_prompt_slot;
+        if let Some(i) = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| matches!(self.slots[i].state, SlotState::Prompt(_)))
+        {
+            self.next_prompt_slot = (i + 1) % n;
+            let mut batch = Batch::default();
+            self.queue_prompt_chunk(i, self.n_batch, &mut batch);
+            self.run_batch(batch, done);
+        }
+    }
+
+    /// Queues slot `i`'s last sampled token, if it is generating.
+    fn queue_generated(&mut self, i: usize, batch: &mut Batch) {
+        let slot = &mut self.slots[i];
+        let SlotState::Generating { active, last } = &mut slot.state else {
+            return;
+        };
+        match self.session.push(*last, to_u32(active.pos), slot.seq, true) {
+            Ok(row) => {
+                active.row = Some(row);
+                active.pos += 1;
+                batch.generated += 1;
+                batch.slots.push(i);
+            }
+            Err(e) => batch.failure = Some(e),
+        }
+    }
+
+    /// Queues up to `room` tokens of slot `i`'s prompt, up to its next chunk cut.
+    fn queue_prompt_chunk(&mut self, i: usize, room: usize, batch: &mut Batch) {
+        let n_batch = self.n_batch;
+        let slot = &mut self.slots[i];
+        let SlotState::Prompt(active) = &mut slot.state else {
+            return;
+        };
+        let tokens = &active.job.prompt.tokens;
+        let end = chunk_end(
+            active.pos,
+            active.job.prompt.shared_len,
+            tokens.len(),
+            n_batch,
+        )
+        .min(active.pos + room);
+        for p in active.pos..end {
+            let last = p + 1 == tokens.len();
+            match self.session.push(tokens[p], to_u32(p), slot.seq, last) {
+                Ok(row) if last => active.row = Some(row),
+                Ok(_) => {}
+                Err(e) => {
+                    batch.failure = Some(e);
+                    break;
+                }
+            }
+        }
+        batch.prompt += end - active.pos;
+        active.pos = end;
+        batch.slots.push(i);
+    }
+
+    /// Decodes the queued batch, accounts its time, and moves its slots on.
+    fn run_batch(&mut self, batch: Batch, done: &mut Vec<Outcome>) {
+        if batch.slots.is_empty() {
+            self.session.discard_batch();
             return;
         }
-
         let t0 = Instant::now();
-        let result = match failure {
+        let result = match batch.failure {
             Some(e) => {
                 self.session.discard_batch();
                 Err(e)
@@ -271,19 +359,19 @@ impl<'s, 'm> Scheduler<'s, 'm> {
         };
         let elapsed = t0.elapsed();
         if let Err(e) = result {
-            for i in queued {
+            for i in batch.slots {
                 self.fail(i, &e, done);
             }
             return;
         }
-        if prompt_tokens > 0 {
+        if batch.prompt > 0 {
             self.metrics.prefill_time += elapsed;
-            self.metrics.prompt_tokens_computed += prompt_tokens as u64;
+            self.metrics.prompt_tokens_computed += batch.prompt as u64;
         } else {
             self.metrics.decode_time += elapsed;
-            self.metrics.decode_tokens += gen_tokens as u64;
+            self.metrics.decode_tokens += batch.generated as u64;
         }
-        for i in queued {
+        for i in batch.slots {
             self.after_decode(i, done);
         }
     }

@@ -1,68 +1,70 @@
-//! Durable result lines: each one is written and flushed as its request completes.
+//! Durable result lines: each one is written and flushed to the OS as its request completes,
+//! and synced to disk at least every `fsync_every`, and at the end.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
 
-/// The output file, one JSON line per request.
+/// The output file, one JSON line per request, opened for appending.
 pub struct Sink {
     path: PathBuf,
     out: BufWriter<File>,
-    lines: u64,
+    fsync_every: Duration,
+    last_sync: Instant,
 }
 
 impl Sink {
-    /// Creates (or, with `replace`, truncates) the output.
+    /// Opens (creating) the output for appending.
     ///
     /// # Errors
-    /// When the output already holds results and `replace` is off: completed work is never
-    /// thrown away without being asked. Also when the file cannot be created.
-    pub fn create(path: &Path, replace: bool) -> Result<Self> {
-        if !replace {
-            if let Ok(meta) = std::fs::metadata(path) {
-                if meta.len() > 0 {
-                    anyhow::bail!(
-                        "output {} already holds {} bytes of results; pass --restart to replace \
-                         them, or -o to write elsewhere",
-                        path.display(),
-                        meta.len()
-                    );
-                }
-            }
-        }
+    /// When the file or its directory cannot be created.
+    pub fn open(path: &Path, fsync_every: Duration) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create directory {}", dir.display()))?;
         }
-        let file = File::create(path)
-            .with_context(|| format!("cannot create output {}", path.display()))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("cannot open output {}", path.display()))?;
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
-            lines: 0,
+            fsync_every,
+            last_sync: Instant::now(),
         })
     }
 
-    /// Appends one result line and flushes it to the OS.
+    /// Appends one result line and flushes it to the OS; syncs when the interval has passed.
     ///
     /// # Errors
     /// When the write fails (disk full, file removed).
     pub fn write(&mut self, line: &Value) -> Result<()> {
-        serde_json::to_writer(&mut self.out, line)?;
-        self.out.write_all(b"\n")?;
+        // One buffer, one write: a crash tears at most this line, never an earlier one.
+        let mut bytes = serde_json::to_vec(line)?;
+        bytes.push(b'\n');
+        self.out.write_all(&bytes)?;
         self.out
             .flush()
             .with_context(|| format!("cannot write to {}", self.path.display()))?;
-        self.lines += 1;
+        if self.last_sync.elapsed() >= self.fsync_every {
+            self.sync()?;
+        }
         Ok(())
     }
 
-    /// Lines written so far.
-    pub fn lines(&self) -> u64 {
-        self.lines
+    fn sync(&mut self) -> Result<()> {
+        self.out
+            .get_ref()
+            .sync_data()
+            .with_context(|| format!("cannot sync {}", self.path.display()))?;
+        self.last_sync = Instant::now();
+        Ok(())
     }
 
     /// Flushes and syncs the file to disk.
@@ -71,9 +73,6 @@ impl Sink {
     /// When the sync fails.
     pub fn finish(mut self) -> Result<()> {
         self.out.flush()?;
-        self.out
-            .get_ref()
-            .sync_all()
-            .with_context(|| format!("cannot sync {}", self.path.display()))
+        self.sync()
     }
 }

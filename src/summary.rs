@@ -75,6 +75,7 @@ pub fn to_json(m: &Metrics, plan: &Plan, wall: Duration) -> Value {
             "slot_budget": plan.slot_budget,
             "resident_prefixes": plan.resident_prefixes,
             "n_seq_max": plan.n_seq_max,
+            "kv_layout": format!("{:?}", plan.layout).to_lowercase(),
         },
     })
 }
@@ -119,6 +120,7 @@ mod tests {
             slot_budget: 10,
             resident_prefixes: 1,
             n_seq_max: 2,
+            layout: crate::plan::KvLayout::Unified,
         };
         let v = to_json(&m, &plan, Duration::from_secs(2));
         assert_eq!(v["tokens"]["reuse_ratio"], 0.75);

@@ -7,3 +7,4 @@ mod batch;
 mod disk_cache;
 mod harness;
 mod prefix;
+mod resume;

@@ -26,6 +26,8 @@ fn session(model: &Model) -> Session<'_> {
             n_batch: CHUNK as u32,
             n_seq_max: 4,
             threads: 2,
+            flash_attn: Default::default(),
+            kv_unified: true,
         })
         .unwrap()
 }
@@ -87,7 +89,7 @@ fn forked_prefix_gives_bit_identical_logits() {
     // The prefix is computed once in sequence 3 and forked to sequence 0 by sequence copy.
     let mut shared = session(&model);
     feed(&mut shared, tokens, split, 0, split, 3);
-    shared.share_prefix(3, 0, split as u32);
+    shared.share_prefix(3, 0);
     let got = feed(&mut shared, tokens, split, split, tokens.len(), 0);
 
     assert_eq!(expected.len(), got.len());
@@ -100,7 +102,7 @@ fn forked_prefix_gives_bit_identical_logits() {
 
     // A second fork of the same prefix, after the first slot is cleared, gives the same again.
     shared.clear_seq(0);
-    shared.share_prefix(3, 1, split as u32);
+    shared.share_prefix(3, 1);
     let again = feed(&mut shared, tokens, split, split, tokens.len(), 1);
     assert!(expected
         .iter()
