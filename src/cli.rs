@@ -172,6 +172,11 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_FSYNC_MS, value_name = "MS")]
     pub fsync_interval_ms: u64,
 
+    /// Run the batch in a worker process and restart it (resuming) when it dies abnormally;
+    /// after a SIGKILL, which is most likely the OOM killer, with half the --parallel.
+    #[arg(long)]
+    pub supervise: bool,
+
     /// Show llama.cpp's own logs and debug messages.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -222,6 +227,8 @@ pub struct RunConfig {
     pub retry_failed: bool,
     /// Longest time a written line may wait for a sync.
     pub fsync_every: std::time::Duration,
+    /// Restart a dying worker.
+    pub supervise: bool,
     /// llama.cpp logs.
     pub verbose: bool,
 }
@@ -296,6 +303,7 @@ impl RunArgs {
             restart: self.restart,
             retry_failed: self.retry_failed,
             fsync_every: std::time::Duration::from_millis(self.fsync_interval_ms),
+            supervise: self.supervise,
             verbose: self.verbose,
         })
     }

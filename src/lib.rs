@@ -20,3 +20,4 @@ pub mod run;
 pub mod scheduler;
 pub mod sink;
 pub mod summary;
+pub mod supervise;

@@ -9,6 +9,7 @@ use infer_batch::cli::{CacheAction, Cli, Command};
 use infer_batch::prefix_cache::PrefixEvent;
 use infer_batch::prefix_store;
 use infer_batch::run::{run, warm, RunReport};
+use infer_batch::supervise::supervise;
 
 /// Every request succeeded.
 const EXIT_OK: u8 = 0;
@@ -39,6 +40,10 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     }
     let cfg = cli.run.resolve()?;
     let stop = stop_on_signals()?;
+    if cfg.supervise {
+        let args: Vec<_> = std::env::args_os().skip(1).collect();
+        return supervise(&args, cfg.parallel, &stop);
+    }
     let report = run(&cfg, &stop)?;
     print_summary(&report, &cfg.output);
     Ok(if report.interrupted {

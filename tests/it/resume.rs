@@ -248,3 +248,38 @@ fn sigterm_stops_cleanly_with_exit_75_and_resumes() {
     assert_eq!(by_key(&out).len(), 9);
     assert_eq!(status_json(&out)["status"], "completed");
 }
+
+#[test]
+fn supervise_restarts_a_killed_worker_and_finishes() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = input(&s);
+    let out = s.path("out.jsonl");
+    let mut a = args(&s, &input, &out, "2");
+    a.push("--supervise".into());
+    let mut supervisor = Command::new(env!("CARGO_BIN_EXE_infer-batch"))
+        .args(&a)
+        .env("INFER_BATCH_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_lines(&mut supervisor, &out, 2);
+    let workers = Command::new("pgrep")
+        .args(["-P", &supervisor.id().to_string()])
+        .output()
+        .unwrap();
+    let worker = String::from_utf8_lossy(&workers.stdout).trim().to_owned();
+    assert!(!worker.is_empty(), "the supervisor runs a worker");
+    Command::new("kill")
+        .args(["-KILL", &worker])
+        .status()
+        .unwrap();
+    let result = supervisor.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("restart 1 of"), "{stderr}");
+    assert!(stderr.contains("--parallel 2 -> 1"), "{stderr}");
+    assert_eq!(by_key(&out).len(), 9, "every request once");
+    assert_eq!(status_json(&out)["status"], "completed");
+}
