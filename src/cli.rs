@@ -172,6 +172,15 @@ pub struct RunArgs {
     #[arg(long, default_value_t = DEFAULT_FSYNC_MS, value_name = "MS")]
     pub fsync_interval_ms: u64,
 
+    /// Memory the run may use, in bytes [default: 90% of the RAM free at start]. A plan that
+    /// does not fit runs with fewer slots, or not at all.
+    #[arg(long, value_name = "BYTES")]
+    pub memory_budget: Option<u64>,
+
+    /// Scan the input, print the plan and its memory footprint as JSON, and exit.
+    #[arg(long)]
+    pub dry_run: bool,
+
     /// Run the batch in a worker process and restart it (resuming) when it dies abnormally;
     /// after a SIGKILL, which is most likely the OOM killer, with half the --parallel.
     #[arg(long)]
@@ -229,6 +238,10 @@ pub struct RunConfig {
     pub fsync_every: std::time::Duration,
     /// Restart a dying worker.
     pub supervise: bool,
+    /// Memory budget override.
+    pub memory_budget: Option<u64>,
+    /// Plan only.
+    pub dry_run: bool,
     /// llama.cpp logs.
     pub verbose: bool,
 }
@@ -304,6 +317,8 @@ impl RunArgs {
             retry_failed: self.retry_failed,
             fsync_every: std::time::Duration::from_millis(self.fsync_interval_ms),
             supervise: self.supervise,
+            memory_budget: self.memory_budget,
+            dry_run: self.dry_run,
             verbose: self.verbose,
         })
     }

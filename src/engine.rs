@@ -112,6 +112,10 @@ pub struct ModelInfo {
     pub n_embd: u32,
     /// Attention heads.
     pub n_head: u32,
+    /// Feed-forward width (0 when the GGUF does not say).
+    pub n_ff: u32,
+    /// Vocabulary size.
+    pub n_vocab: u32,
     /// Weights size in bytes.
     pub size: u64,
 }
@@ -161,6 +165,17 @@ impl Model {
             n_head_kv: self.model.n_head_kv(),
             n_embd: u32::try_from(self.model.n_embd()).unwrap_or(0),
             n_head: self.model.n_head(),
+            n_ff: self
+                .model
+                .meta_val_str("general.architecture")
+                .and_then(|arch| {
+                    self.model
+                        .meta_val_str(&format!("{arch}.feed_forward_length"))
+                })
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            n_vocab: u32::try_from(self.model.n_vocab()).unwrap_or(0),
             size: self.model.size(),
         }
     }
@@ -415,6 +430,35 @@ impl<'m> Session<'m> {
             self.clear_seq(seq);
             Err(EngineError::Restore(state.len()))
         }
+    }
+
+    /// Whether a token decoded alone gets bit-identical logits to the same token decoded beside
+    /// another sequence's: llama.cpp multiplies a single row by another path for some weight
+    /// types. Uses (and leaves empty) the sequences `a` and `b`.
+    ///
+    /// # Errors
+    /// When a decode fails.
+    pub fn single_row_is_batch_invariant(
+        &mut self,
+        a: SeqId,
+        b: SeqId,
+    ) -> Result<bool, EngineError> {
+        let token = Token(self.model.model.vocab().bos().0);
+        self.push(token, 0, a, true)?;
+        self.decode()?;
+        let alone = self.logits(0);
+        self.clear_seq(a);
+        self.push(token, 0, a, true)?;
+        self.push(token, 0, b, false)?;
+        self.decode()?;
+        let paired = self.logits(0);
+        self.clear_seq(a);
+        self.clear_seq(b);
+        Ok(alone.len() == paired.len()
+            && alone
+                .iter()
+                .zip(&paired)
+                .all(|(x, y)| x.to_bits() == y.to_bits()))
     }
 
     /// The raw logits row at batch index `index` of the last decode (for tests and checks).

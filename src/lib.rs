@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod detok;
 pub mod engine;
+pub mod memory;
 pub mod metrics;
 pub mod output;
 pub mod plan;

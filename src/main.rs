@@ -8,7 +8,7 @@ use clap::Parser;
 use infer_batch::cli::{CacheAction, Cli, Command};
 use infer_batch::prefix_cache::PrefixEvent;
 use infer_batch::prefix_store;
-use infer_batch::run::{run, warm, RunReport};
+use infer_batch::run::{dry_run, run, warm, RunReport};
 use infer_batch::supervise::supervise;
 
 /// Every request succeeded.
@@ -39,6 +39,13 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
         None => {}
     }
     let cfg = cli.run.resolve()?;
+    if cfg.dry_run {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&dry_run(&cfg)?.to_json())?
+        );
+        return Ok(EXIT_OK);
+    }
     let stop = stop_on_signals()?;
     if cfg.supervise {
         let args: Vec<_> = std::env::args_os().skip(1).collect();

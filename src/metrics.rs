@@ -31,8 +31,8 @@ pub struct Metrics {
     pub requests_failed: u64,
     /// Error lines by their `error.code`.
     pub errors_by_code: std::collections::BTreeMap<String, u64>,
-    /// Seconds from admission to first token, one per completed request.
-    pub time_to_first_token: Vec<f64>,
+    /// Seconds from admission to first token, over completed requests.
+    pub time_to_first_token: Histogram,
 }
 
 impl Metrics {
@@ -60,9 +60,9 @@ impl Metrics {
         rate(self.decode_tokens, self.decode_time)
     }
 
-    /// A percentile (0–100) of time to first token, by nearest rank.
+    /// A percentile (0–100) of time to first token, within the histogram's 2% resolution.
     pub fn ttft_percentile(&self, p: f64) -> Option<f64> {
-        percentile(&self.time_to_first_token, p)
+        self.time_to_first_token.percentile(p)
     }
 }
 
@@ -75,15 +75,66 @@ fn rate(tokens: u64, time: Duration) -> f64 {
     }
 }
 
-/// Nearest-rank percentile of unsorted samples; `None` when there are none.
-pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
-    if samples.is_empty() {
-        return None;
+/// Smallest value a [`Histogram`] tells apart, in seconds.
+const HIST_MIN: f64 = 1e-4;
+/// Each bucket is this much wider than the one before: 2% resolution.
+const HIST_GROWTH: f64 = 1.02;
+/// Buckets from 0.1 ms to beyond a day.
+const HIST_BUCKETS: usize = 1100;
+
+/// A log-bucketed histogram of durations: memory stays fixed however many requests run.
+#[derive(Debug, Clone)]
+pub struct Histogram {
+    counts: Vec<u64>,
+    n: u64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Self {
+            counts: vec![0; HIST_BUCKETS],
+            n: 0,
+        }
     }
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+impl Histogram {
+    /// Adds one sample, in seconds.
+    pub fn record(&mut self, secs: f64) {
+        let i = if secs <= HIST_MIN {
+            0
+        } else {
+            ((secs / HIST_MIN).ln() / HIST_GROWTH.ln()).ceil() as usize
+        };
+        self.counts[i.min(HIST_BUCKETS - 1)] += 1;
+        self.n += 1;
+    }
+
+    /// Samples recorded.
+    pub fn len(&self) -> u64 {
+        self.n
+    }
+
+    /// Whether no sample was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    /// The nearest-rank percentile (0–100), as its bucket's upper bound; `None` when empty.
+    pub fn percentile(&self, p: f64) -> Option<f64> {
+        if self.n == 0 {
+            return None;
+        }
+        let rank = ((p / 100.0) * self.n as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(HIST_MIN * HIST_GROWTH.powi(i as i32));
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -91,12 +142,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentile_by_nearest_rank() {
-        let s = [5.0, 1.0, 4.0, 2.0, 3.0];
-        assert_eq!(percentile(&s, 50.0), Some(3.0));
-        assert_eq!(percentile(&s, 100.0), Some(5.0));
-        assert_eq!(percentile(&s, 0.0), Some(1.0));
-        assert_eq!(percentile(&[], 50.0), None);
+    fn histogram_percentiles_within_two_percent() {
+        let mut h = Histogram::default();
+        assert_eq!(h.percentile(50.0), None);
+        for s in [5.0, 1.0, 4.0, 2.0, 3.0] {
+            h.record(s);
+        }
+        let near = |got: Option<f64>, want: f64| {
+            let g = got.unwrap();
+            assert!(g >= want && g <= want * 1.02, "{g} vs {want}");
+        };
+        near(h.percentile(50.0), 3.0);
+        near(h.percentile(100.0), 5.0);
+        near(h.percentile(0.0), 1.0);
+        assert_eq!(h.len(), 5);
     }
 
     #[test]

@@ -13,7 +13,13 @@ use sha2::{Digest, Sha256};
 
 use crate::checkpoint::{self, file_sha256, Manifest, RunState};
 use crate::cli::RunConfig;
-use crate::engine::{llama_build, Model, ModelSettings, SamplerSpec, SessionSettings, Token};
+use crate::engine::{
+    llama_build, FlashAttn, Model, ModelSettings, SamplerSpec, SessionSettings, Token,
+};
+use crate::memory::{
+    compute_bytes, current_rss, kv_bytes, mib, peak_rss, pressure_floor, system_memory, Footprint,
+    PROCESS_ALLOWANCE,
+};
 use crate::metrics::Metrics;
 use crate::output::{error_line, success_line};
 use crate::plan::{plan, Demand, KvLayout, Plan, MAX_TRACKED_PREFIXES};
@@ -24,9 +30,6 @@ use crate::request::{ErrorCode, LineError, Request, RequestReader};
 use crate::scheduler::{Admission, Exact, GenParams, Job, Outcome, Scheduler};
 use crate::sink::Sink;
 use crate::summary;
-
-/// How often a progress line is logged.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -92,35 +95,25 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
     })?;
     let info = model.info();
     let mut prompts = PromptBuilder::new(&model);
-    let demand = scan(
-        open_input()?,
-        &mut prompts,
-        cfg,
-        info.n_ctx_train as usize,
-        |_, _| {},
-    )?;
+    let Preflight {
+        demand,
+        plan,
+        footprint,
+        budget,
+        parallel,
+    } = preflight(cfg, &model, &mut prompts)?;
     manifest.total = demand.lines;
     manifest.write(&cfg.output, &cfg.input, &cfg.model)?;
     let mut sink = Sink::open(&cfg.output, cfg.fsync_every)?;
-
-    let plan = plan(
-        &demand,
-        cfg.parallel as usize,
-        cfg.max_prefixes as usize,
-        cfg.prefix_cache,
-        cfg.ctx_size.map(|c| c as usize),
-        if cfg.deterministic {
-            KvLayout::Streams
-        } else {
-            KvLayout::Unified
-        },
-    )?;
     tracing::info!(
         requests = demand.lines,
         already_done = done.len(),
         prefixes = demand.prefix_lens.len(),
         n_ctx = plan.n_ctx,
         slot_budget = plan.slot_budget,
+        parallel,
+        memory = %mib(footprint.total()),
+        budget = %mib(budget),
         "planned"
     );
     let settings = SessionSettings {
@@ -137,16 +130,26 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         None
     };
     let mut session = model.new_session(&settings)?;
+    let exact = match plan.layout {
+        KvLayout::Unified => None,
+        KvLayout::Streams => {
+            // The pad stream is the last sequence, after the slots and the prefixes. It is
+            // only needed when this model's kernels treat a lone row differently.
+            let pad = i32::try_from(plan.n_seq_max - 1)?;
+            let invariant = session.single_row_is_batch_invariant(0, pad)?;
+            tracing::debug!(invariant, "single-row decode probe");
+            Some(Exact {
+                pad_seq: (!invariant).then_some(pad),
+            })
+        }
+    };
     let mut scheduler = Scheduler::new(
         &mut session,
-        cfg.parallel as usize,
+        parallel,
         plan.resident_prefixes,
         cfg.prefix_cache,
         store.as_ref(),
-        (plan.layout == KvLayout::Streams).then(|| Exact {
-            // The last sequence: after the slots and the prefixes.
-            pad_seq: i32::try_from(plan.n_seq_max - 1).ok(),
-        }),
+        exact,
     );
 
     let model_name = model_name(&cfg.model);
@@ -176,22 +179,27 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
     };
 
     let remaining = demand.lines.saturating_sub(done.len());
+    let mut progress = Progress::new(remaining);
+    let mut pressure = Pressure::new();
     let mut input = open_input()?;
+    let mut input_done = false;
     let mut waiting: Option<Job> = None;
     let mut finished = Vec::new();
-    let mut last_progress = Instant::now();
     let mut interrupted = false;
     loop {
         if stop.load(Ordering::Relaxed) {
             interrupted = true;
             break;
         }
-        // Fill free slots; a request that is refused now waits for the next step.
-        while scheduler.has_idle_slot() {
+        // Fill free slots, unless memory is short; a refused request waits for the next step.
+        while scheduler.has_idle_slot() && !pressure.high() {
             let job = match waiting.take() {
                 Some(job) => job,
                 None => match input.next() {
-                    None => break,
+                    None => {
+                        input_done = true;
+                        break;
+                    }
                     Some(item) => {
                         let item = item.with_context(|| {
                             format!("cannot read input {}", cfg.input.display())
@@ -223,17 +231,20 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
             }
         }
         if scheduler.is_idle() {
-            break;
+            if input_done && waiting.is_none() {
+                break;
+            }
+            // Admission is paused for memory: wait for it to free up.
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
         }
         scheduler.step(&mut finished);
         for outcome in finished.drain(..) {
             write(&mut sink, &mut scheduler.metrics, outcome)?;
         }
-        if last_progress.elapsed() >= PROGRESS_EVERY {
-            last_progress = Instant::now();
-            log_progress(&scheduler.metrics, remaining, started.elapsed());
-        }
+        progress.update(&scheduler.metrics, started.elapsed());
     }
+    progress.finish();
     sink.finish()?;
     manifest.state = if interrupted {
         RunState::Interrupted
@@ -249,10 +260,14 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         resumed_failed: done.failed.len() as u64,
         interrupted,
     };
-    summary::write(
-        &summary::summary_path(&cfg.output),
-        &summary::to_json(&report.metrics, &report.plan, report.wall),
-    )?;
+    let mut summary = summary::to_json(&report.metrics, &report.plan, report.wall);
+    summary["memory"] = serde_json::json!({
+        "peak_rss_bytes": peak_rss(),
+        "planned": footprint.to_json(),
+        "budget_bytes": budget,
+        "parallel": parallel,
+    });
+    summary::write(&summary::summary_path(&cfg.output), &summary)?;
     Ok(report)
 }
 
@@ -275,6 +290,243 @@ fn output_params(cfg: &RunConfig) -> serde_json::Value {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The plan a run uses, with its memory footprint.
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    /// What the input needs.
+    pub demand: Demand,
+    /// The context plan.
+    pub plan: Plan,
+    /// Memory the plan needs.
+    pub footprint: Footprint,
+    /// Memory it may use.
+    pub budget: u64,
+    /// Slots, possibly fewer than asked for so the plan fits.
+    pub parallel: usize,
+}
+
+impl Preflight {
+    /// As JSON, for `--dry-run`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.demand.lines,
+            "valid_requests": self.demand.requests,
+            "distinct_prefixes": self.demand.prefix_lens.len(),
+            "parallel": self.parallel,
+            "n_ctx": self.plan.n_ctx,
+            "slot_budget": self.plan.slot_budget,
+            "kv_layout": format!("{:?}", self.plan.layout).to_lowercase(),
+            "memory": self.footprint.to_json(),
+            "budget_bytes": self.budget,
+            "peak_rss_bytes": peak_rss(),
+        })
+    }
+}
+
+/// Scans the input and plans the context; lowers `--parallel` until the plan fits the memory
+/// budget (`--memory-budget`, else 90% of the RAM free now).
+///
+/// # Errors
+/// When even one slot does not fit: the message gives the numbers and what to change.
+pub fn preflight(
+    cfg: &RunConfig,
+    model: &Model,
+    prompts: &mut PromptBuilder<'_>,
+) -> Result<Preflight> {
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+    let info = model.info();
+    let demand = scan(
+        RequestReader::new(BufReader::new(file)),
+        prompts,
+        cfg,
+        info.n_ctx_train as usize,
+        |_, _| {},
+    )?;
+    let budget = match (cfg.memory_budget, system_memory()) {
+        (Some(b), _) => b,
+        (None, Some(mem)) => mem.available / 10 * 9,
+        (None, None) => {
+            tracing::warn!("the OS does not report free memory; planning without a budget");
+            u64::MAX
+        }
+    };
+    let flash_attn = cfg.flash_attn != FlashAttn::Off;
+    let mut parallel = cfg.parallel as usize;
+    loop {
+        let plan = plan(
+            &demand,
+            parallel,
+            cfg.max_prefixes as usize,
+            cfg.prefix_cache,
+            cfg.ctx_size.map(|c| c as usize),
+            if cfg.deterministic {
+                KvLayout::Streams
+            } else {
+                KvLayout::Unified
+            },
+        )?;
+        let footprint = Footprint {
+            weights: info.size,
+            kv: kv_bytes(&info, plan.n_ctx),
+            compute: compute_bytes(&info, plan.n_ctx, cfg.batch_size, flash_attn),
+            process: PROCESS_ALLOWANCE,
+        };
+        if footprint.total() <= budget {
+            if parallel < cfg.parallel as usize {
+                tracing::warn!(
+                    "lowered --parallel from {} to {parallel} so the plan ({}) fits the memory budget ({})",
+                    cfg.parallel,
+                    mib(footprint.total()),
+                    mib(budget)
+                );
+            }
+            return Ok(Preflight {
+                demand,
+                plan,
+                footprint,
+                budget,
+                parallel,
+            });
+        }
+        if parallel == 1 {
+            anyhow::bail!(
+                "not enough memory even for one slot: the plan needs {} (weights {}, KV cache {} \
+                 for {} tokens, compute {}, process {}) but the budget is {}. Lower max_tokens or \
+                 --ctx-size, shorten the prompts, use a smaller model, free memory, or raise \
+                 --memory-budget",
+                mib(footprint.total()),
+                mib(footprint.weights),
+                mib(footprint.kv),
+                plan.n_ctx,
+                mib(footprint.compute),
+                mib(footprint.process),
+                mib(budget)
+            );
+        }
+        parallel /= 2;
+    }
+}
+
+/// `--dry-run`: loads the model, scans the input and returns the plan, touching no output.
+///
+/// # Errors
+/// As [`preflight`], and when the model cannot be loaded.
+pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
+    let model = Model::load(&ModelSettings {
+        path: cfg.model.clone(),
+        gpu_layers: cfg.gpu_layers,
+        verbose: cfg.verbose,
+    })?;
+    let mut prompts = PromptBuilder::new(&model);
+    preflight(cfg, &model, &mut prompts)
+}
+
+/// Pauses admission while free memory is under the floor, checking at most once a second.
+struct Pressure {
+    last_check: Instant,
+    paused: bool,
+}
+
+impl Pressure {
+    fn new() -> Self {
+        Self {
+            last_check: Instant::now(),
+            paused: false,
+        }
+    }
+
+    fn high(&mut self) -> bool {
+        if self.last_check.elapsed() >= Duration::from_secs(1) {
+            self.last_check = Instant::now();
+            let Some(mem) = system_memory() else {
+                return false;
+            };
+            let floor = pressure_floor(mem.total);
+            let short = mem.available < floor;
+            if short != self.paused {
+                if short {
+                    tracing::warn!(
+                        "memory pressure: {} free, under {}; admitting no new request until it frees",
+                        mib(mem.available),
+                        mib(floor)
+                    );
+                } else {
+                    tracing::info!(
+                        "memory pressure over: {} free; admitting again",
+                        mib(mem.available)
+                    );
+                }
+                self.paused = short;
+            }
+        }
+        self.paused
+    }
+}
+
+/// Progress on stderr: a bar on a terminal, else a plain line every 10 seconds.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    last_line: Instant,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} requests, ETA {eta} | {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar
+        });
+        Self {
+            bar,
+            total,
+            last_line: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, m: &Metrics, elapsed: Duration) {
+        let done = m.requests_ok + m.requests_failed;
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let rate = done as f64 / secs;
+        let status = format!(
+            "{} failed, {rate:.2} req/s, prefill {:.0} tok/s, decode {:.0} tok/s, RSS {}",
+            m.requests_failed,
+            m.prefill_tokens_per_sec(),
+            m.decode_tokens_per_sec(),
+            current_rss().map_or_else(|| "?".into(), mib)
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(done);
+                bar.set_message(status);
+            }
+            None if self.last_line.elapsed() >= Duration::from_secs(10) => {
+                self.last_line = Instant::now();
+                let eta = if rate > 0.0 {
+                    format!("{:.0}s", self.total.saturating_sub(done) as f64 / rate)
+                } else {
+                    "?".into()
+                };
+                tracing::info!("{done}/{} requests, ETA {eta}, {status}", self.total);
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 /// Opens the prefix state store for this model and layout; without one the run goes on,
@@ -498,18 +750,6 @@ pub fn request_seed(own: Option<u64>, base: u64, custom_id: &str) -> u32 {
 fn model_name(path: &Path) -> String {
     path.file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
-}
-
-fn log_progress(m: &Metrics, total: u64, elapsed: Duration) {
-    let done = m.requests_ok + m.requests_failed;
-    let secs = elapsed.as_secs_f64().max(1e-9);
-    tracing::info!(
-        "{done}/{total} requests ({} failed), {:.2} req/s, prefill {:.0} tok/s, decode {:.0} tok/s",
-        m.requests_failed,
-        done as f64 / secs,
-        m.prefill_tokens_per_sec(),
-        m.decode_tokens_per_sec()
-    );
 }
 
 #[cfg(test)]

@@ -429,7 +429,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                 };
                 self.metrics.prompt_tokens_reused += usage.cached_tokens;
                 let ttft = active.first_token.unwrap_or_default();
-                self.metrics.time_to_first_token.push(ttft);
+                self.metrics.time_to_first_token.record(ttft);
                 done.push(Ok(Completion {
                     custom_id: active.job.custom_id,
                     content: active.text.finish(),

@@ -55,7 +55,13 @@ impl Scratch {
 /// Runs the binary with `args`; the model lock must be held by the caller when it loads one.
 pub fn infer_batch(args: &[&str]) -> Output {
     let mut cmd = assert_cmd::Command::cargo_bin("infer-batch").expect("binary");
-    cmd.args(args).env("INFER_BATCH_LOG", "warn").env(
+    // Quiet unless the test asks for llama.cpp's logs with -v.
+    let level = if args.contains(&"-v") {
+        "debug"
+    } else {
+        "warn"
+    };
+    cmd.args(args).env("INFER_BATCH_LOG", level).env(
         "XDG_CACHE_HOME",
         std::env::temp_dir().join("infer-batch-tests-xdg"),
     );

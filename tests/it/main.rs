@@ -6,5 +6,6 @@
 mod batch;
 mod disk_cache;
 mod harness;
+mod memory;
 mod prefix;
 mod resume;

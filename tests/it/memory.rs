@@ -1,0 +1,200 @@
+//! Memory safety: the preflight plan against llama.cpp's own numbers, degrading or refusing a
+//! plan that does not fit, bounded memory on huge inputs, and a summary that adds up.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+fn dry_run(input: &Path, extra: &[&str]) -> (std::process::Output, Option<Value>) {
+    let model = model_path();
+    let mut args = vec![
+        "--model",
+        model.to_str().unwrap(),
+        "--dry-run",
+        input.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let out = infer_batch(&args);
+    let plan = serde_json::from_slice(&out.stdout).ok();
+    (out, plan)
+}
+
+fn small_batch(s: &Scratch, n: usize) -> std::path::PathBuf {
+    let system = rubric(100);
+    let lines: Vec<String> = (0..n)
+        .map(|i| {
+            request(
+                &format!("m{i}"),
+                Some(&system),
+                &profile(i),
+                json!({"max_tokens": 8, "temperature": 0}),
+            )
+        })
+        .collect();
+    s.write_lines("in.jsonl", &lines)
+}
+
+/// The first number after `marker` in llama.cpp's log, in MiB.
+fn logged_mib(log: &str, marker: &str) -> f64 {
+    let at = log.find(marker).unwrap_or_else(|| {
+        panic!(
+            "llama.cpp did not log {marker:?}:\n{}",
+            &log[log.len().saturating_sub(3000)..]
+        )
+    });
+    log[at + marker.len()..]
+        .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .find(|t| !t.is_empty())
+        .and_then(|t| t.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn preflight_matches_llama_cpp_buffer_sizes() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = small_batch(&s, 2);
+    for mode in [&[][..], &["--no-deterministic"][..]] {
+        let mut extra = vec!["-v"];
+        extra.extend_from_slice(mode);
+        let (o, results) = run_batch(
+            &s,
+            &input,
+            "out.jsonl",
+            &[&extra[..], &["--restart"]].concat(),
+        );
+        assert!(o.status.success(), "{o:?}");
+        assert_eq!(results.len(), 2);
+        let log = String::from_utf8_lossy(&o.stderr);
+        let planned = &summary(&s, "out.jsonl")["memory"]["planned"];
+        let mib = |v: &Value| v.as_f64().unwrap() / f64::from(1 << 20);
+        let kv = logged_mib(&log, "CPU KV buffer size =");
+        let compute = logged_mib(&log, "CPU compute buffer size =");
+        // The KV cache is exact arithmetic; the compute buffer is an estimate within 20%.
+        let kv_planned = mib(&planned["kv_bytes"]);
+        assert!(
+            (kv_planned - kv).abs() <= kv * 0.01 + 0.1,
+            "{mode:?}: KV planned {kv_planned} vs {kv}"
+        );
+        let compute_planned = mib(&planned["compute_bytes"]);
+        assert!(
+            (compute_planned - compute).abs() <= compute * 0.2,
+            "{mode:?}: compute planned {compute_planned} vs {compute}"
+        );
+    }
+}
+
+#[test]
+fn a_plan_that_does_not_fit_degrades_parallel_or_exits_2() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = small_batch(&s, 4);
+    let (o, plan) = dry_run(&input, &["--parallel", "8"]);
+    assert!(o.status.success(), "{o:?}");
+    let plan = plan.unwrap();
+    assert_eq!(plan["parallel"], 8);
+    let total = plan["memory"]["total_bytes"].as_u64().unwrap();
+    let weights = plan["memory"]["weights_bytes"].as_u64().unwrap();
+
+    // A budget just under the 8-slot plan: fewer slots, same job.
+    let budget = (total - 1).to_string();
+    let (o, lowered) = dry_run(&input, &["--parallel", "8", "--memory-budget", &budget]);
+    assert!(o.status.success(), "{o:?}");
+    let lowered = lowered.unwrap();
+    let p = lowered["parallel"].as_u64().unwrap();
+    assert!((1..8).contains(&p), "{lowered}");
+    assert!(lowered["memory"]["total_bytes"].as_u64().unwrap() < total);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lowered --parallel from 8"));
+
+    // A budget under the weights alone: exit 2, with the numbers and what to change.
+    let tiny = (weights / 2).to_string();
+    let (o, _) = dry_run(&input, &["--memory-budget", &tiny]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not enough memory")
+            && err.contains("weights")
+            && err.contains("--memory-budget"),
+        "{err}"
+    );
+}
+
+#[test]
+fn peak_rss_does_not_grow_with_the_number_of_requests() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let write = |name: &str, n: usize| {
+        let path = s.path(name);
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        for i in 0..n {
+            let line = json!({"custom_id": format!("c{i}"), "messages": [
+                {"role": "system", "content": "Grade the candidate from 0 to 3."},
+                {"role": "user", "content": format!("Candidate {i}: {} years of Rust.", i % 17)}
+            ], "max_tokens": 1});
+            writeln!(f, "{line}").unwrap();
+        }
+        path
+    };
+    let small = write("small.jsonl", 1_000);
+    let huge = write("huge.jsonl", 200_000);
+    let peak = |input: &Path| {
+        let (o, plan) = dry_run(input, &[]);
+        assert!(o.status.success(), "{o:?}");
+        let plan = plan.unwrap();
+        (
+            plan["requests"].as_u64().unwrap(),
+            plan["peak_rss_bytes"].as_u64().unwrap(),
+        )
+    };
+    let (n_small, rss_small) = peak(&small);
+    let (n_huge, rss_huge) = peak(&huge);
+    assert_eq!((n_small, n_huge), (1_000, 200_000));
+    // Stated bound: 200 times the requests cost under 32 MiB more, and the whole process stays
+    // under the model plus 160 MiB.
+    let model_bytes = std::fs::metadata(model_path()).unwrap().len();
+    assert!(
+        rss_huge <= rss_small + (32 << 20),
+        "{rss_small} -> {rss_huge}"
+    );
+    assert!(rss_huge <= model_bytes + (160 << 20), "{rss_huge}");
+}
+
+#[test]
+fn summary_agrees_with_the_result_lines() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let mut lines: Vec<String> = (0..5)
+        .map(|i| {
+            request(
+                &format!("u{i}"),
+                Some(&rubric(60)),
+                &profile(i),
+                json!({"max_tokens": 6, "temperature": 0}),
+            )
+        })
+        .collect();
+    lines.push("not json".into());
+    let input = s.write_lines("in.jsonl", &lines);
+    let (o, results) = run_batch(&s, &input, "out.jsonl", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let sum = summary(&s, "out.jsonl");
+    let ok: Vec<&Value> = results.values().filter(|v| v["error"].is_null()).collect();
+    let total = |f: &str| ok.iter().map(|v| usage(v, f)).sum::<u64>();
+    assert_eq!(sum["requests"]["ok"], ok.len());
+    assert_eq!(sum["requests"]["failed"], 1);
+    assert_eq!(sum["requests"]["failed_by_code"]["invalid_json"], 1);
+    assert_eq!(sum["tokens"]["completion"], total("completion_tokens"));
+    assert_eq!(sum["tokens"]["prompt_reused"], total("cached_tokens"));
+    let computed = sum["tokens"]["prompt_computed"].as_u64().unwrap();
+    let prefix = sum["tokens"]["prefix_prefilled"].as_u64().unwrap();
+    // Every prompt token was either reused or computed; the prefix was computed once.
+    assert_eq!(
+        computed + total("cached_tokens"),
+        total("prompt_tokens") + prefix
+    );
+    assert!(sum["memory"]["peak_rss_bytes"].as_u64().unwrap() > 0);
+    assert!(sum["time_to_first_token_seconds"]["p50"].as_f64().unwrap() > 0.0);
+}
