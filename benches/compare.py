@@ -10,6 +10,7 @@ Configurations:
   memory     the prefix prefilled once, shared in memory (--no-disk-cache)
   disk       the prefix restored from a state file written by a previous run
   unified    like memory, with --no-deterministic (one unified KV cache, mixed batches)
+  fsync-each like memory, syncing the output to disk after every line
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ CONFIGS = {
     "memory": ["--no-disk-cache"],
     "disk": [],
     "unified": ["--no-disk-cache", "--no-deterministic"],
+    "fsync-each": ["--no-disk-cache", "--fsync-interval-ms", "0"],
 }
 
 
