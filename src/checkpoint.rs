@@ -8,13 +8,14 @@
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
+use crate::output::sibling_path;
+use crate::prefix_store::{hex, sha256_file};
 use crate::request::id_hash;
 
 /// Version of the manifest layout.
@@ -22,12 +23,7 @@ pub const MANIFEST_VERSION: u64 = 1;
 
 /// `dir/out.jsonl` → `dir/out.manifest.json`.
 pub fn manifest_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
-    output.with_file_name(format!("{stem}.manifest.json"))
+    sibling_path(output, "manifest.json")
 }
 
 /// Where a run stands, as the manifest records it.
@@ -221,22 +217,12 @@ pub fn prepare(
     Ok(done)
 }
 
-/// SHA-256 of a file, streamed.
+/// SHA-256 of a file, streamed, in hex.
 ///
 /// # Errors
 /// When the file cannot be read.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    sha256_file(path).map(|h| hex(&h))
 }
 
 /// `request_counts` of an output, as `infer-batch status` prints them.

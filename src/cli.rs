@@ -329,12 +329,7 @@ const DEFAULT_GPU_LAYERS: u32 = if cfg!(feature = "cuda") { u32::MAX } else { 0 
 
 /// `in.jsonl` → `in.results.jsonl`; any other name gets `.results.jsonl` appended.
 pub fn default_output(input: &Path) -> PathBuf {
-    let name = input
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
-    input.with_file_name(format!("{stem}.results.jsonl"))
+    crate::output::sibling_path(input, "results.jsonl")
 }
 
 /// Physical cores: llama.cpp runs 3× slower here when it also uses the hyper-threads.

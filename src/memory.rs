@@ -57,13 +57,14 @@ pub fn kv_bytes(info: &ModelInfo, n_ctx: u32) -> u64 {
         * KV_ELEMENT
 }
 
-/// llama.cpp's CPU compute buffer for batches of `n_batch` tokens over `n_ctx` cells.
+/// llama.cpp's CPU compute buffer for batches of `n_batch` tokens attending over `span`
+/// cells (the whole cache when unified, one stream's cells otherwise).
 ///
 /// The buffer holds the logits (`n_batch × n_vocab` floats) or, at another point of the graph,
 /// the feed-forward activations and, without flash attention, the attention scores
-/// (`n_batch × n_ctx` floats per head), whichever is larger; plus a few activations of
+/// (`n_batch × span` floats per head), whichever is larger; plus a few activations of
 /// `n_batch × n_embd`. A test checks this against llama.cpp's own report.
-pub fn compute_bytes(info: &ModelInfo, n_ctx: u32, n_batch: u32, flash_attn: bool) -> u64 {
+pub fn compute_bytes(info: &ModelInfo, span: u32, n_batch: u32, flash_attn: bool) -> u64 {
     let b = u64::from(n_batch);
     let logits = b * u64::from(info.n_vocab) * 4;
     let activations = b * u64::from(info.n_embd) * 4 * 8;
@@ -71,7 +72,7 @@ pub fn compute_bytes(info: &ModelInfo, n_ctx: u32, n_batch: u32, flash_attn: boo
     let scores = if flash_attn {
         0
     } else {
-        b * u64::from(n_ctx) * u64::from(info.n_head) * 4
+        b * u64::from(span) * u64::from(info.n_head) * 4
     };
     logits.max(ffn + scores) + activations
 }

@@ -2,10 +2,23 @@
 //!
 //! Ids are derived from the `custom_id`, so a rerun or a resumed run writes the same ids.
 
+use std::path::{Path, PathBuf};
+
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use crate::request::LineError;
+
+/// A file beside `path` named after it: `dir/out.jsonl` with `summary.json` gives
+/// `dir/out.summary.json`; a name without `.jsonl` keeps its whole name as the stem.
+pub fn sibling_path(path: &Path, suffix: &str) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
+    path.with_file_name(format!("{stem}.{suffix}"))
+}
 
 /// Why generation ended; displays as the OpenAI `finish_reason`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

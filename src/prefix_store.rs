@@ -449,7 +449,7 @@ pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32]> {
     let canonical = fs::canonicalize(model).unwrap_or_else(|_| model.to_owned());
     let stamp = format!("{}\n{}\n{}\n", canonical.display(), meta.len(), mtime);
     let Some(dir) = dir else {
-        return hash_file(model);
+        return sha256_file(model);
     };
     let memo_dir = dir.join("model-ids");
     let memo = memo_dir.join(format!(
@@ -461,7 +461,7 @@ pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32]> {
             return Ok(hash);
         }
     }
-    let hash = hash_file(model)?;
+    let hash = sha256_file(model)?;
     // A failed memo only costs a re-hash next time.
     if fs::create_dir_all(&memo_dir).is_ok() {
         let tmp = memo.with_extension(format!("{}.tmp", std::process::id()));
@@ -472,7 +472,11 @@ pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32]> {
     Ok(hash)
 }
 
-fn hash_file(path: &Path) -> Result<[u8; 32]> {
+/// SHA-256 of a file, streamed.
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
     let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -486,7 +490,8 @@ fn hash_file(path: &Path) -> Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

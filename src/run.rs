@@ -81,18 +81,14 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
     let memo_dir = cfg.disk_cache.then_some(cfg.prefix_cache_dir.as_path());
     let mut manifest = Manifest {
         input_sha256: file_sha256(&cfg.input)?,
-        model_sha256: hex(&model_sha256(&cfg.model, memo_dir)?),
+        model_sha256: crate::prefix_store::hex(&model_sha256(&cfg.model, memo_dir)?),
         params: output_params(cfg),
         total: 0,
         state: RunState::Running,
     };
     let done = checkpoint::prepare(&cfg.output, &manifest, cfg.restart, cfg.retry_failed)?;
 
-    let model = Model::load(&ModelSettings {
-        path: cfg.model.clone(),
-        gpu_layers: cfg.gpu_layers,
-        verbose: cfg.verbose,
-    })?;
+    let model = load_model(cfg)?;
     let info = model.info();
     let mut prompts = PromptBuilder::new(&model);
     let Preflight {
@@ -288,8 +284,20 @@ fn output_params(cfg: &RunConfig) -> serde_json::Value {
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Cells one query attends over: the whole cache when unified, one stream otherwise.
+fn attention_span(plan: &Plan) -> u32 {
+    match plan.layout {
+        KvLayout::Unified => plan.n_ctx,
+        KvLayout::Streams => plan.n_ctx / plan.n_seq_max.max(1),
+    }
+}
+
+fn load_model(cfg: &RunConfig) -> Result<Model> {
+    Ok(Model::load(&ModelSettings {
+        path: cfg.model.clone(),
+        gpu_layers: cfg.gpu_layers,
+        verbose: cfg.verbose,
+    })?)
 }
 
 /// The plan a run uses, with its memory footprint.
@@ -371,7 +379,7 @@ pub fn preflight(
         let footprint = Footprint {
             weights: info.size,
             kv: kv_bytes(&info, plan.n_ctx),
-            compute: compute_bytes(&info, plan.n_ctx, cfg.batch_size, flash_attn),
+            compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
             process: PROCESS_ALLOWANCE,
         };
         if footprint.total() <= budget {
@@ -415,11 +423,7 @@ pub fn preflight(
 /// # Errors
 /// As [`preflight`], and when the model cannot be loaded.
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
-    let model = Model::load(&ModelSettings {
-        path: cfg.model.clone(),
-        gpu_layers: cfg.gpu_layers,
-        verbose: cfg.verbose,
-    })?;
+    let model = load_model(cfg)?;
     let mut prompts = PromptBuilder::new(&model);
     preflight(cfg, &model, &mut prompts)
 }
@@ -559,11 +563,7 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
     if !cfg.model.is_file() {
         anyhow::bail!("model {} not found", cfg.model.display());
     }
-    let model = Model::load(&ModelSettings {
-        path: cfg.model.clone(),
-        gpu_layers: cfg.gpu_layers,
-        verbose: cfg.verbose,
-    })?;
+    let model = load_model(cfg)?;
     let mut prompts = PromptBuilder::new(&model);
     let mut prefixes: Vec<Vec<Token>> = Vec::new();
     let reader = RequestReader::new(BufReader::new(file));

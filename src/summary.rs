@@ -14,12 +14,7 @@ use crate::prefix_cache::PrefixSource;
 
 /// `dir/out.jsonl` → `dir/out.summary.json`.
 pub fn summary_path(output: &Path) -> PathBuf {
-    let name = output
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
-    output.with_file_name(format!("{stem}.summary.json"))
+    crate::output::sibling_path(output, "summary.json")
 }
 
 /// The summary as JSON.
