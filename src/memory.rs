@@ -119,6 +119,51 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
+/// One GPU's memory, as NVML reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuMemory {
+    /// Device index.
+    pub index: u32,
+    /// Device name.
+    pub name: String,
+    /// Unallocated bytes.
+    pub free: u64,
+    /// Installed bytes.
+    pub total: u64,
+}
+
+/// Free VRAM per NVIDIA device.
+///
+/// # Errors
+/// When there is no NVIDIA driver or NVML library: the caller plans for the CPU.
+pub fn gpu_memory() -> Result<Vec<GpuMemory>, String> {
+    let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
+    let count = nvml.device_count().map_err(|e| e.to_string())?;
+    (0..count)
+        .map(|index| {
+            let device = nvml.device_by_index(index).map_err(|e| e.to_string())?;
+            let info = device.memory_info().map_err(|e| e.to_string())?;
+            Ok(GpuMemory {
+                index,
+                name: device.name().unwrap_or_default(),
+                free: info.free,
+                total: info.total,
+            })
+        })
+        .collect()
+}
+
+/// The part of a footprint that goes to the GPU when `gpu_layers` of `n_layer` layers are
+/// offloaded: that share of the weights and of the KV cache, and the compute buffer.
+pub fn gpu_share(footprint: &Footprint, gpu_layers: u32, n_layer: u32) -> u64 {
+    if gpu_layers == 0 || n_layer == 0 {
+        return 0;
+    }
+    let layers = u64::from(gpu_layers.min(n_layer));
+    let n = u64::from(n_layer);
+    footprint.weights * layers / n + footprint.kv * layers / n + footprint.compute
+}
+
 /// Free memory under which no new request is admitted: the larger of 256 MiB and 5% of RAM.
 pub fn pressure_floor(total: u64) -> u64 {
     (256 << 20).max(total / 20)
@@ -168,6 +213,28 @@ mod tests {
         };
         assert_eq!(f.total(), 10);
         assert_eq!(f.to_json()["total_bytes"], 10);
+    }
+
+    #[test]
+    fn gpu_share_follows_the_offloaded_layers() {
+        let f = Footprint {
+            weights: 300,
+            kv: 600,
+            compute: 10,
+            process: 5,
+        };
+        assert_eq!(gpu_share(&f, 0, 30), 0);
+        assert_eq!(gpu_share(&f, 10, 30), 100 + 200 + 10);
+        assert_eq!(gpu_share(&f, u32::MAX, 30), 300 + 600 + 10);
+    }
+
+    #[test]
+    fn no_nvidia_driver_is_an_error_not_a_panic() {
+        // On a machine without NVML this says why; with one it lists the devices.
+        match gpu_memory() {
+            Ok(devices) => assert!(devices.iter().all(|d| d.free <= d.total)),
+            Err(reason) => assert!(!reason.is_empty()),
+        }
     }
 
     #[test]

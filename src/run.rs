@@ -17,8 +17,8 @@ use crate::engine::{
     llama_build, FlashAttn, Model, ModelSettings, SamplerSpec, SessionSettings, Token,
 };
 use crate::memory::{
-    compute_bytes, current_rss, kv_bytes, mib, peak_rss, pressure_floor, system_memory, Footprint,
-    PROCESS_ALLOWANCE,
+    compute_bytes, current_rss, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, pressure_floor,
+    system_memory, Footprint, PROCESS_ALLOWANCE,
 };
 use crate::metrics::Metrics;
 use crate::output::{error_line, success_line};
@@ -97,6 +97,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         footprint,
         budget,
         parallel,
+        vram,
     } = preflight(cfg, &model, &mut prompts)?;
     manifest.total = demand.lines;
     manifest.write(&cfg.output, &cfg.input, &cfg.model)?;
@@ -262,6 +263,8 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         "planned": footprint.to_json(),
         "budget_bytes": budget,
         "parallel": parallel,
+        "vram": vram.map(|(need, free)| serde_json::json!({"planned_bytes": need, "budget_bytes": free})),
+        "vram_used_bytes_at_end": vram.and_then(|_| gpu_memory().ok()).and_then(|d| d.first().map(|g| g.total - g.free)),
     });
     summary::write(&summary::summary_path(&cfg.output), &summary)?;
     Ok(report)
@@ -313,6 +316,8 @@ pub struct Preflight {
     pub budget: u64,
     /// Slots, possibly fewer than asked for so the plan fits.
     pub parallel: usize,
+    /// With offloaded layers and NVML: (VRAM the plan needs, VRAM it may use).
+    pub vram: Option<(u64, u64)>,
 }
 
 impl Preflight {
@@ -328,6 +333,7 @@ impl Preflight {
             "kv_layout": format!("{:?}", self.plan.layout).to_lowercase(),
             "memory": self.footprint.to_json(),
             "budget_bytes": self.budget,
+            "vram": self.vram.map(|(need, free)| serde_json::json!({"planned_bytes": need, "budget_bytes": free})),
             "peak_rss_bytes": peak_rss(),
         })
     }
@@ -362,6 +368,20 @@ pub fn preflight(
         }
     };
     let flash_attn = cfg.flash_attn != FlashAttn::Off;
+    // Free VRAM on the first GPU, when layers are offloaded and NVML can tell.
+    let vram = (cfg.gpu_layers > 0)
+        .then(|| match gpu_memory() {
+            Ok(devices) if !devices.is_empty() => Some(devices[0].free / 10 * 9),
+            Ok(_) => {
+                tracing::warn!("no NVIDIA GPU found; planning everything for the CPU");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("no NVIDIA driver or NVML ({e}); planning everything for the CPU");
+                None
+            }
+        })
+        .flatten();
     let mut parallel = cfg.parallel as usize;
     loop {
         let plan = plan(
@@ -382,7 +402,10 @@ pub fn preflight(
             compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
             process: PROCESS_ALLOWANCE,
         };
-        if footprint.total() <= budget {
+        let vram_fits = vram
+            .as_ref()
+            .is_none_or(|free| gpu_share(&footprint, cfg.gpu_layers, info.n_layer) <= *free);
+        if footprint.total() <= budget && vram_fits {
             if parallel < cfg.parallel as usize {
                 tracing::warn!(
                     "lowered --parallel from {} to {parallel} so the plan ({}) fits the memory budget ({})",
@@ -397,7 +420,18 @@ pub fn preflight(
                 footprint,
                 budget,
                 parallel,
+                vram: vram.map(|free| (gpu_share(&footprint, cfg.gpu_layers, info.n_layer), free)),
             });
+        }
+        if parallel == 1 && !vram_fits {
+            let need = gpu_share(&footprint, cfg.gpu_layers, info.n_layer);
+            anyhow::bail!(
+                "not enough GPU memory even for one slot: {} layers need {} of VRAM but {} is \
+                 free; lower --gpu-layers or --ctx-size",
+                cfg.gpu_layers.min(info.n_layer),
+                mib(need),
+                mib(vram.unwrap_or(0))
+            );
         }
         if parallel == 1 {
             anyhow::bail!(

@@ -198,3 +198,26 @@ fn summary_agrees_with_the_result_lines() {
     assert!(sum["memory"]["peak_rss_bytes"].as_u64().unwrap() > 0);
     assert!(sum["time_to_first_token_seconds"]["p50"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn offloaded_layers_are_planned_against_vram_or_said_to_be_cpu_only() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = small_batch(&s, 2);
+    let (o, plan) = dry_run(&input, &["--gpu-layers", "10"]);
+    assert!(o.status.success(), "{o:?}");
+    let plan = plan.unwrap();
+    match infer_batch::memory::gpu_memory() {
+        Ok(devices) if !devices.is_empty() => {
+            assert!(
+                plan["vram"]["planned_bytes"].as_u64().unwrap() > 0,
+                "{plan}"
+            );
+        }
+        _ => {
+            assert!(plan["vram"].is_null());
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains("planning everything for the CPU"), "{err}");
+        }
+    }
+}
