@@ -19,7 +19,7 @@ pub struct Demand {
 pub const MAX_TRACKED_PREFIXES: usize = 4096;
 
 /// KV cells llama.cpp allocates in steps of this size.
-const CTX_STEP: usize = 256;
+pub const CTX_STEP: usize = 256;
 
 /// How sequences share the KV cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use crate::memory::{
 };
 use crate::metrics::Metrics;
 use crate::output::{error_line, success_line};
-use crate::plan::{plan, Demand, KvLayout, Plan, MAX_TRACKED_PREFIXES};
+use crate::plan::{plan, Demand, KvLayout, Plan, CTX_STEP, MAX_TRACKED_PREFIXES};
 use crate::prefix_cache::{materialize, PrefixEvent};
 use crate::prefix_store::{model_sha256, PrefixStore, StateIdentity};
 use crate::prompt::{PrefixKey, PromptBuilder};
@@ -79,9 +79,10 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         );
     }
     let memo_dir = cfg.disk_cache.then_some(cfg.prefix_cache_dir.as_path());
+    let model_hash = model_sha256(&cfg.model, memo_dir)?;
     let mut manifest = Manifest {
         input_sha256: file_sha256(&cfg.input)?,
-        model_sha256: crate::prefix_store::hex(&model_sha256(&cfg.model, memo_dir)?),
+        model_sha256: crate::prefix_store::hex(&model_hash),
         params: output_params(cfg),
         total: 0,
         state: RunState::Running,
@@ -122,7 +123,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         kv_unified: plan.layout == KvLayout::Unified,
     };
     let store = if cfg.prefix_cache && cfg.disk_cache && !demand.prefix_lens.is_empty() {
-        open_store(cfg, &settings)
+        open_store(cfg, &settings, model_hash)
     } else {
         None
     };
@@ -263,7 +264,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool) -> Result<RunReport> {
         "planned": footprint.to_json(),
         "budget_bytes": budget,
         "parallel": parallel,
-        "vram": vram.map(|(need, free)| serde_json::json!({"planned_bytes": need, "budget_bytes": free})),
+        "vram": vram_json(vram),
         "vram_used_bytes_at_end": vram.and_then(|_| gpu_memory().ok()).and_then(|d| d.first().map(|g| g.total - g.free)),
     });
     summary::write(&summary::summary_path(&cfg.output), &summary)?;
@@ -333,10 +334,18 @@ impl Preflight {
             "kv_layout": format!("{:?}", self.plan.layout).to_lowercase(),
             "memory": self.footprint.to_json(),
             "budget_bytes": self.budget,
-            "vram": self.vram.map(|(need, free)| serde_json::json!({"planned_bytes": need, "budget_bytes": free})),
+            "vram": vram_json(self.vram),
             "peak_rss_bytes": peak_rss(),
         })
     }
+}
+
+/// The VRAM part of a plan, as the dry run and the summary report it.
+fn vram_json(vram: Option<(u64, u64)>) -> serde_json::Value {
+    vram.map_or(
+        serde_json::Value::Null,
+        |(need, free)| serde_json::json!({"planned_bytes": need, "budget_bytes": free}),
+    )
 }
 
 /// Scans the input and plans the context; lowers `--parallel` until the plan fits the memory
@@ -569,22 +578,32 @@ impl Progress {
 
 /// Opens the prefix state store for this model and layout; without one the run goes on,
 /// sharing prefixes in memory only.
-fn open_store(cfg: &RunConfig, settings: &SessionSettings) -> Option<PrefixStore> {
-    let open = || -> Result<PrefixStore> {
-        let identity = StateIdentity {
-            model_sha256: model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?,
-            llama_build: llama_build(),
-            layout: settings.state_layout(cfg.gpu_layers),
-        };
-        PrefixStore::open(&cfg.prefix_cache_dir, cfg.prefix_cache_max_bytes, identity)
-    };
-    match open() {
+fn open_store(
+    cfg: &RunConfig,
+    settings: &SessionSettings,
+    model_sha256: [u8; 32],
+) -> Option<PrefixStore> {
+    match prefix_store(cfg, settings, model_sha256) {
         Ok(store) => Some(store),
         Err(e) => {
             tracing::warn!("{e:#}; prefix states stay in memory for this run");
             None
         }
     }
+}
+
+/// The prefix state store of `--prefix-cache-dir`, keyed for this model, build and layout.
+fn prefix_store(
+    cfg: &RunConfig,
+    settings: &SessionSettings,
+    model_sha256: [u8; 32],
+) -> Result<PrefixStore> {
+    let identity = StateIdentity {
+        model_sha256,
+        llama_build: llama_build(),
+        layout: settings.state_layout(cfg.gpu_layers),
+    };
+    PrefixStore::open(&cfg.prefix_cache_dir, cfg.prefix_cache_max_bytes, identity)
 }
 
 /// Prefills and stores every distinct prefix of the input without decoding any request.
@@ -612,22 +631,15 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
     )?;
     let longest = prefixes.iter().map(Vec::len).max().unwrap_or(0);
     let settings = SessionSettings {
-        n_ctx: u32::try_from(longest.div_ceil(256).max(1) * 256)?,
+        n_ctx: u32::try_from(longest.div_ceil(CTX_STEP).max(1) * CTX_STEP)?,
         n_batch: cfg.batch_size,
         n_seq_max: 1,
         threads: cfg.threads,
         flash_attn: cfg.flash_attn,
         kv_unified: !cfg.deterministic,
     };
-    let store = PrefixStore::open(
-        &cfg.prefix_cache_dir,
-        cfg.prefix_cache_max_bytes,
-        StateIdentity {
-            model_sha256: model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?,
-            llama_build: llama_build(),
-            layout: settings.state_layout(cfg.gpu_layers),
-        },
-    )?;
+    let model_hash = model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?;
+    let store = prefix_store(cfg, &settings, model_hash)?;
     let mut session = model.new_session(&settings)?;
     let mut metrics = Metrics::default();
     let mut events = Vec::new();
