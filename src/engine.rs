@@ -414,11 +414,14 @@ impl<'m> Session<'m> {
     /// [`EngineError::Restore`] when llama.cpp rejects the state.
     pub fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
         let flags = LlamaStateSeqFlags::empty();
-        let state = if self.streams > 1 {
+        // A unified cache reads the one-stream form as it is; only streams need a new layout.
+        let state: std::borrow::Cow<'_, [u8]> = if self.streams > 1 {
             let stream = u32::try_from(seq).map_err(|_| EngineError::Restore(state.len()))?;
-            to_streams(state, self.streams, stream).ok_or(EngineError::Restore(state.len()))?
+            to_streams(state, self.streams, stream)
+                .ok_or(EngineError::Restore(state.len()))?
+                .into()
         } else {
-            state.to_vec()
+            state.into()
         };
         // SAFETY: `state` passed the prefix store's checksum and identity checks, so it is
         // exactly what `seq_state` produced under this build, model and KV layout (with the
