@@ -1,5 +1,5 @@
 //! Records which llama.cpp build the binary links, for the prefix-state files' identity: a state
-//! written by another llama.cpp version is rebuilt, never loaded.
+//! written by another llama.cpp version or build type is rebuilt, never loaded.
 
 fn main() {
     println!("cargo:rerun-if-changed=Cargo.lock");
@@ -11,4 +11,9 @@ fn main() {
         .map(|v| v.trim_matches('"').to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_CPP_SYS_VERSION={version}");
+    // The CMake build type changes floating-point code generation, so it is part of the build
+    // identity too (`.cargo/config.toml` sets it).
+    println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
+    let profile = std::env::var("LLAMA_LIB_PROFILE").unwrap_or_else(|_| "default".to_owned());
+    println!("cargo:rustc-env=INFER_BATCH_LLAMA_LIB_PROFILE={profile}");
 }

@@ -19,10 +19,24 @@ pub const DEFAULT_FSYNC_MS: u64 = 2000;
 /// Default number of distinct shared prefixes kept in the KV cache at once.
 pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
 
+/// `--version`: ours and the llama.cpp build we link, so a benchmark can record both.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (llama-cpp-sys-2 ",
+    env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
+    ", llama.cpp ",
+    env!("INFER_BATCH_LLAMA_LIB_PROFILE"),
+    ")"
+);
+
 /// Offline batch inference on a GGUF model: the shared system prompt is prefilled once, and
 /// every request decodes from it independently.
 #[derive(Debug, Parser)]
-#[command(name = "infer-batch", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "infer-batch",
+    version = VERSION,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
     /// A management command instead of a batch run.
     #[command(subcommand)]

@@ -20,7 +20,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::request::Message;
 
 /// The llama.cpp build this binary links: the `llama-cpp-sys-2` version (which pins the
-/// llama.cpp sources) and the GPU backend compiled in.
+/// llama.cpp sources), the GPU backend compiled in and the CMake build type.
 pub fn llama_build() -> String {
     let backend = if cfg!(feature = "cuda") {
         "cuda"
@@ -28,8 +28,9 @@ pub fn llama_build() -> String {
         "cpu"
     };
     format!(
-        "llama-cpp-sys-2 {} {backend}",
-        env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION")
+        "llama-cpp-sys-2 {} {backend} {}",
+        env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
+        env!("INFER_BATCH_LLAMA_LIB_PROFILE")
     )
 }
 
