@@ -59,6 +59,17 @@ pub fn to_json(m: &Metrics, plan: &Plan, wall: Duration) -> Value {
             "decode_tokens_per_second": m.decode_tokens_per_sec(),
             "requests_per_second": (m.requests_ok + m.requests_failed) as f64 / wall.as_secs_f64().max(1e-9),
         },
+        // Where the wall clock went; the rest is sampling, scheduling, loading and output.
+        "seconds": {
+            "prefill": m.prefill_time.as_secs_f64(),
+            "decode": m.decode_time.as_secs_f64(),
+            "prefix_restore": m
+                .prefix_events
+                .iter()
+                .filter(|e| e.source == PrefixSource::Restored)
+                .map(|e| e.time.as_secs_f64())
+                .sum::<f64>(),
+        },
         "time_to_first_token_seconds": {
             "p50": m.ttft_percentile(50.0),
             "p90": m.ttft_percentile(90.0),
@@ -89,6 +100,8 @@ pub fn write(path: &Path, summary: &Value) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::prefix_cache::PrefixEvent;
+    use crate::prompt::PrefixKey;
 
     #[test]
     fn summary_path_sits_next_to_the_output() {
@@ -121,5 +134,35 @@ mod tests {
         assert_eq!(v["tokens"]["reuse_ratio"], 0.75);
         assert_eq!(v["requests"]["failed_by_code"]["invalid_json"], 3);
         assert_eq!(v["plan"]["n_ctx"], 256);
+    }
+
+    #[test]
+    fn restore_seconds_count_restored_prefixes_only() {
+        let event = |source, ms| PrefixEvent {
+            key: PrefixKey([0; 32]),
+            tokens: 10,
+            source,
+            file_bytes: None,
+            time: Duration::from_millis(ms),
+        };
+        let mut m = Metrics {
+            prefill_time: Duration::from_millis(1500),
+            decode_time: Duration::from_millis(250),
+            ..Metrics::default()
+        };
+        m.record_prefix(&event(PrefixSource::Restored, 40));
+        m.record_prefix(&event(PrefixSource::Prefilled, 900));
+        m.record_prefix(&event(PrefixSource::Restored, 60));
+        let plan = Plan {
+            n_ctx: 256,
+            slot_budget: 10,
+            resident_prefixes: 2,
+            n_seq_max: 3,
+            layout: crate::plan::KvLayout::Unified,
+        };
+        let v = to_json(&m, &plan, Duration::from_secs(2));
+        assert_eq!(v["seconds"]["prefill"], 1.5);
+        assert_eq!(v["seconds"]["decode"], 0.25);
+        assert!((v["seconds"]["prefix_restore"].as_f64().unwrap() - 0.1).abs() < 1e-9);
     }
 }
