@@ -3,7 +3,7 @@
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test setup lint
+.PHONY: example test setup lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
 example: setup
@@ -22,3 +22,8 @@ lint:
 	cargo fmt --all -- --check
 	cargo clippy --release --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
+
+# Regenerates benches/RESULTS.md and benches/plots/ from nothing, peers included (about an hour
+# on 2 cores; needs the network once, to fetch and build the peers).
+bench: setup
+	python3 benches/bench.py
