@@ -1,18 +1,19 @@
-//! `decode/parallel_{1,2,4,8}`: aggregate decode tokens/s of P sequences stepping together, each
+//! `decode/parallel/{1,2,4,8}`: aggregate decode tokens/s of P sequences stepping together, each
 //! at the depth of a shared 1,000-token prefix, in the default (deterministic) layout: a KV
 //! stream per sequence, flash attention off.
 //!
 //! Run: `cargo bench --bench decode` (fetch the model first with `./models/fetch.sh`).
 //! Threads: `INFER_BATCH_BENCH_THREADS`, default the physical cores.
 
-use std::path::Path;
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{model, prefix_tokens, threads};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use infer_batch::cli::physical_cores;
-use infer_batch::engine::{FlashAttn, Model, ModelSettings, SessionSettings, Token};
+use infer_batch::engine::{FlashAttn, SessionSettings};
 use infer_batch::metrics::Metrics;
 use infer_batch::prefix_cache::materialize;
 
@@ -21,40 +22,6 @@ const DEPTH: usize = 1000;
 const STEPS: u32 = 32;
 /// Cells per stream: the prefix plus the steps, rounded up.
 const STREAM_CELLS: u32 = 1280;
-
-fn model() -> Model {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    Model::load(&ModelSettings {
-        path,
-        gpu_layers: 0,
-        verbose: false,
-    })
-    .expect("run ./models/fetch.sh first")
-}
-
-fn threads() -> u32 {
-    std::env::var("INFER_BATCH_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(physical_cores)
-}
-
-/// Exactly `n` tokens of rubric-like text.
-fn prefix_tokens(model: &Model, n: usize) -> Vec<Token> {
-    let mut text = String::new();
-    let mut i = 0;
-    loop {
-        text.push_str(&format!(
-            "Criterion {i}: rate the candidate's evidence of shipped work from 0 to 3, citing only the profile. "
-        ));
-        let mut tokens = model.tokenize(&text);
-        if tokens.len() >= n {
-            tokens.truncate(n);
-            return tokens;
-        }
-        i += 1;
-    }
-}
 
 fn bench_decode(c: &mut Criterion) {
     let model = model();

@@ -4,13 +4,11 @@
 //! Run: `cargo bench --bench prefix` (fetch the model first with `./models/fetch.sh`).
 //! Threads: `INFER_BATCH_BENCH_THREADS`, default the physical cores.
 
-use std::path::Path;
+mod common;
 
+use common::{model, prefix_tokens, threads};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use infer_batch::cli::physical_cores;
-use infer_batch::engine::{
-    llama_build, FlashAttn, Model, ModelSettings, Session, SessionSettings, Token,
-};
+use infer_batch::engine::{llama_build, FlashAttn, Session, SessionSettings};
 use infer_batch::metrics::Metrics;
 use infer_batch::prefix_cache::materialize;
 use infer_batch::prefix_store::{model_sha256, PrefixStore, StateIdentity};
@@ -18,26 +16,12 @@ use infer_batch::prefix_store::{model_sha256, PrefixStore, StateIdentity};
 const SIZES: [usize; 3] = [500, 1000, 2000];
 const N_BATCH: u32 = 512;
 
-fn model() -> Model {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    Model::load(&ModelSettings {
-        path,
-        gpu_layers: 0,
-        verbose: false,
-    })
-    .expect("run ./models/fetch.sh first")
-}
-
 fn settings() -> SessionSettings {
-    let threads = std::env::var("INFER_BATCH_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(physical_cores);
     SessionSettings {
         n_ctx: 2304,
         n_batch: N_BATCH,
         n_seq_max: 2,
-        threads,
+        threads: threads(),
         flash_attn: match std::env::var("INFER_BATCH_BENCH_FA").as_deref() {
             Ok("on") => FlashAttn::On,
             Ok("off") => FlashAttn::Off,
@@ -45,22 +29,6 @@ fn settings() -> SessionSettings {
         },
         kv_unified: true,
     }
-}
-
-/// Exactly `n` tokens of rubric-like text.
-fn prefix_tokens(model: &Model, n: usize) -> Vec<Token> {
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    let mut i = 0;
-    while tokens.len() < n {
-        text.push_str(&format!(
-            "Criterion {i}: rate the candidate's evidence of shipped work from 0 to 3, citing only the profile. "
-        ));
-        tokens = model.tokenize(&text);
-        i += 1;
-    }
-    tokens.truncate(n);
-    tokens
 }
 
 fn bench_prefix(c: &mut Criterion) {

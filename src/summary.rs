@@ -103,6 +103,16 @@ mod tests {
     use crate::prefix_cache::PrefixEvent;
     use crate::prompt::PrefixKey;
 
+    fn plan() -> Plan {
+        Plan {
+            n_ctx: 256,
+            slot_budget: 10,
+            resident_prefixes: 1,
+            n_seq_max: 2,
+            layout: crate::plan::KvLayout::Unified,
+        }
+    }
+
     #[test]
     fn summary_path_sits_next_to_the_output() {
         assert_eq!(
@@ -123,14 +133,7 @@ mod tests {
             ..Metrics::default()
         };
         m.errors_by_code.insert("invalid_json".into(), 3);
-        let plan = Plan {
-            n_ctx: 256,
-            slot_budget: 10,
-            resident_prefixes: 1,
-            n_seq_max: 2,
-            layout: crate::plan::KvLayout::Unified,
-        };
-        let v = to_json(&m, &plan, Duration::from_secs(2));
+        let v = to_json(&m, &plan(), Duration::from_secs(2));
         assert_eq!(v["tokens"]["reuse_ratio"], 0.75);
         assert_eq!(v["requests"]["failed_by_code"]["invalid_json"], 3);
         assert_eq!(v["plan"]["n_ctx"], 256);
@@ -153,14 +156,7 @@ mod tests {
         m.record_prefix(&event(PrefixSource::Restored, 40));
         m.record_prefix(&event(PrefixSource::Prefilled, 900));
         m.record_prefix(&event(PrefixSource::Restored, 60));
-        let plan = Plan {
-            n_ctx: 256,
-            slot_budget: 10,
-            resident_prefixes: 2,
-            n_seq_max: 3,
-            layout: crate::plan::KvLayout::Unified,
-        };
-        let v = to_json(&m, &plan, Duration::from_secs(2));
+        let v = to_json(&m, &plan(), Duration::from_secs(2));
         assert_eq!(v["seconds"]["prefill"], 1.5);
         assert_eq!(v["seconds"]["decode"], 0.25);
         assert!((v["seconds"]["prefix_restore"].as_f64().unwrap() - 0.1).abs() < 1e-9);
