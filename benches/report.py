@@ -45,17 +45,21 @@ def keys(w, config):
     return sorted((int(k.split("/")[1]) for k in w["samples"] if k.split("/")[0] == config))
 
 
-def ideal(w, config, p):
+def ideal_speedup(naive_wall, naive_computed, naive_prefill_tps, computed):
     """Speedup over naive if skipping prefix tokens were free: the naive run's wall clock less
     the time its own measured prefill rate says the skipped tokens took."""
+    rest = naive_wall - (naive_computed - computed) / naive_prefill_tps
+    return naive_wall / rest if rest > 0 else None
+
+
+def ideal(w, config, p):
+    """`ideal_speedup` over the medians of a workload's runs."""
     naive = w["samples"].get(f"naive/{p}")
     ours = w["samples"].get(f"{config}/{p}")
     if not naive or not ours:
         return None
-    t = med(naive, "wall")
-    skipped = med(naive, "prompt_computed") - med(ours, "prompt_computed")
-    rest = t - skipped / med(naive, "prefill_tps")
-    return t / rest if rest > 0 else None
+    return ideal_speedup(med(naive, "wall"), med(naive, "prompt_computed"), med(naive, "prefill_tps"),
+                         med(ours, "prompt_computed"))
 
 
 def best(w, configs):
@@ -281,8 +285,7 @@ def write(results, report_path, plots_dir):
         for pt in sweep:
             n, mem = pt["naive"], pt["memory"]
             sp = mem["req_s"] / n["req_s"]
-            rest = n["wall"] - (n["prompt_computed"] - mem["prompt_computed"]) / n["prefill_tps"]
-            ide = n["wall"] / rest
+            ide = ideal_speedup(n["wall"], n["prompt_computed"], n["prefill_tps"], mem["prompt_computed"])
             meas.append((mem["prefix_tokens"], sp))
             ideals.append((mem["prefix_tokens"], ide))
             lines.append(f"| {mem['prefix_tokens']} | {n['req_s']:.3f} | {mem['req_s']:.3f} | {sp:.2f}× | "

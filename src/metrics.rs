@@ -50,6 +50,15 @@ impl Metrics {
             .sum()
     }
 
+    /// Time spent making prefixes resident by `source`.
+    pub fn prefix_time(&self, source: PrefixSource) -> Duration {
+        self.prefix_events
+            .iter()
+            .filter(|e| e.source == source)
+            .map(|e| e.time)
+            .sum()
+    }
+
     /// Prefill rate over the calls that held prompt tokens.
     pub fn prefill_tokens_per_sec(&self) -> f64 {
         rate(self.prompt_tokens_computed, self.prefill_time)

@@ -63,12 +63,7 @@ pub fn to_json(m: &Metrics, plan: &Plan, wall: Duration) -> Value {
         "seconds": {
             "prefill": m.prefill_time.as_secs_f64(),
             "decode": m.decode_time.as_secs_f64(),
-            "prefix_restore": m
-                .prefix_events
-                .iter()
-                .filter(|e| e.source == PrefixSource::Restored)
-                .map(|e| e.time.as_secs_f64())
-                .sum::<f64>(),
+            "prefix_restore": m.prefix_time(PrefixSource::Restored).as_secs_f64(),
         },
         "time_to_first_token_seconds": {
             "p50": m.ttft_percentile(50.0),
