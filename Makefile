@@ -1,22 +1,25 @@
 # The two quick-start commands. Each one installs what a fresh machine lacks first:
-# the build packages (scripts/deps.sh) and the default model (models/fetch.sh).
+# the build packages (scripts/deps.sh) and the models (models/fetch.sh).
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test setup lint bench
+.PHONY: example test setup deps lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
-example: setup
+example: deps
+	@./models/fetch.sh smollm2
 	cargo run --release -- --model $(MODEL) examples/rubric.jsonl -o target/rubric.results.jsonl --restart
 	@echo "results: target/rubric.results.jsonl"
 
-# The whole test suite (unit tests and the real-model integration tests).
+# The whole test suite (unit tests and the real-model integration tests, on both models).
 test: setup
 	cargo test --release
 
-setup:
-	@./scripts/deps.sh
+setup: deps
 	@./models/fetch.sh
+
+deps:
+	@./scripts/deps.sh
 
 lint:
 	cargo fmt --all -- --check
