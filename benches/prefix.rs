@@ -41,7 +41,7 @@ fn bench_prefix(c: &mut Criterion) {
         StateIdentity {
             model_sha256: model_sha256(model.path(), Some(dir.path())).unwrap(),
             llama_build: llama_build(),
-            layout: settings.state_layout(0),
+            layout: settings.state_layout(model.memory_kind(), 0),
         },
     )
     .unwrap();

@@ -1,151 +1,36 @@
-//! Exact resume: the manifest next to the output, and what a resumed run skips.
+//! Exact resume: what an output already holds, and what a resumed run skips.
 //!
 //! The output file is the checkpoint: a request is done exactly when its line is in the file.
 //! A crash can only tear the last line, which is cut off before anything is appended. The
-//! manifest (`out.manifest.json`) records what the lines were computed from (the input's hash,
-//! the model's hash and every setting that changes outputs), so a run is only ever resumed
+//! [`Manifest`] beside it says what the lines were computed from, so a run is only ever resumed
 //! into results that the same computation produced.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::output::sibling_path;
-use crate::prefix_store::{hex, sha256_file};
-use crate::request::id_hash;
+use crate::digest::hash64;
+use crate::durable::write_atomic_with;
+use crate::lock::lock_holder;
+use crate::manifest::{manifest_path, Manifest, RunState};
 
-/// Version of the manifest layout.
-pub const MANIFEST_VERSION: u64 = 1;
-
-/// `dir/out.jsonl` → `dir/out.manifest.json`.
-pub fn manifest_path(output: &Path) -> PathBuf {
-    sibling_path(output, "manifest.json")
-}
-
-/// Where a run stands, as the manifest records it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunState {
-    /// A run is (or was, if it died) working on it.
-    Running,
-    /// Stopped by a signal; resumable.
-    Interrupted,
-    /// Every request has its line.
-    Finished,
-}
-
-impl RunState {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Running => "running",
-            Self::Interrupted => "interrupted",
-            Self::Finished => "finished",
+/// Deletes an output and its manifest, for `--restart`.
+///
+/// # Errors
+/// When a file exists but cannot be removed.
+pub fn remove_output(output: &Path) -> Result<()> {
+    for path in [output.to_owned(), manifest_path(output)] {
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
         }
     }
-}
-
-/// What the output's lines were computed from.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Manifest {
-    /// SHA-256 of the input file.
-    pub input_sha256: String,
-    /// SHA-256 of the model file.
-    pub model_sha256: String,
-    /// Every setting that changes outputs, by flag name.
-    pub params: Value,
-    /// Input lines that get an output line (blank lines excluded); 0 until counted.
-    pub total: u64,
-    /// Where the run stands.
-    pub state: RunState,
-}
-
-impl Manifest {
-    fn to_json(&self, input: &Path, model: &Path) -> Value {
-        json!({
-            "version": MANIFEST_VERSION,
-            "input": {"path": input, "sha256": self.input_sha256, "total": self.total},
-            "model": {"path": model, "sha256": self.model_sha256},
-            "params": self.params,
-            "state": self.state.as_str(),
-        })
-    }
-
-    /// Writes the manifest atomically.
-    ///
-    /// # Errors
-    /// When the file cannot be written.
-    pub fn write(&self, output: &Path, input: &Path, model: &Path) -> Result<()> {
-        let path = manifest_path(output);
-        let tmp = path.with_extension("json.tmp");
-        let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(&self.to_json(input, model))?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
-    }
-
-    /// Reads a manifest, if one is there.
-    ///
-    /// # Errors
-    /// When it exists but cannot be parsed.
-    pub fn read(output: &Path) -> Result<Option<Self>> {
-        let path = manifest_path(output);
-        let text = match fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(_) => return Ok(None),
-        };
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("manifest {} is not valid JSON", path.display()))?;
-        let s = |p: &str| {
-            v.pointer(p)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        if v["version"].as_u64() != Some(MANIFEST_VERSION) {
-            bail!(
-                "manifest {} has version {}, this build writes {MANIFEST_VERSION}",
-                path.display(),
-                v["version"]
-            );
-        }
-        Ok(Some(Self {
-            input_sha256: s("/input/sha256"),
-            model_sha256: s("/model/sha256"),
-            params: v["params"].clone(),
-            total: v
-                .pointer("/input/total")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            state: match s("/state").as_str() {
-                "finished" => RunState::Finished,
-                "interrupted" => RunState::Interrupted,
-                _ => RunState::Running,
-            },
-        }))
-    }
-
-    /// What differs between the manifest a run would write and the stored one, in words.
-    pub fn differences(&self, stored: &Self) -> Vec<String> {
-        let mut out = Vec::new();
-        if self.input_sha256 != stored.input_sha256 {
-            out.push("the input file changed".to_owned());
-        }
-        if self.model_sha256 != stored.model_sha256 {
-            out.push("the model file changed".to_owned());
-        }
-        if let (Some(now), Some(then)) = (self.params.as_object(), stored.params.as_object()) {
-            for (k, v) in now {
-                let old = then.get(k).unwrap_or(&Value::Null);
-                if old != v {
-                    out.push(format!("--{k} was {old}, now {v}"));
-                }
-            }
-        }
-        out
-    }
+    Ok(())
 }
 
 /// Readies the output for a run and returns what it already holds.
@@ -160,20 +45,12 @@ impl Manifest {
 /// says what changed and how to start over.
 pub fn prepare(
     output: &Path,
-    manifest: &Manifest,
+    manifest: &mut Manifest,
     restart: bool,
     retry_failed: bool,
 ) -> Result<Done> {
     if restart {
-        for path in [output.to_owned(), manifest_path(output)] {
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot remove {}", path.display()))
-                }
-            }
-        }
+        remove_output(output)?;
         return Ok(Done::default());
     }
     let has_results = fs::metadata(output).is_ok_and(|m| m.len() > 0);
@@ -189,6 +66,7 @@ pub fn prepare(
         );
     };
     let differences = manifest.differences(&stored);
+    manifest.runs = stored.runs;
     if !differences.is_empty() {
         bail!(
             "cannot resume into {}: {}. Pass --restart to start over, or -o to write elsewhere",
@@ -217,14 +95,6 @@ pub fn prepare(
     Ok(done)
 }
 
-/// SHA-256 of a file, streamed, in hex.
-///
-/// # Errors
-/// When the file cannot be read.
-pub fn file_sha256(path: &Path) -> Result<String> {
-    sha256_file(path).map(|h| hex(&h))
-}
-
 /// `request_counts` of an output, as `infer-batch status` prints them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Status {
@@ -236,6 +106,8 @@ pub struct Status {
     pub failed: u64,
     /// Where the run stands.
     pub state: RunState,
+    /// The pid of the process running it now, when one holds the output's lock.
+    pub held_by: Option<String>,
 }
 
 impl Status {
@@ -260,6 +132,7 @@ impl Status {
             "status": self.label(),
             "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
             "remaining": self.remaining(),
+            "running_pid": self.held_by.as_ref().and_then(|p| p.parse::<u64>().ok()),
         })
     }
 }
@@ -278,10 +151,11 @@ pub fn status(output: &Path) -> Result<Status> {
     })?;
     let (done, _) = scan_output(output)?;
     Ok(Status {
-        total: manifest.total,
+        total: manifest.input.total,
         completed: done.ok.len() as u64,
         failed: done.failed.len() as u64,
         state: manifest.state,
+        held_by: lock_holder(output),
     })
 }
 
@@ -299,7 +173,7 @@ pub struct Done {
 impl Done {
     /// Whether the request `custom_id` on `line` already has its line.
     pub fn contains(&self, custom_id: Option<&str>, line: u64) -> bool {
-        self.failed.contains(&line) || custom_id.is_some_and(|id| self.ok.contains(&id_hash(id)))
+        self.failed.contains(&line) || custom_id.is_some_and(|id| self.ok.contains(&hash64(id)))
     }
 
     /// Lines accounted for.
@@ -351,7 +225,7 @@ pub fn scan_output(path: &Path) -> Result<(Done, u64)> {
         };
         if v["error"].is_null() {
             if let Some(id) = v["custom_id"].as_str() {
-                done.ok.insert(id_hash(id));
+                done.ok.insert(hash64(id));
             }
         } else if let Some(line) = v["error"]["line"].as_u64() {
             done.failed.insert(line);
@@ -380,23 +254,21 @@ pub fn truncate(path: &Path, len: u64) -> Result<()> {
 /// # Errors
 /// When the file cannot be rewritten.
 pub fn drop_error_lines(path: &Path) -> Result<u64> {
-    let text = fs::read_to_string(path)?;
-    let mut kept = String::with_capacity(text.len());
     let mut dropped = 0;
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line)?;
-        if v["error"].is_null() {
-            kept.push_str(line);
-            kept.push('\n');
-        } else {
-            dropped += 1;
+    let reader = BufReader::new(File::open(path)?);
+    write_atomic_with(path, |out| {
+        for line in reader.lines() {
+            let line = line?;
+            let v: Value = serde_json::from_str(&line).map_err(std::io::Error::other)?;
+            if v["error"].is_null() {
+                out.write_all(line.as_bytes())?;
+                out.write_all(b"\n")?;
+            } else {
+                dropped += 1;
+            }
         }
-    }
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(kept.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
+        Ok(())
+    })?;
     Ok(dropped)
 }
 
@@ -479,41 +351,5 @@ mod tests {
             fs::read_to_string(&p).unwrap(),
             [ok_line("a"), ok_line("b")].concat()
         );
-    }
-
-    #[test]
-    fn manifest_differences_name_what_changed() {
-        let a = Manifest {
-            input_sha256: "x".into(),
-            model_sha256: "m".into(),
-            params: json!({"seed": 1, "max-tokens": 8}),
-            total: 3,
-            state: RunState::Running,
-        };
-        let mut b = a.clone();
-        assert!(a.differences(&b).is_empty());
-        b.input_sha256 = "y".into();
-        b.params = json!({"seed": 2, "max-tokens": 8});
-        let d = a.differences(&b);
-        assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].contains("input"));
-        assert!(d[1].contains("--seed was 2, now 1"));
-    }
-
-    #[test]
-    fn manifest_round_trips() {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("o.jsonl");
-        let m = Manifest {
-            input_sha256: "x".into(),
-            model_sha256: "m".into(),
-            params: json!({"seed": 1}),
-            total: 5,
-            state: RunState::Interrupted,
-        };
-        m.write(&out, Path::new("in.jsonl"), Path::new("m.gguf"))
-            .unwrap();
-        assert_eq!(Manifest::read(&out).unwrap(), Some(m));
-        assert!(manifest_path(&out).ends_with("o.manifest.json"));
     }
 }

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::engine::FlashAttn;
+use crate::fields::FieldPolicy;
+use crate::scheduler::EXACT_MAX_ROWS;
 
 /// Default prefill chunk and batch size, in tokens.
 pub const DEFAULT_BATCH: u32 = 512;
@@ -200,6 +202,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub supervise: bool,
 
+    /// Skip request fields this version does not know instead of giving the request an error
+    /// line. Known fields that are not honoured (`n` > 1, `logprobs`, `tools`, ...) are still
+    /// refused.
+    #[arg(long)]
+    pub ignore_unknown_fields: bool,
+
     /// Show llama.cpp's own logs and debug messages.
     #[arg(long, short = 'v')]
     pub verbose: bool,
@@ -256,6 +264,8 @@ pub struct RunConfig {
     pub memory_budget: Option<u64>,
     /// Plan only.
     pub dry_run: bool,
+    /// What unknown request fields get.
+    pub fields: FieldPolicy,
     /// llama.cpp logs.
     pub verbose: bool,
 }
@@ -291,6 +301,15 @@ impl RunArgs {
         if !(0.0..=2.0).contains(&self.temperature) {
             return Err(UsageError("--temperature must be within [0, 2]".into()));
         }
+        let batch_size = positive("batch-size", self.batch_size)?;
+        let step = decode_step_rows(parallel, !self.no_deterministic);
+        if batch_size < step {
+            return Err(UsageError(format!(
+                "--batch-size {batch_size} cannot hold one decode step: with --parallel {parallel} \
+                 a step feeds up to {step} tokens at once; raise --batch-size to at least {step}, \
+                 or lower --parallel"
+            )));
+        }
         Ok(RunConfig {
             output: self
                 .output
@@ -306,7 +325,7 @@ impl RunArgs {
             gpu_layers: self.gpu_layers.unwrap_or(DEFAULT_GPU_LAYERS),
             prefix_cache: !self.no_prefix_cache,
             ctx_size: self.ctx_size,
-            batch_size: positive("batch-size", self.batch_size)?,
+            batch_size,
             flash_attn: match (self.flash_attn, self.no_deterministic) {
                 (Some(FlashAttn::On), false) => {
                     return Err(UsageError(
@@ -333,8 +352,22 @@ impl RunArgs {
             supervise: self.supervise,
             memory_budget: self.memory_budget,
             dry_run: self.dry_run,
+            fields: FieldPolicy {
+                ignore_unknown: self.ignore_unknown_fields,
+            },
             verbose: self.verbose,
         })
+    }
+}
+
+/// Tokens one decode step feeds at most: every generating slot's next token in a mixed batch;
+/// in deterministic mode a group of at most [`EXACT_MAX_ROWS`] generated tokens, and at least
+/// two rows (a lone row may be padded, and the start-up probe decodes two).
+pub fn decode_step_rows(parallel: u32, deterministic: bool) -> u32 {
+    if deterministic {
+        parallel.min(EXACT_MAX_ROWS as u32).max(2)
+    } else {
+        parallel
     }
 }
 
@@ -396,6 +429,35 @@ mod tests {
         assert!(e.to_string().contains("--model"));
         let e = parse(&["--model", "m"]).unwrap_err();
         assert!(e.to_string().contains("input"));
+        let e = parse(&["--model", "m", "--batch-size", "4", "--parallel", "8", "in"]).unwrap_err();
+        assert!(
+            e.to_string().contains("--batch-size 4") && e.to_string().contains("at least 8"),
+            "{e}"
+        );
+        let e = parse(&["--model", "m", "--batch-size", "1", "--parallel", "1", "in"]).unwrap_err();
+        assert!(e.to_string().contains("at least 2"), "{e}");
+        parse(&[
+            "--model",
+            "m",
+            "--batch-size",
+            "32",
+            "--parallel",
+            "64",
+            "in",
+        ])
+        .expect("deterministic decode groups hold 32 rows");
+        let e = parse(&[
+            "--model",
+            "m",
+            "--batch-size",
+            "32",
+            "--parallel",
+            "64",
+            "--no-deterministic",
+            "in",
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("at least 64"), "{e}");
         let e = parse(&["--model", "m", "--flash-attn", "on", "in"]).unwrap_err();
         assert!(e.to_string().contains("--no-deterministic"));
         let c = parse(&[

@@ -1,15 +1,18 @@
 //! The `infer-batch` command: parse the arguments, run, map the outcome to an exit code.
 
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
 use infer_batch::cli::{CacheAction, Cli, Command};
-use infer_batch::prefix_cache::PrefixEvent;
+use infer_batch::metrics::{PrefixEvent, PrefixSource};
 use infer_batch::prefix_store;
-use infer_batch::run::{dry_run, run, warm, RunReport};
-use infer_batch::supervise::supervise;
+use infer_batch::preflight::dry_run;
+use infer_batch::run::{run, RunReport};
+use infer_batch::supervise::{attach_to_supervisor, supervise};
+use infer_batch::warm::warm;
+use infer_batch::worker::WorkerEnv;
 
 /// Every request succeeded.
 const EXIT_OK: u8 = 0;
@@ -19,6 +22,8 @@ const EXIT_SOME_FAILED: u8 = 1;
 const EXIT_FATAL: u8 = 2;
 /// Stopped by SIGINT or SIGTERM; running the same command again resumes (sysexits' TEMPFAIL).
 const EXIT_INTERRUPTED: u8 = 75;
+/// Prefixes listed one by one in the summary on stderr; the rest are counted.
+const PRINTED_PREFIXES: usize = 8;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -46,12 +51,21 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
         );
         return Ok(EXIT_OK);
     }
-    let stop = stop_on_signals()?;
     if cfg.supervise {
         let args: Vec<_> = std::env::args_os().skip(1).collect();
-        return supervise(&args, cfg.parallel, &stop);
+        return supervise(&cfg, &args, &*count_signals()?);
     }
-    let report = run(&cfg, &stop)?;
+    let worker = WorkerEnv::from_env()?;
+    let stop = match &worker {
+        Some(env) => {
+            attach_to_supervisor(env)?;
+            // The supervisor decides when to stop at once; a repeated signal (one from the
+            // terminal and one forwarded) must not kill a worker that is stopping cleanly.
+            stop_flag(false)?
+        }
+        None => stop_flag(true)?,
+    };
+    let report = run(&cfg, &stop, worker.as_ref())?;
     print_summary(&report, &cfg.output);
     Ok(if report.interrupted {
         eprintln!("interrupted: run the same command again to resume");
@@ -63,15 +77,32 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     })
 }
 
-/// The first SIGINT or SIGTERM asks the run to stop cleanly; a second one kills at once.
-fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+/// The first SIGINT or SIGTERM asks the run to stop cleanly; with `second_kills`, a second
+/// one kills at once.
+fn stop_flag(second_kills: bool) -> anyhow::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [SIGINT, SIGTERM] {
-        signal_hook::flag::register_conditional_default(sig, Arc::clone(&stop))?;
+        if second_kills {
+            signal_hook::flag::register_conditional_default(sig, Arc::clone(&stop))?;
+        }
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     Ok(stop)
+}
+
+/// Counts SIGINT and SIGTERM, for the supervisor: one stops the worker cleanly, two at once.
+fn count_signals() -> anyhow::Result<Arc<AtomicUsize>> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    let seen = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for _ in signals.forever() {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Ok(count)
 }
 
 fn status(output: &std::path::Path, json: bool) -> anyhow::Result<()> {
@@ -79,8 +110,13 @@ fn status(output: &std::path::Path, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", s.to_json(output));
     } else {
+        let running = match (&s.held_by, s.label()) {
+            (Some(pid), _) => format!("; process {pid} is running it"),
+            (None, "completed") => String::new(),
+            (None, _) => "; no process is running it: run the same command again to resume".into(),
+        };
         println!(
-            "{}: {} of {} done ({} completed, {} failed), {} remaining",
+            "{}: {} of {} done ({} completed, {} failed), {} remaining{running}",
             s.label(),
             s.completed + s.failed,
             s.total,
@@ -187,8 +223,16 @@ fn print_summary(report: &RunReport, output: &std::path::Path) {
         (m.requests_ok + m.requests_failed) as f64 / wall.max(1e-9),
         output.display()
     );
-    for e in &m.prefix_events {
+    for e in m.prefix_events.iter().take(PRINTED_PREFIXES) {
         print_prefix(e);
+    }
+    let more = m.prefix_count().saturating_sub(PRINTED_PREFIXES as u64);
+    if more > 0 {
+        eprintln!(
+            "... and {more} more prefixes made resident ({} tokens prefilled, {} restored in all)",
+            m.prefix_tokens(PrefixSource::Prefilled),
+            m.prefix_tokens(PrefixSource::Restored)
+        );
     }
     eprintln!(
         "prompt tokens: {} computed, {} reused from shared prefixes",

@@ -6,6 +6,8 @@
 //! f16), llama.cpp's compute buffers, and a fixed allowance for this process. A plan that does
 //! not fit the budget runs with fewer slots, or not at all.
 
+use std::time::{Duration, Instant};
+
 use serde_json::{json, Value};
 
 use crate::engine::ModelInfo;
@@ -167,6 +169,57 @@ pub fn gpu_share(footprint: &Footprint, gpu_layers: u32, n_layer: u32) -> u64 {
 /// Free memory under which no new request is admitted: the larger of 256 MiB and 5% of RAM.
 pub fn pressure_floor(total: u64) -> u64 {
     (256 << 20).max(total / 20)
+}
+
+/// Pauses admission while free memory is under the floor, checking at most once a second.
+#[derive(Debug)]
+pub struct Pressure {
+    last_check: Instant,
+    paused: bool,
+}
+
+impl Default for Pressure {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pressure {
+    /// Starts unpaused.
+    pub fn new() -> Self {
+        Self {
+            last_check: Instant::now(),
+            paused: false,
+        }
+    }
+
+    /// Whether admission must pause now.
+    pub fn high(&mut self) -> bool {
+        if self.last_check.elapsed() >= Duration::from_secs(1) {
+            self.last_check = Instant::now();
+            let Some(mem) = system_memory() else {
+                return false;
+            };
+            let floor = pressure_floor(mem.total);
+            let short = mem.available < floor;
+            if short != self.paused {
+                if short {
+                    tracing::warn!(
+                        "memory pressure: {} free, under {}; admitting no new request until it frees",
+                        mib(mem.available),
+                        mib(floor)
+                    );
+                } else {
+                    tracing::info!(
+                        "memory pressure over: {} free; admitting again",
+                        mib(mem.available)
+                    );
+                }
+                self.paused = short;
+            }
+        }
+        self.paused
+    }
 }
 
 #[cfg(test)]

@@ -4,9 +4,58 @@
 //! any prompt token counts as prefill time; a call of generated tokens alone counts as decode
 //! time, so the two rates are each measured on their own calls.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::prefix_cache::{PrefixEvent, PrefixSource};
+use crate::prompt::PrefixKey;
+
+/// How a prefix got into the KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PrefixSource {
+    /// Computed by llama.cpp in this run.
+    Prefilled,
+    /// Loaded from a state file.
+    Restored,
+}
+
+impl std::fmt::Display for PrefixSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Prefilled => "prefilled",
+            Self::Restored => "restored",
+        })
+    }
+}
+
+/// One prefix made resident, as the run summary reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefixEvent {
+    /// Which prefix.
+    pub key: PrefixKey,
+    /// Its tokens.
+    pub tokens: usize,
+    /// Prefilled or restored.
+    pub source: PrefixSource,
+    /// Size of its state file, when one was read or written.
+    pub file_bytes: Option<u64>,
+    /// Time to prefill or restore it (saving excluded).
+    pub time: Duration,
+}
+
+/// Totals of the prefixes made resident one way.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PrefixTotals {
+    /// Prefixes made resident (a prefix evicted and brought back counts again).
+    pub count: u64,
+    /// Their tokens.
+    pub tokens: u64,
+    /// Time spent on them.
+    pub time: Duration,
+}
+
+/// Prefix events kept one by one; past this, only the totals grow, so a run whose prefixes
+/// keep being evicted and brought back holds bounded memory.
+pub const MAX_PREFIX_EVENTS: usize = 64;
 
 /// Counters updated by the scheduler as it works.
 #[derive(Debug, Default, Clone)]
@@ -23,14 +72,16 @@ pub struct Metrics {
     pub decode_time: Duration,
     /// Tokens sampled, over all requests.
     pub completion_tokens: u64,
-    /// Each prefix made resident: prefilled or restored, with its size and time.
+    /// The first [`MAX_PREFIX_EVENTS`] prefixes made resident, with their size and time.
     pub prefix_events: Vec<PrefixEvent>,
+    /// Every prefix made resident, by source.
+    pub prefix_totals: BTreeMap<PrefixSource, PrefixTotals>,
     /// Requests that completed.
     pub requests_ok: u64,
     /// Requests that got an error line.
     pub requests_failed: u64,
     /// Error lines by their `error.code`.
-    pub errors_by_code: std::collections::BTreeMap<String, u64>,
+    pub errors_by_code: BTreeMap<String, u64>,
     /// Seconds from admission to first token, over completed requests.
     pub time_to_first_token: Histogram,
 }
@@ -38,25 +89,30 @@ pub struct Metrics {
 impl Metrics {
     /// Records a prefix made resident.
     pub fn record_prefix(&mut self, event: &PrefixEvent) {
-        self.prefix_events.push(event.clone());
+        let t = self.prefix_totals.entry(event.source).or_default();
+        t.count += 1;
+        t.tokens += event.tokens as u64;
+        t.time += event.time;
+        if self.prefix_events.len() < MAX_PREFIX_EVENTS {
+            self.prefix_events.push(event.clone());
+        }
+    }
+
+    /// Prefixes made resident, over all sources.
+    pub fn prefix_count(&self) -> u64 {
+        self.prefix_totals.values().map(|t| t.count).sum()
     }
 
     /// Prefix tokens made resident by `source`.
     pub fn prefix_tokens(&self, source: PrefixSource) -> u64 {
-        self.prefix_events
-            .iter()
-            .filter(|e| e.source == source)
-            .map(|e| e.tokens as u64)
-            .sum()
+        self.prefix_totals.get(&source).map_or(0, |t| t.tokens)
     }
 
     /// Time spent making prefixes resident by `source`.
     pub fn prefix_time(&self, source: PrefixSource) -> Duration {
-        self.prefix_events
-            .iter()
-            .filter(|e| e.source == source)
-            .map(|e| e.time)
-            .sum()
+        self.prefix_totals
+            .get(&source)
+            .map_or(Duration::ZERO, |t| t.time)
     }
 
     /// Prefill rate over the calls that held prompt tokens.
@@ -165,6 +221,31 @@ mod tests {
         near(h.percentile(100.0), 5.0);
         near(h.percentile(0.0), 1.0);
         assert_eq!(h.len(), 5);
+    }
+
+    #[test]
+    fn prefix_events_are_bounded_but_totals_count_all() {
+        let mut m = Metrics::default();
+        for i in 0..(MAX_PREFIX_EVENTS + 10) {
+            m.record_prefix(&PrefixEvent {
+                key: PrefixKey::of(&[crate::engine::Token(i as i32)]),
+                tokens: 100,
+                source: if i % 2 == 0 {
+                    PrefixSource::Prefilled
+                } else {
+                    PrefixSource::Restored
+                },
+                file_bytes: None,
+                time: Duration::from_millis(1),
+            });
+        }
+        assert_eq!(m.prefix_events.len(), MAX_PREFIX_EVENTS);
+        assert_eq!(m.prefix_count(), MAX_PREFIX_EVENTS as u64 + 10);
+        assert_eq!(m.prefix_tokens(PrefixSource::Prefilled), 3700);
+        assert_eq!(
+            m.prefix_time(PrefixSource::Restored),
+            Duration::from_millis(37)
+        );
     }
 
     #[test]

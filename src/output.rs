@@ -52,6 +52,8 @@ pub struct Usage {
 /// A request that ran to the end.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
+    /// Input line number.
+    pub line: u64,
     /// The caller's id.
     pub custom_id: String,
     /// The generated text, stop string excluded.
@@ -71,8 +73,9 @@ fn derived_id(tag: &str, custom_id: &str, n: usize) -> String {
         .chain_update([0])
         .chain_update(custom_id.as_bytes())
         .finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    hex[..n].to_owned()
+    let mut hex = hex::encode(digest);
+    hex.truncate(n);
+    hex
 }
 
 /// The `id` of a batch output line.
@@ -127,6 +130,12 @@ pub fn error_line(e: &LineError) -> Value {
     })
 }
 
+/// The name results report as `model`: the GGUF file name without its extension.
+pub fn model_name(path: &Path) -> String {
+    path.file_stem()
+        .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +144,7 @@ mod tests {
     #[test]
     fn success_line_has_the_batch_shape_and_sums_usage() {
         let c = Completion {
+            line: 1,
             custom_id: "cand-1".into(),
             content: "hi".into(),
             reason: StopReason::Length,

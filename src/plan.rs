@@ -8,15 +8,27 @@ pub struct Demand {
     pub lines: u64,
     /// Valid requests.
     pub requests: u64,
-    /// Token lengths of the distinct shared prefixes (at most [`MAX_TRACKED_PREFIXES`]).
-    pub prefix_lens: Vec<usize>,
+    /// Distinct shared prefixes.
+    pub distinct_prefixes: usize,
+    /// Token lengths of the largest distinct prefixes, longest first: as many as can be
+    /// resident at once, which is all that sizing needs.
+    pub largest_prefixes: Vec<usize>,
     /// The largest KV need of one request beyond its shared prefix: own prompt tokens plus
     /// `max_tokens`.
     pub max_need: usize,
 }
 
-/// Distinct prefixes a scan remembers; only the largest few matter for sizing.
-pub const MAX_TRACKED_PREFIXES: usize = 4096;
+impl Demand {
+    /// Counts a new distinct prefix of `len` tokens, keeping the `keep` largest lengths.
+    pub fn add_prefix(&mut self, len: usize, keep: usize) {
+        self.distinct_prefixes += 1;
+        let at = self.largest_prefixes.partition_point(|&l| l >= len);
+        if at < keep {
+            self.largest_prefixes.insert(at, len);
+            self.largest_prefixes.truncate(keep);
+        }
+    }
+}
 
 /// KV cells llama.cpp allocates in steps of this size.
 pub const CTX_STEP: usize = 256;
@@ -72,14 +84,13 @@ pub fn plan(
     layout: KvLayout,
 ) -> Result<Plan, PlanError> {
     let resident_prefixes = if share {
-        demand.prefix_lens.len().min(max_prefixes)
+        demand.distinct_prefixes.min(max_prefixes)
     } else {
         0
     };
-    let mut lens = demand.prefix_lens.clone();
-    lens.sort_unstable_by(|a, b| b.cmp(a));
+    let lens = &demand.largest_prefixes;
     if layout == KvLayout::Streams {
-        return plan_streams(demand, parallel, resident_prefixes, &lens, ctx_override);
+        return plan_streams(demand, parallel, resident_prefixes, lens, ctx_override);
     }
     let prefix_area: usize = lens.iter().take(resident_prefixes).sum();
     let (n_ctx, slot_budget) = match ctx_override {
@@ -150,12 +161,29 @@ mod tests {
     use super::*;
 
     fn demand(prefixes: &[usize], max_need: usize) -> Demand {
-        Demand {
+        let mut d = Demand {
             lines: 10,
             requests: 10,
-            prefix_lens: prefixes.to_vec(),
             max_need,
+            ..Demand::default()
+        };
+        for &len in prefixes {
+            d.add_prefix(len, 4);
         }
+        d
+    }
+
+    #[test]
+    fn the_largest_prefixes_are_kept_whatever_their_order() {
+        let mut d = Demand::default();
+        for len in [5, 900, 7, 300, 1000, 2, 301] {
+            d.add_prefix(len, 3);
+        }
+        assert_eq!(d.distinct_prefixes, 7);
+        assert_eq!(d.largest_prefixes, vec![1000, 900, 301]);
+        let p = plan(&d, 1, 2, true, None, KvLayout::Unified).unwrap();
+        assert_eq!(p.resident_prefixes, 2);
+        assert_eq!(p.n_ctx, 2048); // 1000 + 900 + own need 0 → at least 1
     }
 
     #[test]

@@ -8,45 +8,12 @@
 //! [`materialize`] fills a prefix's sequence: restored from the on-disk store when it holds a
 //! valid state, otherwise prefilled once and saved for the next run.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::engine::{EngineError, SeqId, Session, Token};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PrefixEvent, PrefixSource};
 use crate::prefix_store::{Lookup, PrefixStore};
 use crate::prompt::PrefixKey;
-
-/// How a prefix got into the KV cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrefixSource {
-    /// Computed by llama.cpp in this run.
-    Prefilled,
-    /// Loaded from a state file.
-    Restored,
-}
-
-impl std::fmt::Display for PrefixSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Prefilled => "prefilled",
-            Self::Restored => "restored",
-        })
-    }
-}
-
-/// One prefix made resident, as the run summary reports it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PrefixEvent {
-    /// Which prefix.
-    pub key: PrefixKey,
-    /// Its tokens.
-    pub tokens: usize,
-    /// Prefilled or restored.
-    pub source: PrefixSource,
-    /// Size of its state file, when one was read or written.
-    pub file_bytes: Option<u64>,
-    /// Time to prefill or restore it (saving excluded).
-    pub time: Duration,
-}
 
 /// Puts the prefix `tokens` into the empty sequence `seq`: restored from `store` when it holds
 /// a valid state, otherwise prefilled chunk by chunk from position 0 and saved to `store`.
@@ -101,7 +68,7 @@ pub fn materialize(
     let file_bytes = store.and_then(|store| {
         let saved = session
             .seq_state(seq)
-            .ok_or_else(|| anyhow::anyhow!("llama.cpp's sequence state has an unknown layout"))
+            .map_err(anyhow::Error::msg)
             .and_then(|state| store.save(tokens, &state));
         match saved {
             Ok(bytes) => Some(bytes),

@@ -14,7 +14,7 @@
 //! looks valid, and runs sharing the directory never see each other's half-written files.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -22,6 +22,8 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::digest::{parse_hex32, sha256_file, short_hex};
+use crate::durable::{remove_stale_temps, write_atomic};
 use crate::engine::Token;
 
 /// Version of the file layout; a file of another version is rebuilt, never read.
@@ -133,11 +135,7 @@ pub fn file_name(identity: &StateIdentity, tokens: &[Token]) -> String {
     for t in tokens {
         h.update(t.0.to_le_bytes());
     }
-    let hex: String = h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("{hex}.{EXTENSION}")
+    format!("{}.{EXTENSION}", short_hex(&h.finalize(), 16))
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -263,8 +261,7 @@ impl PrefixStore {
     /// # Errors
     /// When the directory cannot be created.
     pub fn open(dir: &Path, max_bytes: u64, identity: StateIdentity) -> Result<Self> {
-        fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create prefix cache {}", dir.display()))?;
+        create_private_dir(dir)?;
         Ok(Self {
             dir: dir.to_owned(),
             max_bytes,
@@ -307,27 +304,8 @@ impl PrefixStore {
     pub fn save(&self, tokens: &[Token], payload: &[u8]) -> Result<u64> {
         let path = self.path_of(tokens);
         let bytes = encode(&self.identity, tokens, payload)?;
-        let tmp = self.dir.join(format!(
-            ".{}.{}.{}.tmp",
-            file_name(&self.identity, tokens),
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        ));
-        let write = || -> Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            // The rename is durable only once the directory is synced.
-            File::open(&self.dir)?.sync_all()?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("cannot save prefix state {}", path.display()));
-        }
+        write_atomic(&path, &bytes)
+            .with_context(|| format!("cannot save prefix state {}", path.display()))?;
         self.evict(&path);
         Ok(bytes.len() as u64)
     }
@@ -366,7 +344,8 @@ pub struct Entry {
     pub problem: Option<String>,
 }
 
-/// The state files of a directory, with what their headers say.
+/// The state files of a directory (ours: named `*.ibprefix` and opening with our magic), with
+/// what their headers say. Anything else in the directory is not ours and is left alone.
 pub fn entries(dir: &Path) -> Vec<Entry> {
     let Ok(read) = fs::read_dir(dir) else {
         return Vec::new();
@@ -376,20 +355,21 @@ pub fn entries(dir: &Path) -> Vec<Entry> {
         .filter_map(|e| {
             let path = e.path();
             let meta = e.metadata().ok()?;
-            let mut head = vec![0u8; 64 << 10];
-            let n = File::open(&path).and_then(|mut f| f.read(&mut head)).ok()?;
-            head.truncate(n);
+            if !meta.is_file() {
+                return None;
+            }
+            let mut head = Vec::with_capacity(64 << 10);
+            File::open(&path)
+                .and_then(|f| f.take(64 << 10).read_to_end(&mut head))
+                .ok()?;
             let (tokens, model, problem) = match decode_header(&head) {
                 Ok((h, _)) => (
                     Some(h.tokens.len()),
-                    Some(
-                        h.identity.model_sha256[..6]
-                            .iter()
-                            .map(|b| format!("{b:02x}"))
-                            .collect(),
-                    ),
+                    Some(short_hex(&h.identity.model_sha256, 6)),
                     None,
                 ),
+                Err(Invalid::Magic) => return None,
+                Err(_) if !head.starts_with(MAGIC) => return None,
                 Err(e) => (None, None, Some(e.to_string())),
             };
             Some(Entry {
@@ -404,24 +384,40 @@ pub fn entries(dir: &Path) -> Vec<Entry> {
         .collect()
 }
 
-/// Deletes every state file (and stale temporary file) in `dir`; returns how many.
+/// Deletes the state files this tool wrote in `dir`, and the temporary files of writers that
+/// are gone; a file another run is writing right now stays. Returns how many were removed.
 ///
 /// # Errors
 /// When a file cannot be removed.
 pub fn clear(dir: &Path) -> Result<usize> {
-    let Ok(read) = fs::read_dir(dir) else {
-        return Ok(0);
-    };
     let mut n = 0;
-    for e in read.filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.ends_with(&format!(".{EXTENSION}")) || name.ends_with(".tmp") {
-            fs::remove_file(e.path())
-                .with_context(|| format!("cannot remove {}", e.path().display()))?;
-            n += 1;
-        }
+    for e in entries(dir) {
+        fs::remove_file(&e.path).with_context(|| format!("cannot remove {}", e.path.display()))?;
+        n += 1;
     }
+    n += remove_stale_temps(dir, is_state_file_name)?;
     Ok(n)
+}
+
+/// Whether a file name is one [`file_name`] makes: 32 hex digits and our extension.
+fn is_state_file_name(name: &str) -> bool {
+    name.strip_suffix(&format!(".{EXTENSION}"))
+        .is_some_and(|stem| stem.len() == 32 && stem.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// Creates `dir` (and missing parents) readable by this user only: a state file is trusted
+/// once its checksum and identity match, and the checksum guards against corruption, not
+/// against a file someone else crafted. An existing directory keeps its permissions.
+///
+/// # Errors
+/// When the directory cannot be created.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create prefix cache {}", dir.display()))
 }
 
 /// The default store directory: `$XDG_CACHE_HOME/infer-batch`, else `~/.cache/infer-batch`.
@@ -454,7 +450,7 @@ pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32]> {
     let memo_dir = dir.join("model-ids");
     let memo = memo_dir.join(format!(
         "{}.id",
-        &hex(&Sha256::digest(canonical.to_string_lossy().as_bytes()))[..32]
+        short_hex(&Sha256::digest(canonical.to_string_lossy().as_bytes()), 16)
     ));
     if let Ok(text) = fs::read_to_string(&memo) {
         if let Some(hash) = text.strip_prefix(&stamp).and_then(parse_hex32) {
@@ -463,48 +459,10 @@ pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32]> {
     }
     let hash = sha256_file(model)?;
     // A failed memo only costs a re-hash next time.
-    if fs::create_dir_all(&memo_dir).is_ok() {
-        let tmp = memo.with_extension(format!("{}.tmp", std::process::id()));
-        if fs::write(&tmp, format!("{stamp}{}", hex(&hash))).is_ok() {
-            let _ = fs::rename(&tmp, &memo);
-        }
+    if create_private_dir(&memo_dir).is_ok() {
+        let _ = write_atomic(&memo, format!("{stamp}{}", hex::encode(hash)).as_bytes());
     }
     Ok(hash)
-}
-
-/// SHA-256 of a file, streamed.
-///
-/// # Errors
-/// When the file cannot be read.
-pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
-    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().into())
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_hex32(s: &str) -> Option<[u8; 32]> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

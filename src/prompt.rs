@@ -9,6 +9,7 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
+use crate::digest::{sha256_parts, short_hex};
 use crate::engine::{EngineError, Model, Token};
 use crate::request::Message;
 
@@ -26,9 +27,14 @@ impl PrefixKey {
         Self(h.finalize().into())
     }
 
+    /// The first 8 bytes, for sets that must stay small.
+    pub fn hash64(&self) -> u64 {
+        u64::from_le_bytes(self.0[..8].try_into().expect("32 bytes"))
+    }
+
     /// The first 8 bytes in hex, for logs and file names.
     pub fn short(&self) -> String {
-        self.0[..8].iter().map(|b| format!("{b:02x}")).collect()
+        short_hex(&self.0, 8)
     }
 }
 
@@ -124,14 +130,11 @@ impl<'m> PromptBuilder<'m> {
 
 /// A hash of the system messages' roles and texts, unambiguous about their boundaries.
 fn system_key(system: &[Message]) -> [u8; 32] {
-    let mut h = Sha256::new();
-    for m in system {
-        for part in [&m.role, &m.content] {
-            h.update((part.len() as u64).to_le_bytes());
-            h.update(part.as_bytes());
-        }
-    }
-    h.finalize().into()
+    sha256_parts(
+        system
+            .iter()
+            .flat_map(|m| [m.role.as_bytes(), m.content.as_bytes()]),
+    )
 }
 
 #[cfg(test)]

@@ -9,6 +9,9 @@ use std::io::BufRead;
 
 use serde_json::{Map, Value};
 
+use crate::digest::hash64;
+use crate::fields::{check_body, check_object, FieldPolicy, Refusal, ENVELOPE, MESSAGE};
+
 /// The only endpoint a batch line may target.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
 
@@ -41,6 +44,10 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// Strings that end generation; they are not part of the output.
     pub stop: Vec<String>,
+    /// OpenAI's frequency penalty, in [-2, 2].
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI's presence penalty, in [-2, 2].
+    pub presence_penalty: Option<f32>,
 }
 
 /// A valid chat-completion request from one input line.
@@ -54,6 +61,8 @@ pub struct Request {
     pub messages: Vec<Message>,
     /// Sampling settings given by the request.
     pub sampling: SamplingParams,
+    /// Unknown fields skipped under `--ignore-unknown-fields`, by path.
+    pub ignored_fields: Vec<String>,
 }
 
 /// Machine-readable error codes written into error lines.
@@ -138,7 +147,7 @@ impl LineError {
 ///
 /// # Errors
 /// A [`LineError`] naming the field at fault. Duplicate ids are the reader's concern, not this.
-pub fn parse_line(line_no: u64, text: &str) -> Result<Request, LineError> {
+pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Request, LineError> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         LineError::new(
             line_no,
@@ -184,6 +193,15 @@ pub fn parse_line(line_no: u64, text: &str) -> Result<Request, LineError> {
     };
     let fail =
         |code, message: String| Err(LineError::new(line_no, Some(&custom_id), code, message));
+    let refused = |r: Refusal| {
+        LineError::new(
+            line_no,
+            Some(&custom_id),
+            ErrorCode::InvalidParameter,
+            r.to_string(),
+        )
+    };
+    let mut ignored_fields = Vec::new();
 
     // The full batch form nests the request under `body`; the short form keeps it at the top.
     let body = if obj.contains_key("body") || obj.contains_key("url") || obj.contains_key("method")
@@ -211,6 +229,10 @@ pub fn parse_line(line_no: u64, text: &str) -> Result<Request, LineError> {
                 )
             }
         }
+        check_object(&obj, &ENVELOPE, None, policy, |f| {
+            ignored_fields.push(f.to_owned())
+        })
+        .map_err(refused)?;
         match obj.get("body") {
             Some(Value::Object(b)) => b,
             _ => {
@@ -224,14 +246,47 @@ pub fn parse_line(line_no: u64, text: &str) -> Result<Request, LineError> {
         &obj
     };
 
-    if body.get("stream").and_then(Value::as_bool) == Some(true) {
-        return fail(
-            ErrorCode::StreamUnsupported,
-            "field `stream` is true; batch requests cannot stream, remove it".into(),
-        );
+    match body.get("stream") {
+        None | Some(Value::Null | Value::Bool(false)) => {}
+        Some(Value::Bool(true)) => {
+            return fail(
+                ErrorCode::StreamUnsupported,
+                "field `stream` is true; batch requests cannot stream, remove it".into(),
+            )
+        }
+        Some(v) => {
+            return fail(
+                ErrorCode::InvalidParameter,
+                format!("field `stream` is {v}; expected false (or leave it out)"),
+            )
+        }
     }
+    // In the short form the body is the line itself, envelope included.
+    let body_fields: Map<String, Value>;
+    let checked = if std::ptr::eq(body, &obj) {
+        body_fields = obj
+            .iter()
+            .filter(|(k, _)| k.as_str() != "custom_id")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        &body_fields
+    } else {
+        body
+    };
+    check_body(checked, policy, |f| ignored_fields.push(f.to_owned())).map_err(refused)?;
     let messages = parse_messages(body)
         .map_err(|(code, message)| LineError::new(line_no, Some(&custom_id), code, message))?;
+    if let Some(Value::Array(list)) = body.get("messages") {
+        for (i, m) in list.iter().enumerate() {
+            if let Value::Object(m) = m {
+                let path = format!("messages[{i}]");
+                check_object(m, &MESSAGE, Some(&path), policy, |f| {
+                    ignored_fields.push(f.to_owned())
+                })
+                .map_err(refused)?;
+            }
+        }
+    }
     let sampling = parse_sampling(body).map_err(|message| {
         LineError::new(
             line_no,
@@ -245,6 +300,7 @@ pub fn parse_line(line_no: u64, text: &str) -> Result<Request, LineError> {
         custom_id,
         messages,
         sampling,
+        ignored_fields,
     })
 }
 
@@ -382,6 +438,15 @@ fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
     if stop.iter().any(String::is_empty) {
         return Err("field `stop` holds an empty string".into());
     }
+    match body.get("n") {
+        None | Some(Value::Null) => {}
+        Some(v) if v.as_u64() == Some(1) => {}
+        Some(v) => {
+            return Err(format!(
+                "field `n` is {v}; only one choice per request is supported (n = 1)"
+            ))
+        }
+    }
     Ok(SamplingParams {
         max_tokens: max_tokens.map(|n| n as u32),
         temperature: float("temperature", 0.0, 2.0)?,
@@ -390,6 +455,8 @@ fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
         min_p: float("min_p", 0.0, 1.0)?,
         seed: uint("seed", u64::MAX)?,
         stop,
+        frequency_penalty: float("frequency_penalty", -2.0, 2.0)?,
+        presence_penalty: float("presence_penalty", -2.0, 2.0)?,
     })
 }
 
@@ -405,16 +472,42 @@ pub struct RequestReader<R> {
     line_no: u64,
     buf: Vec<u8>,
     seen: std::collections::HashSet<u64>,
+    policy: FieldPolicy,
+    /// Unknown fields already logged as skipped, so each is logged once; `None` logs nothing.
+    warned: Option<std::collections::BTreeSet<String>>,
 }
 
 impl<R: BufRead> RequestReader<R> {
-    /// Wraps a buffered input.
-    pub fn new(input: R) -> Self {
+    /// Wraps a buffered input; `policy` says what unknown fields get.
+    pub fn new(input: R, policy: FieldPolicy) -> Self {
         Self {
+            policy,
+            warned: None,
             input,
             line_no: 0,
             buf: Vec::new(),
             seen: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Logs each unknown field skipped under `--ignore-unknown-fields`, once.
+    #[must_use]
+    pub fn log_ignored_fields(mut self) -> Self {
+        self.warned = Some(std::collections::BTreeSet::new());
+        self
+    }
+
+    fn log_ignored(&mut self, line: u64, fields: &[String]) {
+        let Some(warned) = self.warned.as_mut() else {
+            return;
+        };
+        for f in fields {
+            // Paths hold message indexes; the set is bounded by what a typo can produce.
+            if warned.len() < 64 && warned.insert(f.clone()) {
+                tracing::warn!(
+                    "ignoring unknown field `{f}` (first on line {line}): --ignore-unknown-fields"
+                );
+            }
         }
     }
 }
@@ -444,8 +537,8 @@ impl<R: BufRead> Iterator for RequestReader<R> {
             if text.is_empty() {
                 continue;
             }
-            let item = parse_line(self.line_no, text).and_then(|req| {
-                if self.seen.insert(id_hash(&req.custom_id)) {
+            let item = parse_line(self.line_no, text, self.policy).and_then(|req| {
+                if self.seen.insert(hash64(&req.custom_id)) {
                     Ok(req)
                 } else {
                     Err(LineError::new(
@@ -459,16 +552,13 @@ impl<R: BufRead> Iterator for RequestReader<R> {
                     ))
                 }
             });
+            if let Ok(req) = &item {
+                let (line, fields) = (req.line, req.ignored_fields.clone());
+                self.log_ignored(line, &fields);
+            }
             return Some(Ok(item));
         }
     }
-}
-
-/// A stable 64-bit hash of a `custom_id`.
-pub fn id_hash(custom_id: &str) -> u64 {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(custom_id.as_bytes());
-    u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
 }
 
 #[cfg(test)]
@@ -476,7 +566,9 @@ mod tests {
     use super::*;
 
     fn code(text: &str) -> ErrorCode {
-        parse_line(7, text).unwrap_err().code
+        parse_line(7, text, FieldPolicy::default())
+            .unwrap_err()
+            .code
     }
 
     #[test]
@@ -484,6 +576,7 @@ mod tests {
         let r = parse_line(
             3,
             r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}],"max_tokens":5,"temperature":0,"stop":"\n"}}"#,
+            FieldPolicy::default(),
         )
         .unwrap();
         assert_eq!(r.line, 3);
@@ -500,6 +593,7 @@ mod tests {
         let r = parse_line(
             1,
             r#"{"custom_id":"b","messages":[{"role":"developer","content":[{"type":"text","text":"x"},{"type":"text","text":"y"}]}],"max_completion_tokens":9,"max_tokens":3,"seed":42}"#,
+            FieldPolicy::default(),
         )
         .unwrap();
         assert_eq!(r.messages[0].role, "system");
@@ -555,10 +649,55 @@ mod tests {
     }
 
     #[test]
+    fn unhonoured_fields_are_refused_by_name() {
+        let base = r#""custom_id":"a","messages":[{"role":"user","content":"x"}]"#;
+        let err = |extra: &str| {
+            parse_line(4, &format!("{{{base},{extra}}}"), FieldPolicy::default()).unwrap_err()
+        };
+        for (extra, field) in [
+            (r#""n":2"#, "`n`"),
+            (r#""logprobs":true"#, "`logprobs`"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "`response_format`",
+            ),
+            (r#""tools":[{"type":"function"}]"#, "`tools`"),
+            (r#""stream":"True""#, "`stream`"),
+            (r#""temprature":0"#, "`temprature`"),
+        ] {
+            let e = err(extra);
+            assert_eq!(e.code, ErrorCode::InvalidParameter, "{extra}");
+            assert!(e.message.contains(field), "{extra}: {}", e.message);
+        }
+        let full = |body: &str, top: &str| {
+            format!(
+                r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"x"{body}}}]}}{top}}}"#
+            )
+        };
+        let e = parse_line(1, &full(r#","name":"bob""#, ""), FieldPolicy::default()).unwrap_err();
+        assert!(e.message.contains("messages[0].name"), "{}", e.message);
+        let e = parse_line(1, &full("", r#","extra":1"#), FieldPolicy::default()).unwrap_err();
+        assert!(e.message.contains("`extra`"), "{}", e.message);
+        // Accepted: no-effect fields, defaults, and unknown fields when told to skip them.
+        let ok = format!(
+            r#"{{{base},"model":"m","user":"u","metadata":{{}},"store":false,"n":1,"logprobs":false,"stream":false,"presence_penalty":0.5}}"#
+        );
+        let r = parse_line(1, &ok, FieldPolicy::default()).unwrap();
+        assert_eq!(r.sampling.presence_penalty, Some(0.5));
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        let r = parse_line(1, &format!(r#"{{{base},"temprature":0}}"#), lax).unwrap();
+        assert_eq!(r.ignored_fields, ["temprature"]);
+        assert!(parse_line(1, &format!(r#"{{{base},"n":3}}"#), lax).is_err());
+    }
+
+    #[test]
     fn errors_name_line_id_and_field() {
         let e = parse_line(
             12,
             r#"{"custom_id":"c9","messages":[{"role":"user","content":null}]}"#,
+            FieldPolicy::default(),
         )
         .unwrap_err();
         assert_eq!(e.line, 12);
@@ -576,7 +715,7 @@ mod tests {
             r#"{"custom_id":"a","messages":[{"role":"user","content":"z"}]}"#,
             "\n",
         );
-        let items: Vec<Item> = RequestReader::new(input.as_bytes())
+        let items: Vec<Item> = RequestReader::new(input.as_bytes(), FieldPolicy::default())
             .map(Result::unwrap)
             .collect();
         assert_eq!(items.len(), 3);
@@ -590,7 +729,9 @@ mod tests {
     fn reader_survives_invalid_utf8() {
         let mut input = b"\xff\xfe garbage\n".to_vec();
         input.extend_from_slice(br#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#);
-        let items: Vec<Item> = RequestReader::new(&input[..]).map(Result::unwrap).collect();
+        let items: Vec<Item> = RequestReader::new(&input[..], FieldPolicy::default())
+            .map(Result::unwrap)
+            .collect();
         assert_eq!(items.len(), 2);
         assert_eq!(items[0].as_ref().unwrap_err().code, ErrorCode::InvalidJson);
         assert_eq!(items[1].as_ref().unwrap().line, 2);

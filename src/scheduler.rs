@@ -84,7 +84,7 @@ struct Slot {
 
 /// Most generated tokens decoded together in exact mode: below llama.cpp's 64-row tile size
 /// for attention, so every group takes the same attention kernel.
-const EXACT_MAX_ROWS: usize = 32;
+pub const EXACT_MAX_ROWS: usize = 32;
 
 /// Exact-mode settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -431,6 +431,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                 let ttft = active.first_token.unwrap_or_default();
                 self.metrics.time_to_first_token.record(ttft);
                 done.push(Ok(Completion {
+                    line: active.job.line,
                     custom_id: active.job.custom_id,
                     content: active.text.finish(),
                     reason,

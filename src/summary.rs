@@ -8,9 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use crate::durable::write_atomic;
 use crate::metrics::Metrics;
+use crate::metrics::PrefixSource;
 use crate::plan::Plan;
-use crate::prefix_cache::PrefixSource;
 
 /// `dir/out.jsonl` → `dir/out.summary.json`.
 pub fn summary_path(output: &Path) -> PathBuf {
@@ -71,6 +72,7 @@ pub fn to_json(m: &Metrics, plan: &Plan, wall: Duration) -> Value {
             "p99": m.ttft_percentile(99.0),
         },
         "prefixes": prefixes,
+        "prefixes_made_resident": m.prefix_count(),
         "plan": {
             "n_ctx": plan.n_ctx,
             "slot_budget": plan.slot_budget,
@@ -81,21 +83,19 @@ pub fn to_json(m: &Metrics, plan: &Plan, wall: Duration) -> Value {
     })
 }
 
-/// Writes the summary atomically (temporary file, then rename).
+/// Writes the summary atomically and durably.
 ///
 /// # Errors
 /// When the file cannot be written.
 pub fn write(path: &Path, summary: &Value) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(summary)?)
-        .and_then(|()| std::fs::rename(&tmp, path))
+    write_atomic(path, &serde_json::to_vec_pretty(summary)?)
         .with_context(|| format!("cannot write summary {}", path.display()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::prefix_cache::PrefixEvent;
+    use crate::metrics::PrefixEvent;
     use crate::prompt::PrefixKey;
 
     fn plan() -> Plan {

@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -18,6 +18,10 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
 use crate::request::Message;
+
+pub mod state;
+
+use state::{MemoryKind, SeqState};
 
 /// The llama.cpp build this binary links: the `llama-cpp-sys-2` version (which pins the
 /// llama.cpp sources), the GPU backend compiled in and the CMake build type.
@@ -59,9 +63,9 @@ pub enum EngineError {
     /// `llama_decode` failed.
     #[error("llama_decode failed: {0}")]
     Decode(String),
-    /// llama.cpp refused a saved sequence state.
-    #[error("llama.cpp rejected a saved prefix state of {0} bytes")]
-    Restore(usize),
+    /// A saved sequence state was refused.
+    #[error("a saved prefix state of {0} bytes was refused: {1}")]
+    Restore(usize, String),
     /// More tokens were queued than the batch holds.
     #[error("batch overflow: {0}")]
     Batch(String),
@@ -96,7 +100,8 @@ pub struct ModelSettings {
 /// A loaded GGUF model with its chat template.
 pub struct Model {
     model: LlamaModel,
-    template: LlamaChatTemplate,
+    /// `None` when the GGUF carries no template llama.cpp can read.
+    template: Option<LlamaChatTemplate>,
     path: PathBuf,
 }
 
@@ -125,8 +130,7 @@ impl Model {
     /// Loads a GGUF model.
     ///
     /// # Errors
-    /// [`EngineError::ModelLoad`] when the file is missing or not a model llama.cpp can read,
-    /// [`EngineError::Template`] when it carries no chat template.
+    /// [`EngineError::ModelLoad`] when the file is missing or not a model llama.cpp can read.
     pub fn load(settings: &ModelSettings) -> Result<Self, EngineError> {
         let path = settings.path.clone();
         if !path.is_file() {
@@ -143,9 +147,7 @@ impl Model {
                 reason: format!("{e} (is it a GGUF file?)"),
             }
         })?;
-        let template = model
-            .chat_template(None)
-            .map_err(|e| EngineError::Template(e.to_string()))?;
+        let template = model.chat_template(None).ok();
         Ok(Self {
             model,
             template,
@@ -156,6 +158,45 @@ impl Model {
     /// Path the model was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the GGUF carries a chat template that llama.cpp can read.
+    pub fn has_chat_template(&self) -> bool {
+        self.template.is_some()
+    }
+
+    /// How the model's KV memory is laid out, which decides whether its prefix states can be
+    /// saved and restored.
+    pub fn memory_kind(&self) -> MemoryKind {
+        use llama_cpp_2::model::RopeType;
+        if self.model.is_recurrent() {
+            return MemoryKind::Untested("recurrent");
+        }
+        if self.model.is_hybrid() {
+            return MemoryKind::Untested("hybrid attention and recurrent layers");
+        }
+        // Multi-dimensional positions add per-cell fields to the state.
+        if matches!(
+            self.model.rope_type(),
+            Some(RopeType::MRope | RopeType::Vision)
+        ) {
+            return MemoryKind::Untested("multi-dimensional positions");
+        }
+        let window = self
+            .model
+            .meta_val_str("general.architecture")
+            .and_then(|arch| {
+                self.model
+                    .meta_val_str(&format!("{arch}.attention.sliding_window"))
+            })
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if window > 0 {
+            MemoryKind::KvSwa
+        } else {
+            MemoryKind::Kv
+        }
     }
 
     /// Shape facts of the model.
@@ -190,13 +231,17 @@ impl Model {
         messages: &[Message],
         add_assistant: bool,
     ) -> Result<String, EngineError> {
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::Template("the GGUF carries no chat template".into()))?;
         let chat = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| EngineError::Template(e.to_string()))?;
         self.model
-            .apply_chat_template(&self.template, &chat, add_assistant)
+            .apply_chat_template(template, &chat, add_assistant)
             .map_err(|e| EngineError::Template(e.to_string()))
     }
 
@@ -237,7 +282,10 @@ impl Model {
             .with_n_threads(threads)
             .with_n_threads_batch(threads)
             .with_flash_attention_policy(settings.flash_attn.policy())
-            .with_kv_unified(settings.kv_unified);
+            .with_kv_unified(settings.kv_unified)
+            // Named, not left to the default: saved states record and check them.
+            .with_type_k(KvCacheType::F16)
+            .with_type_v(KvCacheType::F16);
         let ctx = self
             .model
             .new_context(backend, params)
@@ -255,19 +303,20 @@ impl Model {
                 settings.n_seq_max
             },
             capacity: settings.n_batch as usize,
+            memory: self.memory_kind(),
             model: self,
         })
     }
 }
 
 impl SessionSettings {
-    /// Every setting that changes the bytes of a sequence state: the KV cache types, the
-    /// attention path (which decides whether V is stored transposed), the prefill chunk size
-    /// (which changes rounding) and where the layers ran. Not the stream layout: states are
-    /// stored in one-stream form.
-    pub fn state_layout(&self, gpu_layers: u32) -> String {
+    /// Every setting that changes the bytes of a sequence state: the model's memory layout,
+    /// the KV cache types, the attention path (which decides whether V is stored transposed),
+    /// the prefill chunk size (which changes rounding) and where the layers ran. Not the stream
+    /// layout: states are stored in one-stream form.
+    pub fn state_layout(&self, memory: MemoryKind, gpu_layers: u32) -> String {
         format!(
-            "kv=f16/f16 flash_attn={:?} n_batch={} gpu_layers={gpu_layers}",
+            "memory={memory} kv=f16/f16 flash_attn={:?} n_batch={} gpu_layers={gpu_layers}",
             self.flash_attn, self.n_batch
         )
     }
@@ -320,6 +369,8 @@ pub struct Session<'m> {
     batch: LlamaBatch<'static>,
     /// KV streams: 1 for a unified cache, else one per sequence.
     streams: u32,
+    /// How states of this model are laid out.
+    memory: MemoryKind,
     capacity: usize,
     model: &'m Model,
 }
@@ -391,9 +442,13 @@ impl<'m> Session<'m> {
     }
 
     /// The serialised KV state of sequence `seq`, in llama.cpp's per-sequence format as a
-    /// unified (one-stream) cache writes it, whatever this session's layout. `None` when
-    /// llama.cpp's bytes do not have the expected shape (another state format).
-    pub fn seq_state(&self, seq: SeqId) -> Option<Vec<u8>> {
+    /// unified (one-stream) cache writes it, whatever this session's layout.
+    ///
+    /// # Errors
+    /// When this model's states are of an untested layout, or llama.cpp's bytes do not parse
+    /// as the layout this build knows.
+    pub fn seq_state(&self, seq: SeqId) -> Result<Vec<u8>, String> {
+        let sections = self.state_sections()?;
         let flags = LlamaStateSeqFlags::empty();
         let size = self.ctx.state_seq_get_size_ext(seq, flags);
         let mut bytes = vec![0u8; size];
@@ -403,7 +458,19 @@ impl<'m> Session<'m> {
                 .state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags)
         };
         bytes.truncate(written);
-        to_one_stream(&bytes)
+        SeqState::parse(&bytes, sections)
+            .and_then(|s| s.to_one_stream())
+            .map_err(|e| e.to_string())
+    }
+
+    /// KV sections in this model's states; an error for layouts no test has covered.
+    fn state_sections(&self) -> Result<usize, String> {
+        self.memory.sections().ok_or_else(|| {
+            format!(
+                "states of this model's memory layout ({}) are not saved",
+                self.memory
+            )
+        })
     }
 
     /// Loads a state produced by [`Self::seq_state`] into sequence `seq`.
@@ -412,27 +479,38 @@ impl<'m> Session<'m> {
     /// llama.cpp's loader trusts its input and may abort on malformed state.
     ///
     /// # Errors
-    /// [`EngineError::Restore`] when llama.cpp rejects the state.
+    /// [`EngineError::Restore`] when the bytes do not parse as a one-stream state of this
+    /// model's layout, or llama.cpp rejects them.
     pub fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
         let flags = LlamaStateSeqFlags::empty();
+        let refused = |why: String| EngineError::Restore(state.len(), why);
+        let parsed = SeqState::parse(state, self.state_sections().map_err(refused)?)
+            .map_err(|e| refused(e.to_string()))?;
+        if parsed.streams() != 1 {
+            return Err(refused("not in one-stream form".into()));
+        }
         // A unified cache reads the one-stream form as it is; only streams need a new layout.
         let state: std::borrow::Cow<'_, [u8]> = if self.streams > 1 {
-            let stream = u32::try_from(seq).map_err(|_| EngineError::Restore(state.len()))?;
-            to_streams(state, self.streams, stream)
-                .ok_or(EngineError::Restore(state.len()))?
+            let stream = u32::try_from(seq).map_err(|e| refused(e.to_string()))?;
+            parsed
+                .to_streams(self.streams, stream)
+                .map_err(|e| refused(e.to_string()))?
                 .into()
         } else {
             state.into()
         };
-        // SAFETY: `state` passed the prefix store's checksum and identity checks, so it is
-        // exactly what `seq_state` produced under this build, model and KV layout (with the
-        // stream count adapted to this session).
+        // SAFETY: `state` passed the prefix store's checksum and identity checks and parses
+        // whole as a state of this model's layout and KV types, so it is what `seq_state`
+        // produced under this build, model and KV layout (with the stream count adapted).
         let ok = unsafe { self.ctx.state_seq_set_data_ext(&state, seq, flags) };
         if ok {
             Ok(())
         } else {
             self.clear_seq(seq);
-            Err(EngineError::Restore(state.len()))
+            Err(EngineError::Restore(
+                state.len(),
+                "llama.cpp's loader refused it".into(),
+            ))
         }
     }
 
@@ -472,68 +550,13 @@ impl<'m> Session<'m> {
 
     /// A sampler for one request.
     pub fn sampler(&self, spec: &SamplerSpec) -> Sampler {
-        Sampler::new(spec)
+        Sampler::new(spec, self.model.model.n_vocab())
     }
 
     /// Draws the next token for the row `index` of the last decode.
     pub fn sample(&self, sampler: &mut Sampler, index: i32) -> Token {
         Token(sampler.inner.sample(&self.ctx, index).0)
     }
-}
-
-// llama.cpp's per-sequence state is a header (magic, source sequence id), the cache's stream
-// count, then one block per stream, each opening with its cell count; a sequence's state has
-// cells in its own stream only. Stored states keep the one-stream form, so a state written
-// with one `--parallel` (or KV layout) restores into any other.
-
-/// Bytes of the magic and sequence id before the stream count.
-const STATE_HEADER: usize = 8;
-
-fn read_u32(bytes: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// The one-stream form of a sequence state: the stream count set to 1 and the empty blocks of
-/// the other streams dropped. `None` when the bytes do not have that shape.
-pub fn to_one_stream(state: &[u8]) -> Option<Vec<u8>> {
-    let n = read_u32(state, STATE_HEADER)? as usize;
-    if n <= 1 {
-        return Some(state.to_vec());
-    }
-    let blocks = STATE_HEADER + 4;
-    // The first stream block with cells; the blocks after it must all be empty.
-    let first = (0..n).find(|k| read_u32(state, blocks + 4 * k) != Some(0));
-    let mut out = state[..STATE_HEADER].to_vec();
-    out.extend_from_slice(&1u32.to_le_bytes());
-    let Some(k) = first else {
-        out.extend_from_slice(&0u32.to_le_bytes());
-        return Some(out);
-    };
-    let start = blocks + 4 * k;
-    let end = state.len().checked_sub(4 * (n - k - 1))?;
-    if start >= end || state[end..].iter().any(|&b| b != 0) {
-        return None;
-    }
-    out.extend_from_slice(&state[start..end]);
-    Some(out)
-}
-
-/// The state of [`to_one_stream`] laid out for a cache of `streams` streams, in `stream`.
-pub fn to_streams(one: &[u8], streams: u32, stream: u32) -> Option<Vec<u8>> {
-    if read_u32(one, STATE_HEADER)? != 1 || stream >= streams {
-        return None;
-    }
-    let zero = 0u32.to_le_bytes();
-    let mut out = one[..STATE_HEADER].to_vec();
-    out.extend_from_slice(&streams.to_le_bytes());
-    for _ in 0..stream {
-        out.extend_from_slice(&zero);
-    }
-    out.extend_from_slice(&one[STATE_HEADER + 4..]);
-    for _ in stream + 1..streams {
-        out.extend_from_slice(&zero);
-    }
-    Some(out)
 }
 
 /// Resolved sampling settings of one request.
@@ -549,6 +572,12 @@ pub struct SamplerSpec {
     pub min_p: f32,
     /// Seed of the random draw.
     pub seed: u32,
+    /// OpenAI's frequency penalty (0 disables): subtracted once per earlier occurrence.
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty (0 disables): subtracted once if the token occurred.
+    pub presence_penalty: f32,
+    /// Generated tokens the penalties look back over: the request's `max_tokens`, so all.
+    pub penalty_window: u32,
 }
 
 /// One request's sampling chain; its random state belongs to that request alone.
@@ -557,13 +586,29 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    fn new(spec: &SamplerSpec) -> Self {
+    fn new(spec: &SamplerSpec, n_vocab: i32) -> Self {
+        let mut chain = Vec::new();
+        // Penalties see only the tokens this sampler drew: the request's own completion.
+        if spec.frequency_penalty != 0.0 || spec.presence_penalty != 0.0 {
+            chain.push(LlamaSampler::penalties(
+                n_vocab,
+                i32::try_from(spec.penalty_window).unwrap_or(i32::MAX),
+                1.0,
+                spec.frequency_penalty,
+                spec.presence_penalty,
+            ));
+        }
         if spec.temperature <= 0.0 {
+            if chain.is_empty() {
+                return Self {
+                    inner: LlamaSampler::greedy(),
+                };
+            }
+            chain.push(LlamaSampler::greedy());
             return Self {
-                inner: LlamaSampler::greedy(),
+                inner: LlamaSampler::chain_simple(chain),
             };
         }
-        let mut chain = Vec::new();
         if spec.top_k > 0 {
             chain.push(LlamaSampler::top_k(spec.top_k));
         }
@@ -578,44 +623,5 @@ impl Sampler {
         Self {
             inner: LlamaSampler::chain_simple(chain),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn words(ws: &[u32]) -> Vec<u8> {
-        ws.iter().flat_map(|w| w.to_le_bytes()).collect()
-    }
-
-    #[test]
-    fn stream_layouts_convert_both_ways() {
-        // Header (magic, seq 5), 3 streams; stream 1 holds 2 cells of payload [7, 8].
-        let three = words(&[0xaf14, 5, 3, 0, 2, 7, 8, 0]);
-        let one = to_one_stream(&three).unwrap();
-        assert_eq!(one, words(&[0xaf14, 5, 1, 2, 7, 8]));
-        assert_eq!(to_streams(&one, 3, 1).unwrap(), three);
-        assert_eq!(to_streams(&one, 1, 0).unwrap(), one);
-        assert_eq!(to_one_stream(&one).unwrap(), one);
-    }
-
-    #[test]
-    fn malformed_stream_layouts_are_refused() {
-        let h = [0xaf14, 5];
-        let w = |rest: &[u32]| words(&[&h[..], rest].concat());
-        assert_eq!(
-            to_one_stream(&w(&[3, 0, 2, 7, 8, 5])),
-            None,
-            "trailing block not empty"
-        );
-        assert_eq!(
-            to_streams(&w(&[2, 1, 9]), 3, 0),
-            None,
-            "not one-stream form"
-        );
-        assert_eq!(to_streams(&w(&[1, 1, 9]), 3, 3), None, "no such stream");
-        assert_eq!(to_one_stream(&[1, 2]), None);
-        assert_eq!(to_one_stream(&w(&[2, 0, 0])).unwrap(), w(&[1, 0]));
     }
 }

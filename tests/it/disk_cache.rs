@@ -253,7 +253,70 @@ fn cache_warm_ls_and_clear() {
     let ls = infer_batch(&[&["cache", "ls"], &dir[..]].concat());
     let listing = String::from_utf8_lossy(&ls.stdout);
     assert!(listing.contains("2 states"), "{listing}");
+
+    // `clear` removes our states and the temporary files of dead writers, nothing else: not a
+    // live writer's file, nor files that only look like ours in a shared directory.
+    let stale = cache.join(format!(".{}.ab12Cd.tmp", state_name(&cache)));
+    let live = cache.join(format!(".{}.Ef34Gh.tmp", state_name(&cache)));
+    let unrelated = ["notes.tmp", ".build.1234.tmp", "other.ibprefix"].map(|n| cache.join(n));
+    for p in [&stale, &live].into_iter().chain(&unrelated) {
+        std::fs::write(p, b"not ours to judge").unwrap();
+    }
+    let writer = std::fs::File::open(&live).unwrap();
+    writer.try_lock().unwrap();
     let clear = infer_batch(&[&["cache", "clear"], &dir[..]].concat());
     assert!(clear.status.success());
-    assert!(state_files(&cache).is_empty());
+    assert_eq!(
+        String::from_utf8_lossy(&clear.stdout).trim(),
+        format!("removed 3 files from {}", cache.display())
+    );
+    assert!(state_files(&cache)
+        .iter()
+        .all(|p| p.file_name().unwrap() == "other.ibprefix"));
+    assert!(!stale.exists());
+    assert!(live.exists(), "a live writer's file stays");
+    for p in &unrelated {
+        assert!(p.exists(), "{} is not ours", p.display());
+    }
+}
+
+/// The file name of one state in `dir`.
+fn state_name(dir: &Path) -> String {
+    state_files(dir)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .find(|n| n.len() == 32 + ".ibprefix".len())
+        .expect("a state file")
+}
+
+#[test]
+fn the_cache_directory_is_private_and_the_model_hash_is_remembered_without_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = batch(&s, &["Be brief.".to_owned()], 1);
+    let cache = s.path("new/cache");
+    let dir = ["--prefix-cache-dir", cache.to_str().unwrap()];
+    let (o, _) = run_batch(&s, &input, "a.jsonl", &dir);
+    assert!(o.status.success(), "{o:?}");
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "created private to its user");
+
+    // Under --no-disk-cache no state is written, but the model's hash is still remembered, so
+    // a large model is not hashed again at every start.
+    let other = s.path("memo-only");
+    let (o, _) = run_batch(
+        &s,
+        &input,
+        "b.jsonl",
+        &[
+            "--no-disk-cache",
+            "--prefix-cache-dir",
+            other.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert!(state_files(&other).is_empty());
+    let memos = std::fs::read_dir(other.join("model-ids")).unwrap().count();
+    assert_eq!(memos, 1);
 }

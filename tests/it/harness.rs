@@ -9,7 +9,19 @@ use serde_json::{json, Value};
 
 /// The default model, fetched by `models/fetch.sh`.
 pub fn model_path() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    fetched("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The second model, Gemma 3 270M (sliding-window attention, no chat template), fetched by
+/// `models/fetch.sh`.
+pub fn gemma_path() -> PathBuf {
+    fetched("gemma-3-270m-q4_k_m.gguf")
+}
+
+fn fetched(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
     assert!(
         path.is_file(),
         "{} is missing: run ./models/fetch.sh (or `make test`) first",
@@ -197,4 +209,121 @@ pub fn profile(i: usize) -> String {
         1 + i % 4,
         i % 3
     )
+}
+
+/// Starts the binary with `args`, quiet, stdout and stderr discarded.
+pub fn spawn(args: &[String]) -> std::process::Child {
+    spawn_with(args, &[])
+}
+
+/// Starts the binary with `args` and extra environment variables; stderr is piped so a test
+/// can show it when a check fails.
+pub fn spawn_with(args: &[String], env: &[(&str, &str)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_infer-batch"));
+    cmd.args(args)
+        .env("INFER_BATCH_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("start infer-batch")
+}
+
+/// Lines in a file (0 when it does not exist).
+pub fn line_count(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.matches('\n').count())
+        .unwrap_or(0)
+}
+
+/// Waits until `ready` holds, for at most two minutes; false when `child` ended first.
+pub fn wait_until(child: &mut std::process::Child, mut ready: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("timed out waiting for a run");
+}
+
+/// Whether the run into `out` has loaded its model and planned: its manifest counts the input.
+pub fn planned(out: &Path) -> bool {
+    let name = out.file_name().unwrap().to_string_lossy();
+    let manifest = out.with_file_name(format!(
+        "{}.manifest.json",
+        name.strip_suffix(".jsonl").unwrap_or(&name)
+    ));
+    std::fs::read_to_string(manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .is_some_and(|m| m["input"]["total"].as_u64().unwrap_or(0) > 0)
+}
+
+/// What must match an uninterrupted run: content, finish reason, usage; or the error code and
+/// line.
+pub fn essence(v: &Value) -> Value {
+    if v["error"].is_null() {
+        let body = &v["response"]["body"];
+        json!([
+            body["choices"][0]["message"]["content"],
+            body["choices"][0]["finish_reason"],
+            body["usage"]
+        ])
+    } else {
+        json!([v["error"]["code"], v["error"]["line"]])
+    }
+}
+
+/// The output's lines by key (`custom_id`, or `line:N` for a line without one), asserting that
+/// no key appears twice.
+pub fn by_key(out: &Path) -> BTreeMap<String, Value> {
+    let mut map = BTreeMap::new();
+    for v in read_results(out) {
+        let key = key_of(&v);
+        assert!(map.insert(key.clone(), v).is_none(), "{key} written twice");
+    }
+    map
+}
+
+/// [`by_key`], reduced to what must match an uninterrupted run.
+pub fn essences(out: &Path) -> BTreeMap<String, Value> {
+    by_key(out)
+        .into_iter()
+        .map(|(k, v)| (k, essence(&v)))
+        .collect()
+}
+
+/// `infer-batch status --json` of an output.
+pub fn status_json(out: &Path) -> Value {
+    let o = infer_batch(&["status", "--json", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{o:?}");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Sends `signal` (such as `-KILL`) to a process, or with a negative pid to a process group.
+pub fn send_signal(signal: &str, pid: i64) {
+    let ok = std::process::Command::new("kill")
+        .args([signal, "--", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+/// The pid of the worker a supervisor runs now.
+pub fn worker_of(supervisor: u32) -> Option<i64> {
+    let o = std::process::Command::new("pgrep")
+        .args(["-P", &supervisor.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
 }

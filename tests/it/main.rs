@@ -4,6 +4,7 @@
 //! slows down several times when oversubscribed) and stay quick.
 
 mod batch;
+mod chaos;
 mod disk_cache;
 mod harness;
 mod memory;

@@ -1,33 +1,41 @@
-//! The engine's prefix sharing at the level of logits: a prefix forked by sequence copy gives
-//! bit-identical logits to the same prefix computed in the request's own sequence.
+//! The engine's prefix sharing at the level of logits: a prefix forked by sequence copy, or
+//! saved and restored through a state file's payload, gives bit-identical logits to the same
+//! prefix computed in the request's own sequence. Checked on both architectures the suite
+//! carries (SmolLM2's plain KV cache, Gemma 3's interleaved sliding-window cache) and in both
+//! KV layouts (one unified cache, a stream per sequence).
 
+use std::path::Path;
+
+use infer_batch::engine::state::MemoryKind;
 use infer_batch::engine::{Model, ModelSettings, Session, SessionSettings, Token};
-use infer_batch::prompt::PromptBuilder;
+use infer_batch::prompt::{shared_len, PromptBuilder};
 use infer_batch::request::Message;
 use infer_batch::scheduler::chunk_end;
 
-use crate::harness::{model_lock, model_path, profile, rubric};
+use crate::harness::{gemma_path, model_lock, model_path, profile, rubric};
 
-const CHUNK: usize = 64;
+const CHUNK: usize = 128;
+/// Sequences: 0 and 1 are slots, 2 takes restored prefixes, 3 holds the computed prefix.
+const SEQS: u32 = 4;
 
-fn load() -> Model {
+fn load(path: &Path) -> Model {
     Model::load(&ModelSettings {
-        path: model_path(),
+        path: path.to_owned(),
         gpu_layers: 0,
         verbose: false,
     })
     .unwrap()
 }
 
-fn session(model: &Model) -> Session<'_> {
+fn session(model: &Model, kv_unified: bool) -> Session<'_> {
     model
         .new_session(&SessionSettings {
-            n_ctx: 1024,
+            n_ctx: 2048 * SEQS,
             n_batch: CHUNK as u32,
-            n_seq_max: 4,
+            n_seq_max: SEQS,
             threads: 2,
-            flash_attn: Default::default(),
-            kv_unified: true,
+            flash_attn: infer_batch::engine::FlashAttn::Off,
+            kv_unified,
         })
         .unwrap()
 }
@@ -59,10 +67,63 @@ fn feed(
     last_row.map(|r| s.logits(r)).unwrap_or_default()
 }
 
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    !a.is_empty() && a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Fork, second fork, and save-then-restore (into a fresh session, and at another sequence)
+/// all give the logits of the prefix computed in the request's own sequence.
+fn fork_and_restore_match_own_prefix(model: &Model, tokens: &[Token], split: usize) {
+    for kv_unified in [true, false] {
+        let layout = if kv_unified { "unified" } else { "streams" };
+        let mut own = session(model, kv_unified);
+        feed(&mut own, tokens, split, 0, split, 0);
+        let expected = feed(&mut own, tokens, split, split, tokens.len(), 0);
+
+        let mut shared = session(model, kv_unified);
+        feed(&mut shared, tokens, split, 0, split, 3);
+        let state = shared
+            .seq_state(3)
+            .expect("the state of this layout is saved");
+        shared.share_prefix(3, 0);
+        let got = feed(&mut shared, tokens, split, split, tokens.len(), 0);
+        assert!(
+            same_bits(&expected, &got),
+            "{layout}: fork changed the logits"
+        );
+
+        shared.clear_seq(0);
+        shared.share_prefix(3, 1);
+        let again = feed(&mut shared, tokens, split, split, tokens.len(), 1);
+        assert!(
+            same_bits(&expected, &again),
+            "{layout}: second fork differs"
+        );
+
+        // Restored into another session (the other layout's state form is the same), at
+        // sequence 2, then forked to a slot as a run does.
+        let mut restored = session(model, kv_unified);
+        restored.restore_seq_state(2, &state).unwrap();
+        restored.share_prefix(2, 1);
+        let back = feed(&mut restored, tokens, split, split, tokens.len(), 1);
+        assert!(
+            same_bits(&expected, &back),
+            "{layout}: restored prefix differs"
+        );
+
+        // A state cut short is refused before llama.cpp sees it.
+        let mut broken = session(model, kv_unified);
+        assert!(broken
+            .restore_seq_state(2, &state[..state.len() - 1])
+            .is_err());
+    }
+}
+
 #[test]
-fn forked_prefix_gives_bit_identical_logits() {
+fn forked_and_restored_prefix_gives_bit_identical_logits() {
     let _lock = model_lock();
-    let model = load();
+    let model = load(&model_path());
+    assert_eq!(model.memory_kind(), MemoryKind::Kv);
     let mut prompts = PromptBuilder::new(&model);
     let messages = [
         Message {
@@ -75,37 +136,24 @@ fn forked_prefix_gives_bit_identical_logits() {
         },
     ];
     let prompt = prompts.build(&messages).unwrap();
-    let (tokens, split) = (&prompt.tokens, prompt.shared_len);
     assert!(
-        split > 2 * CHUNK,
-        "the prefix spans several chunks ({split})"
+        prompt.shared_len > CHUNK,
+        "the prefix spans chunks ({})",
+        prompt.shared_len
     );
+    fork_and_restore_match_own_prefix(&model, &prompt.tokens, prompt.shared_len);
+}
 
-    // The request computes its own prefix, then its suffix, in its own sequence.
-    let mut own = session(&model);
-    feed(&mut own, tokens, split, 0, split, 0);
-    let expected = feed(&mut own, tokens, split, split, tokens.len(), 0);
-
-    // The prefix is computed once in sequence 3 and forked to sequence 0 by sequence copy.
-    let mut shared = session(&model);
-    feed(&mut shared, tokens, split, 0, split, 3);
-    shared.share_prefix(3, 0);
-    let got = feed(&mut shared, tokens, split, split, tokens.len(), 0);
-
-    assert_eq!(expected.len(), got.len());
-    assert!(!got.is_empty());
-    let same_bits = expected
-        .iter()
-        .zip(&got)
-        .all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same_bits, "forked prefix changed the logits");
-
-    // A second fork of the same prefix, after the first slot is cleared, gives the same again.
-    shared.clear_seq(0);
-    shared.share_prefix(3, 1);
-    let again = feed(&mut shared, tokens, split, split, tokens.len(), 1);
-    assert!(expected
-        .iter()
-        .zip(&again)
-        .all(|(a, b)| a.to_bits() == b.to_bits()));
+#[test]
+fn sliding_window_prefix_forks_saves_and_restores_exactly() {
+    let _lock = model_lock();
+    let model = load(&gemma_path());
+    assert_eq!(model.memory_kind(), MemoryKind::KvSwa);
+    // The GGUF has no chat template: raw text is enough for the engine. The prefix is longer
+    // than the 512-token window, so its state holds masked-out cells the window drops.
+    let prefix = model.tokenize(&rubric(520));
+    let tokens = model.tokenize(&format!("{}{}", rubric(520), profile(4)));
+    let split = shared_len(&prefix, &tokens);
+    assert!(split > 600, "the prefix outgrows the window ({split})");
+    fork_and_restore_match_own_prefix(&model, &tokens, split);
 }

@@ -1,0 +1,309 @@
+//! Which request fields infer-batch honours, which it accepts because they change nothing about
+//! the output, and which it refuses. A field is never silently ignored: a user who asked for two
+//! samples or JSON output must not silently get something else.
+//!
+//! Fields the sampling code reads (`max_tokens`, `temperature`, `stop`, ...) are checked there;
+//! this module decides everything else, and what to say when a field is refused.
+
+use serde_json::{Map, Value};
+
+/// How strictly unknown fields are treated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FieldPolicy {
+    /// Skip fields this version does not know instead of refusing the request.
+    pub ignore_unknown: bool,
+}
+
+/// Body fields that the request parser reads and honours.
+pub const HONOURED: [&str; 13] = [
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "frequency_penalty",
+    "presence_penalty",
+    "stream",
+    "n",
+];
+
+/// Body fields accepted with any value because they change nothing about the output.
+const NO_EFFECT: [&str; 7] = [
+    "model",
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "safety_identifier",
+    "prompt_cache_key",
+];
+
+/// Top-level fields of the full batch form.
+pub const ENVELOPE: [&str; 4] = ["custom_id", "method", "url", "body"];
+
+/// Fields of a chat message that are read.
+pub const MESSAGE: [&str; 2] = ["role", "content"];
+
+/// Why a field of a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A known field, with a value this version cannot honour: what to do instead.
+    Unsupported {
+        /// The field's path, such as `logprobs` or `messages[1].name`.
+        field: String,
+        /// Why, and what to do.
+        reason: String,
+    },
+    /// A field this version does not know.
+    Unknown {
+        /// The field's path.
+        field: String,
+    },
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unsupported { field, reason } => {
+                write!(f, "field `{field}` is not supported: {reason}")
+            }
+            Self::Unknown { field } => write!(
+                f,
+                "unknown field `{field}`; remove it, or pass --ignore-unknown-fields to skip \
+                 fields this version does not know"
+            ),
+        }
+    }
+}
+
+/// Checks the body fields that are neither honoured by the parser nor free of effect. A field
+/// whose value asks for nothing beyond the default (`"logprobs": false`, `"tools": []`,
+/// `"response_format": {"type": "text"}`, null) is accepted.
+///
+/// # Errors
+/// The first field refused, in the order the body lists them. Unknown fields are refused
+/// unless `policy` ignores them; `unknown` then sees each one.
+pub fn check_body(
+    body: &Map<String, Value>,
+    policy: FieldPolicy,
+    mut unknown: impl FnMut(&str),
+) -> Result<(), Refusal> {
+    for (name, value) in body {
+        let name = name.as_str();
+        if HONOURED.contains(&name) || NO_EFFECT.contains(&name) || value.is_null() {
+            continue;
+        }
+        if let Some(reason) = unsupported(name, value) {
+            return Err(Refusal::Unsupported {
+                field: name.to_owned(),
+                reason: reason.to_owned(),
+            });
+        }
+        if !is_known(name) {
+            if !policy.ignore_unknown {
+                return Err(Refusal::Unknown {
+                    field: name.to_owned(),
+                });
+            }
+            unknown(name);
+        }
+    }
+    Ok(())
+}
+
+/// Checks the fields of the full form's envelope, or of a chat message (`path` names it, such
+/// as `messages[1]`), against the `allowed` ones.
+///
+/// # Errors
+/// The first field that is not allowed and not null. `name` on a message is a known field
+/// that chat templates drop, so it is refused as unsupported, not unknown.
+pub fn check_object(
+    object: &Map<String, Value>,
+    allowed: &[&str],
+    path: Option<&str>,
+    policy: FieldPolicy,
+    mut unknown: impl FnMut(&str),
+) -> Result<(), Refusal> {
+    for (name, value) in object {
+        if allowed.contains(&name.as_str()) || value.is_null() {
+            continue;
+        }
+        let field = path.map_or_else(|| name.clone(), |p| format!("{p}.{name}"));
+        if path.is_some() && MESSAGE_UNSUPPORTED.contains(&name.as_str()) {
+            return Err(Refusal::Unsupported {
+                field,
+                reason: "messages carry only `role` and `content` here; participant names, \
+                         tool calls and audio are not rendered"
+                    .into(),
+            });
+        }
+        if !policy.ignore_unknown {
+            return Err(Refusal::Unknown { field });
+        }
+        unknown(&field);
+    }
+    Ok(())
+}
+
+/// Message fields of the OpenAI API that are known but not honoured.
+const MESSAGE_UNSUPPORTED: [&str; 6] = [
+    "name",
+    "tool_calls",
+    "tool_call_id",
+    "function_call",
+    "refusal",
+    "audio",
+];
+
+/// Known fields that are not honoured, with the values that ask for nothing and are accepted.
+fn unsupported(name: &str, value: &Value) -> Option<&'static str> {
+    let empty = match value {
+        Value::Bool(b) => !b,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    };
+    let reason = match name {
+        "logprobs" if value != &Value::Bool(false) => {
+            "log probabilities are not returned by this version; remove it or set it to false"
+        }
+        "top_logprobs" => "log probabilities are not returned by this version; remove it",
+        "response_format"
+            if value.get("type").and_then(Value::as_str) != Some("text")
+                || value.as_object().is_some_and(|o| o.len() > 1) =>
+        {
+            "only {\"type\": \"text\"} is supported; structured output (json_object, \
+             json_schema) is not"
+        }
+        "tools" | "functions" if !empty => "tool calling is not supported; remove it",
+        "tool_choice" | "function_call" if value.as_str() != Some("none") => {
+            "tool calling is not supported; remove it"
+        }
+        "logit_bias" if !empty => "logit biases are not supported; remove it",
+        "modalities" if value != &serde_json::json!(["text"]) => {
+            "only the text modality is supported"
+        }
+        "audio" | "prediction" | "web_search_options" | "reasoning_effort" | "verbosity"
+        | "stream_options" | "grammar" | "json_schema" => {
+            "this version does not honour it; remove it"
+        }
+        _ => return None,
+    };
+    Some(reason)
+}
+
+/// Fields this version knows, honoured or not.
+fn is_known(name: &str) -> bool {
+    matches!(
+        name,
+        "logprobs"
+            | "top_logprobs"
+            | "response_format"
+            | "tools"
+            | "functions"
+            | "tool_choice"
+            | "function_call"
+            | "parallel_tool_calls"
+            | "logit_bias"
+            | "modalities"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn refusal(v: Value) -> Option<Refusal> {
+        check_body(&body(v), FieldPolicy::default(), |_| {}).err()
+    }
+
+    #[test]
+    fn default_valued_and_no_effect_fields_are_accepted() {
+        let ok = json!({
+            "model": "x", "user": "u", "metadata": {"a": "b"}, "store": true,
+            "logprobs": false, "tools": [], "tool_choice": "none", "parallel_tool_calls": true,
+            "response_format": {"type": "text"}, "logit_bias": {}, "modalities": ["text"],
+            "top_logprobs": null, "n": 1,
+        });
+        assert_eq!(refusal(ok), None);
+    }
+
+    #[test]
+    fn fields_asking_for_more_are_refused_by_name() {
+        for (v, field) in [
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"top_logprobs": 3}), "top_logprobs"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (json!({"tools": [{"type": "function"}]}), "tools"),
+            (json!({"tool_choice": "auto"}), "tool_choice"),
+            (json!({"logit_bias": {"5": 1}}), "logit_bias"),
+            (json!({"audio": {"voice": "x"}}), "audio"),
+            (
+                json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
+        ] {
+            match refusal(v) {
+                Some(Refusal::Unsupported { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_unless_ignored() {
+        let b = body(json!({"temprature": 0.5, "messages": []}));
+        let e = check_body(&b, FieldPolicy::default(), |_| {}).unwrap_err();
+        assert_eq!(
+            e,
+            Refusal::Unknown {
+                field: "temprature".into()
+            }
+        );
+        assert!(e.to_string().contains("--ignore-unknown-fields"));
+        let mut seen = Vec::new();
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        check_body(&b, lax, |f| seen.push(f.to_owned())).unwrap();
+        assert_eq!(seen, ["temprature"]);
+        // Known but unsupported stays refused even then.
+        assert!(check_body(&body(json!({"logprobs": true})), lax, |_| {}).is_err());
+    }
+
+    #[test]
+    fn envelope_and_message_fields_are_checked() {
+        let env = body(json!({"custom_id": "a", "method": "POST", "url": "u", "body": {}, "x": 1}));
+        assert_eq!(
+            check_object(&env, &ENVELOPE, None, FieldPolicy::default(), |_| {}),
+            Err(Refusal::Unknown { field: "x".into() })
+        );
+        let m = body(json!({"role": "user", "content": "hi", "name": "bob"}));
+        let e = check_object(
+            &m,
+            &MESSAGE,
+            Some("messages[1]"),
+            FieldPolicy::default(),
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&e, Refusal::Unsupported { field, .. } if field == "messages[1].name"),
+            "{e:?}"
+        );
+        let m = body(json!({"role": "user", "content": "hi", "name": null}));
+        assert!(check_object(&m, &MESSAGE, Some("m"), FieldPolicy::default(), |_| {}).is_ok());
+    }
+}

@@ -1,0 +1,298 @@
+//! Before the first decode: load the model, scan the input, plan the context and its memory,
+//! and open the prefix state store.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::BufReader;
+
+use anyhow::{Context, Result};
+
+use crate::cli::RunConfig;
+use crate::engine::{llama_build, FlashAttn, Model, ModelSettings, SessionSettings, Token};
+use crate::memory::{
+    compute_bytes, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Footprint,
+    PROCESS_ALLOWANCE,
+};
+use crate::plan::{plan, Demand, KvLayout, Plan};
+use crate::prefix_store::{PrefixStore, StateIdentity};
+use crate::prompt::{PrefixKey, PromptBuilder};
+use crate::request::RequestReader;
+
+/// Loads the model of a run, which must carry a chat template.
+///
+/// # Errors
+/// When the model cannot be loaded, or has no chat template: then no request could be
+/// rendered, so the run stops before any of them gets an error line.
+pub fn load_model(cfg: &RunConfig) -> Result<Model> {
+    let model = Model::load(&ModelSettings {
+        path: cfg.model.clone(),
+        gpu_layers: cfg.gpu_layers,
+        verbose: cfg.verbose,
+    })?;
+    if !model.has_chat_template() {
+        anyhow::bail!(
+            "model {} carries no chat template in its GGUF metadata that llama.cpp can apply, \
+             so no request can be rendered; use a model with a chat template",
+            cfg.model.display()
+        );
+    }
+    Ok(model)
+}
+
+/// Cells one query attends over: the whole cache when unified, one stream otherwise.
+fn attention_span(plan: &Plan) -> u32 {
+    match plan.layout {
+        KvLayout::Unified => plan.n_ctx,
+        KvLayout::Streams => plan.n_ctx / plan.n_seq_max.max(1),
+    }
+}
+
+/// The plan a run uses, with its memory footprint.
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    /// What the input needs.
+    pub demand: Demand,
+    /// The context plan.
+    pub plan: Plan,
+    /// Memory the plan needs.
+    pub footprint: Footprint,
+    /// Memory it may use.
+    pub budget: u64,
+    /// Slots, possibly fewer than asked for so the plan fits.
+    pub parallel: usize,
+    /// With offloaded layers and NVML: (VRAM the plan needs, VRAM it may use).
+    pub vram: Option<(u64, u64)>,
+}
+
+impl Preflight {
+    /// As JSON, for `--dry-run`.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "requests": self.demand.lines,
+            "valid_requests": self.demand.requests,
+            "distinct_prefixes": self.demand.distinct_prefixes,
+            "parallel": self.parallel,
+            "n_ctx": self.plan.n_ctx,
+            "slot_budget": self.plan.slot_budget,
+            "kv_layout": format!("{:?}", self.plan.layout).to_lowercase(),
+            "memory": self.footprint.to_json(),
+            "budget_bytes": self.budget,
+            "vram": vram_json(self.vram),
+            "peak_rss_bytes": peak_rss(),
+        })
+    }
+}
+
+/// The VRAM part of a plan, as the dry run and the summary report it.
+pub fn vram_json(vram: Option<(u64, u64)>) -> serde_json::Value {
+    vram.map_or(
+        serde_json::Value::Null,
+        |(need, free)| serde_json::json!({"planned_bytes": need, "budget_bytes": free}),
+    )
+}
+
+/// Scans the input and plans the context; lowers `--parallel` until the plan fits the memory
+/// budget (`--memory-budget`, else 90% of the RAM free now).
+///
+/// # Errors
+/// When even one slot does not fit: the message gives the numbers and what to change.
+pub fn preflight(
+    cfg: &RunConfig,
+    model: &Model,
+    prompts: &mut PromptBuilder<'_>,
+) -> Result<Preflight> {
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+    let info = model.info();
+    let demand = scan(
+        RequestReader::new(BufReader::new(file), cfg.fields).log_ignored_fields(),
+        prompts,
+        cfg,
+        info.n_ctx_train as usize,
+        |_, _| {},
+    )?;
+    let budget = match (cfg.memory_budget, system_memory()) {
+        (Some(b), _) => b,
+        (None, Some(mem)) => mem.available / 10 * 9,
+        (None, None) => {
+            tracing::warn!("the OS does not report free memory; planning without a budget");
+            u64::MAX
+        }
+    };
+    let flash_attn = cfg.flash_attn != FlashAttn::Off;
+    // Free VRAM on the first GPU, when layers are offloaded and NVML can tell.
+    let vram = (cfg.gpu_layers > 0)
+        .then(|| match gpu_memory() {
+            Ok(devices) if !devices.is_empty() => Some(devices[0].free / 10 * 9),
+            Ok(_) => {
+                tracing::warn!("no NVIDIA GPU found; planning everything for the CPU");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("no NVIDIA driver or NVML ({e}); planning everything for the CPU");
+                None
+            }
+        })
+        .flatten();
+    let mut parallel = cfg.parallel as usize;
+    loop {
+        let plan = plan(
+            &demand,
+            parallel,
+            cfg.max_prefixes as usize,
+            cfg.prefix_cache,
+            cfg.ctx_size.map(|c| c as usize),
+            if cfg.deterministic {
+                KvLayout::Streams
+            } else {
+                KvLayout::Unified
+            },
+        )?;
+        let footprint = Footprint {
+            weights: info.size,
+            kv: kv_bytes(&info, plan.n_ctx),
+            compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
+            process: PROCESS_ALLOWANCE,
+        };
+        let vram_fits = vram
+            .as_ref()
+            .is_none_or(|free| gpu_share(&footprint, cfg.gpu_layers, info.n_layer) <= *free);
+        if footprint.total() <= budget && vram_fits {
+            if parallel < cfg.parallel as usize {
+                tracing::warn!(
+                    "lowered --parallel from {} to {parallel} so the plan ({}) fits the memory budget ({})",
+                    cfg.parallel,
+                    mib(footprint.total()),
+                    mib(budget)
+                );
+            }
+            return Ok(Preflight {
+                demand,
+                plan,
+                footprint,
+                budget,
+                parallel,
+                vram: vram.map(|free| (gpu_share(&footprint, cfg.gpu_layers, info.n_layer), free)),
+            });
+        }
+        if parallel == 1 && !vram_fits {
+            let need = gpu_share(&footprint, cfg.gpu_layers, info.n_layer);
+            anyhow::bail!(
+                "not enough GPU memory even for one slot: {} layers need {} of VRAM but {} is \
+                 free; lower --gpu-layers or --ctx-size",
+                cfg.gpu_layers.min(info.n_layer),
+                mib(need),
+                mib(vram.unwrap_or(0))
+            );
+        }
+        if parallel == 1 {
+            anyhow::bail!(
+                "not enough memory even for one slot: the plan needs {} (weights {}, KV cache {} \
+                 for {} tokens, compute {}, process {}) but the budget is {}. Lower max_tokens or \
+                 --ctx-size, shorten the prompts, use a smaller model, free memory, or raise \
+                 --memory-budget",
+                mib(footprint.total()),
+                mib(footprint.weights),
+                mib(footprint.kv),
+                plan.n_ctx,
+                mib(footprint.compute),
+                mib(footprint.process),
+                mib(budget)
+            );
+        }
+        parallel /= 2;
+    }
+}
+
+/// `--dry-run`: loads the model, scans the input and returns the plan, touching no output.
+///
+/// # Errors
+/// As [`preflight`], and when the model cannot be loaded.
+pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
+    let model = load_model(cfg)?;
+    let mut prompts = PromptBuilder::new(&model);
+    preflight(cfg, &model, &mut prompts)
+}
+
+/// Opens the prefix state store for this model and layout; without one the run goes on,
+/// sharing prefixes in memory only, and says why once.
+pub fn open_store(
+    cfg: &RunConfig,
+    model: &Model,
+    settings: &SessionSettings,
+    model_sha256: [u8; 32],
+) -> Option<PrefixStore> {
+    match prefix_store(cfg, model, settings, model_sha256) {
+        Ok(store) => Some(store),
+        Err(e) => {
+            tracing::warn!("{e:#}; prefix states stay in memory for this run");
+            None
+        }
+    }
+}
+
+/// The prefix state store of `--prefix-cache-dir`, keyed for this model, build and layout.
+///
+/// # Errors
+/// When the model's memory layout is one whose states no test covers (they are never saved
+/// or restored), or the directory cannot be created.
+pub fn prefix_store(
+    cfg: &RunConfig,
+    model: &Model,
+    settings: &SessionSettings,
+    model_sha256: [u8; 32],
+) -> Result<PrefixStore> {
+    let memory = model.memory_kind();
+    if memory.sections().is_none() {
+        anyhow::bail!(
+            "prefix states of this model's memory layout, {memory}, are not saved or restored"
+        );
+    }
+    let identity = StateIdentity {
+        model_sha256,
+        llama_build: llama_build(),
+        layout: settings.state_layout(memory, cfg.gpu_layers),
+    };
+    PrefixStore::open(&cfg.prefix_cache_dir, cfg.prefix_cache_max_bytes, identity)
+}
+
+/// First pass: how many requests, which prefixes, and the largest per-request need.
+/// `on_new_prefix` sees each distinct shared prefix once.
+pub fn scan(
+    input: RequestReader<BufReader<File>>,
+    prompts: &mut PromptBuilder<'_>,
+    cfg: &RunConfig,
+    n_ctx_train: usize,
+    mut on_new_prefix: impl FnMut(PrefixKey, &[Token]),
+) -> Result<Demand> {
+    let mut demand = Demand::default();
+    // 8 bytes per distinct prefix: enough to tell them apart, small for a million.
+    let mut seen: HashSet<u64> = HashSet::new();
+    for item in input {
+        let item = item.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+        demand.lines += 1;
+        let Ok(request) = item else { continue };
+        let Ok(prompt) = prompts.build(&request.messages) else {
+            continue;
+        };
+        let max_tokens = request.sampling.max_tokens.unwrap_or(cfg.max_tokens) as usize;
+        if prompt.tokens.len() + max_tokens > n_ctx_train {
+            continue; // it gets its error in the second pass
+        }
+        demand.requests += 1;
+        let shared = match prompt.prefix_key() {
+            Some(key) if cfg.prefix_cache => {
+                if seen.insert(key.hash64()) {
+                    demand.add_prefix(prompt.shared_len, cfg.max_prefixes as usize);
+                    on_new_prefix(key, prompt.prefix());
+                }
+                prompt.shared_len
+            }
+            _ => 0,
+        };
+        demand.max_need = demand
+            .max_need
+            .max(prompt.tokens.len() - shared + max_tokens);
+    }
+    Ok(demand)
+}
