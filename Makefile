@@ -3,7 +3,7 @@
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test setup deps lint bench
+.PHONY: example test test-slurm setup deps lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
 example: deps
@@ -14,6 +14,10 @@ example: deps
 # The whole test suite (unit tests and the real-model integration tests, on both models).
 test: setup
 	cargo test --release
+
+# The shard scripts on a real one-node Slurm cluster (needs root; installs slurm-wlm and munge).
+test-slurm: deps
+	./scripts/slurm-test.sh
 
 setup: deps
 	@./models/fetch.sh

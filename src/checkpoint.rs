@@ -11,12 +11,11 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::digest::hash64;
 use crate::durable::write_atomic_with;
-use crate::lock::lock_holder;
-use crate::manifest::{manifest_path, Manifest, RunState};
+use crate::manifest::{manifest_path, Manifest};
 
 /// Deletes an output and its manifest, for `--restart`.
 ///
@@ -93,70 +92,6 @@ pub fn prepare(
         done.len()
     );
     Ok(done)
-}
-
-/// `request_counts` of an output, as `infer-batch status` prints them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
-    /// Input lines that get an output line.
-    pub total: u64,
-    /// Success lines.
-    pub completed: u64,
-    /// Error lines.
-    pub failed: u64,
-    /// Where the run stands.
-    pub state: RunState,
-    /// The pid of the process running it now, when one holds the output's lock.
-    pub held_by: Option<String>,
-}
-
-impl Status {
-    /// Requests with no line yet.
-    pub fn remaining(&self) -> u64 {
-        self.total.saturating_sub(self.completed + self.failed)
-    }
-
-    /// `in_progress`, `interrupted` or `completed`, after the OpenAI batch `status`.
-    pub fn label(&self) -> &'static str {
-        match self.state {
-            RunState::Finished if self.remaining() == 0 => "completed",
-            RunState::Interrupted => "interrupted",
-            _ => "in_progress",
-        }
-    }
-
-    /// The same as one JSON object.
-    pub fn to_json(&self, output: &Path) -> Value {
-        json!({
-            "output": output,
-            "status": self.label(),
-            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
-            "remaining": self.remaining(),
-            "running_pid": self.held_by.as_ref().and_then(|p| p.parse::<u64>().ok()),
-        })
-    }
-}
-
-/// Reads an output's state from its manifest and lines, without loading any model.
-///
-/// # Errors
-/// When the output has no manifest or cannot be read.
-pub fn status(output: &Path) -> Result<Status> {
-    let manifest = Manifest::read(output)?.with_context(|| {
-        format!(
-            "no manifest for {} ({}): not an infer-batch output, or no run has started",
-            output.display(),
-            manifest_path(output).display()
-        )
-    })?;
-    let (done, _) = scan_output(output)?;
-    Ok(Status {
-        total: manifest.input.total,
-        completed: done.ok.len() as u64,
-        failed: done.failed.len() as u64,
-        state: manifest.state,
-        held_by: lock_holder(output),
-    })
 }
 
 /// What an existing output already holds.
@@ -275,6 +210,7 @@ pub fn drop_error_lines(path: &Path) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn ok_line(id: &str) -> String {
         format!(

@@ -6,7 +6,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::engine::FlashAttn;
 use crate::fields::FieldPolicy;
+use crate::merge::Order;
 use crate::scheduler::EXACT_MAX_ROWS;
+use crate::shard::Shard;
 
 /// Default prefill chunk and batch size, in tokens.
 pub const DEFAULT_BATCH: u32 = 512;
@@ -60,6 +62,20 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Join the shard outputs of OUTPUT (`OUTPUT.shard-K-of-N.jsonl`) into OUTPUT, checking
+    /// that every input request appears exactly once; refuses (exit 2) and lists what is missing
+    /// or duplicated otherwise.
+    Merge {
+        /// The main output the shards were named after.
+        #[arg(value_name = "OUTPUT.jsonl")]
+        output: PathBuf,
+        /// Where the shard outputs are [default: beside OUTPUT].
+        #[arg(long, value_name = "DIR")]
+        shards: Option<PathBuf>,
+        /// The order of the merged lines.
+        #[arg(long, value_enum, default_value_t = Order::Completion)]
+        order: Order,
     },
     /// Manage the on-disk prefix state cache.
     Cache {
@@ -202,6 +218,13 @@ pub struct RunArgs {
     #[arg(long)]
     pub supervise: bool,
 
+    /// Run only shard K of N (0 <= K < N) of the input, chosen by a hash of each `custom_id`,
+    /// into `OUTPUT.shard-K-of-N.jsonl`. `auto/N` takes K from a Slurm array task's
+    /// `SLURM_ARRAY_TASK_ID` or a Kubernetes Indexed Job's `JOB_COMPLETION_INDEX`; `auto` also
+    /// takes N from the array. `infer-batch merge OUTPUT` joins the shards.
+    #[arg(long, value_name = "K/N|auto|auto/N")]
+    pub shard: Option<String>,
+
     /// Skip request fields this version does not know instead of giving the request an error
     /// line. Known fields that are not honoured (`n` > 1, `logprobs`, `tools`, ...) are still
     /// refused.
@@ -266,6 +289,8 @@ pub struct RunConfig {
     pub dry_run: bool,
     /// What unknown request fields get.
     pub fields: FieldPolicy,
+    /// The shard this run serves; `output` is then that shard's output.
+    pub shard: Option<Shard>,
     /// llama.cpp logs.
     pub verbose: bool,
 }
@@ -310,11 +335,19 @@ impl RunArgs {
                  or lower --parallel"
             )));
         }
+        let shard = self
+            .shard
+            .as_deref()
+            .map(|s| Shard::resolve(s, &std::env::vars().collect()))
+            .transpose()
+            .map_err(UsageError)?;
+        let output = self
+            .output
+            .clone()
+            .unwrap_or_else(|| default_output(&input));
         Ok(RunConfig {
-            output: self
-                .output
-                .clone()
-                .unwrap_or_else(|| default_output(&input)),
+            output: shard.map_or(output.clone(), |s| s.output(&output)),
+            shard,
             model,
             input,
             parallel,

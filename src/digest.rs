@@ -48,8 +48,8 @@ pub fn sha256_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
 
 /// A stable 64-bit hash of a string: 8 bytes kept per request (a `custom_id`), enough to tell
 /// a million ids apart with a collision chance of about 3e-8.
-pub fn hash64(text: &str) -> u64 {
-    let digest = Sha256::digest(text.as_bytes());
+pub fn hash64(data: impl AsRef<[u8]>) -> u64 {
+    let digest = Sha256::digest(data.as_ref());
     u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
 }
 

@@ -1,7 +1,7 @@
 //! The `infer-batch` command: parse the arguments, run, map the outcome to an exit code.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
@@ -10,7 +10,7 @@ use infer_batch::metrics::{PrefixEvent, PrefixSource};
 use infer_batch::prefix_store;
 use infer_batch::preflight::dry_run;
 use infer_batch::run::{run, RunReport};
-use infer_batch::supervise::{attach_to_supervisor, supervise};
+use infer_batch::supervise::{attach_to_supervisor, supervise, Signals};
 use infer_batch::warm::warm;
 use infer_batch::worker::WorkerEnv;
 
@@ -40,7 +40,25 @@ fn main() -> ExitCode {
 fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     match &cli.command {
         Some(Command::Cache { action }) => return cache(action).map(|()| EXIT_OK),
-        Some(Command::Status { output, json }) => return status(output, *json).map(|()| EXIT_OK),
+        Some(Command::Status { output, json }) => {
+            println!("{}", infer_batch::status::report(output, *json)?);
+            return Ok(EXIT_OK);
+        }
+        Some(Command::Merge {
+            output,
+            shards,
+            order,
+        }) => {
+            let m = infer_batch::merge::merge(output, shards.as_deref(), *order)?;
+            eprintln!(
+                "merged {} shards: {} lines ({} failed) -> {}",
+                m.shards,
+                m.lines,
+                m.failed,
+                output.display()
+            );
+            return Ok(EXIT_OK);
+        }
         None => {}
     }
     let cfg = cli.run.resolve()?;
@@ -77,55 +95,36 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     })
 }
 
-/// The first SIGINT or SIGTERM asks the run to stop cleanly; with `second_kills`, a second
-/// one kills at once.
+/// SIGINT or SIGTERM asks the run to stop cleanly. With `second_kills`, a second SIGINT (a
+/// second Ctrl-C) kills at once; a repeated SIGTERM only asks again, since schedulers may
+/// deliver it twice and send SIGKILL themselves when they mean it.
 fn stop_flag(second_kills: bool) -> anyhow::Result<Arc<AtomicBool>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let stop = Arc::new(AtomicBool::new(false));
+    if second_kills {
+        signal_hook::flag::register_conditional_default(SIGINT, Arc::clone(&stop))?;
+    }
     for sig in [SIGINT, SIGTERM] {
-        if second_kills {
-            signal_hook::flag::register_conditional_default(sig, Arc::clone(&stop))?;
-        }
         signal_hook::flag::register(sig, Arc::clone(&stop))?;
     }
     Ok(stop)
 }
 
-/// Counts SIGINT and SIGTERM, for the supervisor: one stops the worker cleanly, two at once.
-fn count_signals() -> anyhow::Result<Arc<AtomicUsize>> {
+/// Counts the supervisor's signals: any one stops the worker cleanly, a second SIGINT at once.
+fn count_signals() -> anyhow::Result<Arc<Signals>> {
     use signal_hook::consts::{SIGINT, SIGTERM};
-    let count = Arc::new(AtomicUsize::new(0));
+    let count = Arc::new(Signals::default());
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
     let seen = Arc::clone(&count);
     std::thread::spawn(move || {
-        for _ in signals.forever() {
-            seen.fetch_add(1, Ordering::Relaxed);
+        for sig in signals.forever() {
+            seen.stops.fetch_add(1, Ordering::Relaxed);
+            if sig == SIGINT {
+                seen.interrupts.fetch_add(1, Ordering::Relaxed);
+            }
         }
     });
     Ok(count)
-}
-
-fn status(output: &std::path::Path, json: bool) -> anyhow::Result<()> {
-    let s = infer_batch::checkpoint::status(output)?;
-    if json {
-        println!("{}", s.to_json(output));
-    } else {
-        let running = match (&s.held_by, s.label()) {
-            (Some(pid), _) => format!("; process {pid} is running it"),
-            (None, "completed") => String::new(),
-            (None, _) => "; no process is running it: run the same command again to resume".into(),
-        };
-        println!(
-            "{}: {} of {} done ({} completed, {} failed), {} remaining{running}",
-            s.label(),
-            s.completed + s.failed,
-            s.total,
-            s.completed,
-            s.failed,
-            s.remaining()
-        );
-    }
-    Ok(())
 }
 
 fn cache(action: &CacheAction) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::durable::write_atomic;
 use crate::output::sibling_path;
+use crate::shard::Shard;
 
 /// Version of the manifest layout.
 pub const MANIFEST_VERSION: u64 = 1;
@@ -87,6 +88,15 @@ pub struct Manifest {
     pub runs: Vec<RunRecord>,
     /// Where the run stands.
     pub state: RunState,
+    /// The shard of the input this output holds; `None` for the whole input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
+    /// When the last run finished every request, in seconds since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_unix: Option<u64>,
+    /// For the output of `infer-batch merge`: how many shards it joined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_shards: Option<u32>,
 }
 
 impl Manifest {
@@ -146,6 +156,15 @@ impl Manifest {
         if self.model.sha256 != stored.model.sha256 {
             out.push("the model file changed".to_owned());
         }
+        if self.shard != stored.shard {
+            let name =
+                |s: Option<Shard>| s.map_or("the whole input".to_owned(), |s| format!("shard {s}"));
+            out.push(format!(
+                "it holds {}, this run is {}",
+                name(stored.shard),
+                name(self.shard)
+            ));
+        }
         // A setting missing on one side reads as null, so one dropped or added is a change too.
         let dropped = stored
             .params
@@ -182,6 +201,9 @@ mod tests {
             params: params.as_object().cloned().unwrap_or_default(),
             runs: Vec::new(),
             state: RunState::Running,
+            shard: None,
+            finished_unix: None,
+            merged_shards: None,
         }
     }
 

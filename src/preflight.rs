@@ -105,7 +105,9 @@ pub fn preflight(
         .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
     let info = model.info();
     let demand = scan(
-        RequestReader::new(BufReader::new(file), cfg.fields).log_ignored_fields(),
+        RequestReader::new(BufReader::new(file), cfg.fields)
+            .shard(cfg.shard)
+            .log_ignored_fields(),
         prompts,
         cfg,
         info.n_ctx_train as usize,

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::digest::hash64;
 use crate::fields::{check_body, check_object, FieldPolicy, Refusal, ENVELOPE, MESSAGE};
+use crate::shard::Shard;
 
 /// The only endpoint a batch line may target.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
@@ -473,6 +474,8 @@ pub struct RequestReader<R> {
     buf: Vec<u8>,
     seen: std::collections::HashSet<u64>,
     policy: FieldPolicy,
+    /// Only the lines of this shard are read; the others are skipped.
+    shard: Option<Shard>,
     /// Unknown fields already logged as skipped, so each is logged once; `None` logs nothing.
     warned: Option<std::collections::BTreeSet<String>>,
 }
@@ -483,11 +486,19 @@ impl<R: BufRead> RequestReader<R> {
         Self {
             policy,
             warned: None,
+            shard: None,
             input,
             line_no: 0,
             buf: Vec::new(),
             seen: std::collections::HashSet::new(),
         }
+    }
+
+    /// Reads only the requests of `shard` (all when `None`).
+    #[must_use]
+    pub fn shard(mut self, shard: Option<Shard>) -> Self {
+        self.shard = shard;
+        self
     }
 
     /// Logs each unknown field skipped under `--ignore-unknown-fields`, once.
@@ -526,6 +537,9 @@ impl<R: BufRead> Iterator for RequestReader<R> {
             }
             // A line that is not UTF-8 is the line's fault, not the run's.
             let Ok(text) = std::str::from_utf8(&self.buf) else {
+                if self.shard.is_some_and(|s| !s.holds(&self.buf)) {
+                    continue;
+                }
                 return Some(Ok(Err(LineError::new(
                     self.line_no,
                     None,
@@ -537,7 +551,18 @@ impl<R: BufRead> Iterator for RequestReader<R> {
             if text.is_empty() {
                 continue;
             }
-            let item = parse_line(self.line_no, text, self.policy).and_then(|req| {
+            let parsed = parse_line(self.line_no, text, self.policy);
+            if let Some(shard) = self.shard {
+                // The id decides; a line without a readable one goes by its bytes.
+                let key = match &parsed {
+                    Ok(r) => r.custom_id.as_bytes(),
+                    Err(e) => e.custom_id.as_deref().unwrap_or(text).as_bytes(),
+                };
+                if !shard.holds(key) {
+                    continue;
+                }
+            }
+            let item = parsed.and_then(|req| {
                 if self.seen.insert(hash64(&req.custom_id)) {
                     Ok(req)
                 } else {

@@ -72,7 +72,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     let open_input = || -> Result<RequestReader<BufReader<File>>> {
         let file = File::open(&cfg.input)
             .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
-        Ok(RequestReader::new(BufReader::new(file), cfg.fields))
+        Ok(RequestReader::new(BufReader::new(file), cfg.fields).shard(cfg.shard))
     };
     open_input()?;
     if !cfg.model.is_file() {
@@ -98,6 +98,9 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         params: output_params(cfg),
         runs: Vec::new(),
         state: RunState::Running,
+        shard: cfg.shard,
+        finished_unix: None,
+        merged_shards: None,
     };
     let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
 
@@ -263,11 +266,12 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     }
     progress.finish();
     results.sink.finish()?;
-    manifest.state = if interrupted {
-        RunState::Interrupted
+    if interrupted {
+        manifest.state = RunState::Interrupted;
     } else {
-        RunState::Finished
-    };
+        manifest.state = RunState::Finished;
+        manifest.finished_unix = Some(unix_now());
+    }
     manifest.write(&cfg.output)?;
     let report = RunReport {
         metrics: scheduler.metrics.clone(),

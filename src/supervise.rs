@@ -116,14 +116,23 @@ struct WorkerLog {
     written: Vec<u64>,
 }
 
+/// The signals a supervisor received.
+#[derive(Debug, Default)]
+pub struct Signals {
+    /// SIGINT and SIGTERM: the first asks the worker to stop cleanly.
+    pub stops: AtomicUsize,
+    /// SIGINT alone: a second Ctrl-C stops the worker at once.
+    pub interrupts: AtomicUsize,
+}
+
 /// Runs workers until one ends deliberately; returns its exit code. `args` are this
-/// process's arguments; `signals` counts the SIGINT and SIGTERM it received. A worker that
-/// looks killed for memory is restarted with half the `--parallel`.
+/// process's arguments; `signals` counts what it received. A worker that looks killed for
+/// memory is restarted with half the `--parallel`.
 ///
 /// # Errors
 /// When the output is locked by another run, a worker cannot be started, or workers keep
 /// dying without progress.
-pub fn supervise(cfg: &RunConfig, args: &[OsString], signals: &AtomicUsize) -> Result<u8> {
+pub fn supervise(cfg: &RunConfig, args: &[OsString], signals: &Signals) -> Result<u8> {
     let lock = OutputLock::acquire(&cfg.output)?;
     lock.share_with_children()?;
     if cfg.restart {
@@ -135,7 +144,7 @@ pub fn supervise(cfg: &RunConfig, args: &[OsString], signals: &AtomicUsize) -> R
     let mut backoff = FIRST_BACKOFF;
     let mut fruitless = 0;
     loop {
-        if signals.load(Ordering::Relaxed) > 0 {
+        if signals.stops.load(Ordering::Relaxed) > 0 {
             // Stopped between two workers, during the back-off.
             return Ok(INTERRUPTED);
         }
@@ -158,23 +167,21 @@ pub fn supervise(cfg: &RunConfig, args: &[OsString], signals: &AtomicUsize) -> R
             let log = Arc::clone(&log);
             std::thread::spawn(move || follow(stdout, &log))
         };
-        let mut forwarded = 0;
+        let (mut asked, mut killed) = (false, false);
         let status = loop {
             if let Some(status) = child.try_wait()? {
                 break status;
             }
-            let received = signals.load(Ordering::Relaxed);
-            if received > forwarded {
-                // The first asks the worker to stop cleanly and record its progress (it may
-                // have had the same signal from the terminal: a repeat changes nothing). A
-                // second one stops it at once.
-                let signal = if received >= 2 {
-                    Signal::SIGKILL
-                } else {
-                    Signal::SIGTERM
-                };
-                let _ = kill(pid, signal);
-                forwarded = received;
+            // The first signal asks the worker to stop cleanly and record its progress (it may
+            // have had the same signal from the terminal or the scheduler: a repeat changes
+            // nothing). A second Ctrl-C stops it at once.
+            if !asked && signals.stops.load(Ordering::Relaxed) > 0 {
+                let _ = kill(pid, Signal::SIGTERM);
+                asked = true;
+            }
+            if !killed && signals.interrupts.load(Ordering::Relaxed) >= 2 {
+                let _ = kill(pid, Signal::SIGKILL);
+                killed = true;
             }
             std::thread::sleep(Duration::from_millis(50));
         };
@@ -186,7 +193,7 @@ pub fn supervise(cfg: &RunConfig, args: &[OsString], signals: &AtomicUsize) -> R
         let progressed = !log.written.is_empty();
         let reason = match ending(status) {
             Ending::Deliberate(code) => return Ok(code),
-            _ if signals.load(Ordering::Relaxed) > 0 => {
+            _ if signals.stops.load(Ordering::Relaxed) > 0 => {
                 tracing::warn!(
                     "worker stopped at once ({status}); run the same command again to resume"
                 );

@@ -280,12 +280,16 @@ pub fn essence(v: &Value) -> Value {
     }
 }
 
-/// The output's lines by key (`custom_id`, or `line:N` for a line without one), asserting that
-/// no key appears twice.
+/// The output's lines by the request they answer: a success line by its `custom_id`, an error
+/// line by the input line it names (`line:N`), asserting that none appears twice.
 pub fn by_key(out: &Path) -> BTreeMap<String, Value> {
     let mut map = BTreeMap::new();
     for v in read_results(out) {
-        let key = key_of(&v);
+        let key = if v["error"].is_null() {
+            key_of(&v)
+        } else {
+            format!("line:{}", v["error"]["line"])
+        };
         assert!(map.insert(key.clone(), v).is_none(), "{key} written twice");
     }
     map

@@ -10,3 +10,4 @@ mod harness;
 mod memory;
 mod prefix;
 mod resume;
+mod shards;
