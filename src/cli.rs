@@ -9,6 +9,7 @@ use crate::fields::FieldPolicy;
 use crate::merge::Order;
 use crate::scheduler::EXACT_MAX_ROWS;
 use crate::shard::Shard;
+use crate::template::TemplateChoice;
 
 /// Default prefill chunk and batch size, in tokens.
 pub const DEFAULT_BATCH: u32 = 512;
@@ -105,7 +106,7 @@ pub enum CacheAction {
     Warm {
         /// Same flags as a batch run; only those that shape the prefix state matter.
         #[command(flatten)]
-        run: RunArgs,
+        run: Box<RunArgs>,
     },
 }
 
@@ -225,6 +226,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "K/N|auto|auto/N")]
     pub shard: Option<String>,
 
+    /// The chat template: one of llama.cpp's built-in names (`gemma`, `chatml`, `llama3`, ...)
+    /// or a Jinja file [default: the GGUF's own template, rendered as Jinja].
+    #[arg(long, value_name = "NAME|FILE")]
+    pub chat_template: Option<String>,
+
     /// Skip request fields this version does not know instead of giving the request an error
     /// line. Known fields that are not honoured (`n` > 1, `logprobs`, `tools`, ...) are still
     /// refused.
@@ -291,6 +297,8 @@ pub struct RunConfig {
     pub fields: FieldPolicy,
     /// The shard this run serves; `output` is then that shard's output.
     pub shard: Option<Shard>,
+    /// Where the chat template comes from.
+    pub chat_template: TemplateChoice,
     /// llama.cpp logs.
     pub verbose: bool,
 }
@@ -348,6 +356,7 @@ impl RunArgs {
         Ok(RunConfig {
             output: shard.map_or(output.clone(), |s| s.output(&output)),
             shard,
+            chat_template: TemplateChoice::from_arg(self.chat_template.as_deref()),
             model,
             input,
             parallel,

@@ -15,7 +15,7 @@ pub struct FieldPolicy {
 }
 
 /// Body fields that the request parser reads and honours.
-pub const HONOURED: [&str; 13] = [
+pub const HONOURED: [&str; 18] = [
     "messages",
     "max_tokens",
     "max_completion_tokens",
@@ -29,6 +29,11 @@ pub const HONOURED: [&str; 13] = [
     "presence_penalty",
     "stream",
     "n",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "json_schema",
+    "grammar",
 ];
 
 /// Body fields accepted with any value because they change nothing about the output.
@@ -81,8 +86,8 @@ impl std::fmt::Display for Refusal {
 }
 
 /// Checks the body fields that are neither honoured by the parser nor free of effect. A field
-/// whose value asks for nothing beyond the default (`"logprobs": false`, `"tools": []`,
-/// `"response_format": {"type": "text"}`, null) is accepted.
+/// whose value asks for nothing beyond the default (`"tools": []`, `"tool_choice": "none"`,
+/// null) is accepted.
 ///
 /// # Errors
 /// The first field refused, in the order the body lists them. Unknown fields are refused
@@ -168,17 +173,6 @@ fn unsupported(name: &str, value: &Value) -> Option<&'static str> {
         _ => false,
     };
     let reason = match name {
-        "logprobs" if value != &Value::Bool(false) => {
-            "log probabilities are not returned by this version; remove it or set it to false"
-        }
-        "top_logprobs" => "log probabilities are not returned by this version; remove it",
-        "response_format"
-            if value.get("type").and_then(Value::as_str) != Some("text")
-                || value.as_object().is_some_and(|o| o.len() > 1) =>
-        {
-            "only {\"type\": \"text\"} is supported; structured output (json_object, \
-             json_schema) is not"
-        }
         "tools" | "functions" if !empty => "tool calling is not supported; remove it",
         "tool_choice" | "function_call" if value.as_str() != Some("none") => {
             "tool calling is not supported; remove it"
@@ -188,9 +182,7 @@ fn unsupported(name: &str, value: &Value) -> Option<&'static str> {
             "only the text modality is supported"
         }
         "audio" | "prediction" | "web_search_options" | "reasoning_effort" | "verbosity"
-        | "stream_options" | "grammar" | "json_schema" => {
-            "this version does not honour it; remove it"
-        }
+        | "stream_options" => "this version does not honour it; remove it",
         _ => return None,
     };
     Some(reason)
@@ -200,10 +192,7 @@ fn unsupported(name: &str, value: &Value) -> Option<&'static str> {
 fn is_known(name: &str) -> bool {
     matches!(
         name,
-        "logprobs"
-            | "top_logprobs"
-            | "response_format"
-            | "tools"
+        "tools"
             | "functions"
             | "tool_choice"
             | "function_call"
@@ -240,12 +229,6 @@ mod tests {
     #[test]
     fn fields_asking_for_more_are_refused_by_name() {
         for (v, field) in [
-            (json!({"logprobs": true}), "logprobs"),
-            (json!({"top_logprobs": 3}), "top_logprobs"),
-            (
-                json!({"response_format": {"type": "json_object"}}),
-                "response_format",
-            ),
             (json!({"tools": [{"type": "function"}]}), "tools"),
             (json!({"tool_choice": "auto"}), "tool_choice"),
             (json!({"logit_bias": {"5": 1}}), "logit_bias"),
@@ -280,7 +263,7 @@ mod tests {
         check_body(&b, lax, |f| seen.push(f.to_owned())).unwrap();
         assert_eq!(seen, ["temprature"]);
         // Known but unsupported stays refused even then.
-        assert!(check_body(&body(json!({"logprobs": true})), lax, |_| {}).is_err());
+        assert!(check_body(&body(json!({"tools": [{"type": "function"}]})), lax, |_| {}).is_err());
     }
 
     #[test]

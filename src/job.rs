@@ -5,6 +5,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::RunConfig;
 use crate::engine::SamplerSpec;
+use crate::grammar::Grammars;
 use crate::prompt::PromptBuilder;
 use crate::request::{ErrorCode, LineError, Request};
 use crate::scheduler::{GenParams, Job};
@@ -13,16 +14,24 @@ use crate::scheduler::{GenParams, Job};
 pub struct Limits {
     /// The model's trained context.
     pub n_ctx_train: usize,
-    /// Most cells one request may use beyond its shared prefix.
+    /// Most cells one request may use beyond its shared prefix, per choice.
     pub slot_budget: usize,
     /// Whether `--ctx-size` set the context.
     pub ctx_overridden: bool,
+    /// Slots of the run: a request's choices decode side by side, one slot each.
+    pub slots: usize,
 }
 
-/// Turns a parsed request into a job: prompt tokens, resolved sampling, and a fit check.
+/// Turns a parsed request into a job: prompt tokens, resolved sampling, its constraint
+/// compiled, and a fit check.
+///
+/// # Errors
+/// The request's error line: a template that cannot render it, a constraint that does not
+/// compile, a prompt or `n` that does not fit.
 pub fn prepare(
     request: Request,
     prompts: &mut PromptBuilder<'_>,
+    grammars: &mut Grammars<'_>,
     cfg: &RunConfig,
     limits: &Limits,
 ) -> Result<Job, LineError> {
@@ -36,9 +45,31 @@ pub fn prepare(
     };
     let prompt = match prompts.build(&request.messages) {
         Ok(p) => p,
-        Err(e) => return fail(ErrorCode::InvalidMessages, e.to_string()),
+        Err(e) => {
+            return fail(
+                ErrorCode::InvalidMessages,
+                format!("the chat template cannot render these messages: {e}"),
+            )
+        }
     };
     let s = &request.sampling;
+    if s.n as usize > limits.slots {
+        return fail(
+            ErrorCode::InvalidParameter,
+            format!(
+                "field `n` is {} but the run has {} slots: a request's choices decode side by \
+                 side, one slot each; raise --parallel to at least {} or lower n",
+                s.n, limits.slots, s.n
+            ),
+        );
+    }
+    let constraint = match &s.constraint {
+        None => None,
+        Some(spec) => match grammars.compile(spec) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(ErrorCode::InvalidParameter, e),
+        },
+    };
     let max_tokens = s.max_tokens.unwrap_or(cfg.max_tokens);
     let len = prompt.tokens.len();
     if len + max_tokens as usize > limits.n_ctx_train {
@@ -91,6 +122,9 @@ pub fn prepare(
             sampler,
             max_tokens,
             stop: request.sampling.stop,
+            n: request.sampling.n,
+            logprobs: request.sampling.logprobs,
+            constraint,
         },
     })
 }

@@ -48,14 +48,16 @@ impl Footprint {
     }
 }
 
-/// KV cache bytes of `n_ctx` cells.
+/// KV cache bytes of `n_ctx` cells: keys and values of every layer, at the widths the GGUF
+/// gives (Gemma 3's heads are wider than embedding ÷ heads). Sliding-window layers are counted
+/// in full, which overstates their cache: the plan errs on the safe side.
 pub fn kv_bytes(info: &ModelInfo, n_ctx: u32) -> u64 {
-    let head_dim = u64::from(info.n_embd / info.n_head.max(1));
+    let fallback = info.n_embd / info.n_head.max(1);
+    let width = |d: u32| u64::from(if d > 0 { d } else { fallback });
     u64::from(n_ctx)
         * u64::from(info.n_layer)
-        * 2
         * u64::from(info.n_head_kv)
-        * head_dim
+        * (width(info.head_dim_k) + width(info.head_dim_v))
         * KV_ELEMENT
 }
 
@@ -234,6 +236,8 @@ mod tests {
             n_embd: 576,
             n_head: 9,
             n_ff: 1536,
+            head_dim_k: 0,
+            head_dim_v: 0,
             n_vocab: 49152,
             size: 98_000_000,
         }
@@ -244,6 +248,21 @@ mod tests {
         // 30 layers × 2 (K, V) × 3 KV heads × 64 dims × 2 bytes.
         assert_eq!(kv_bytes(&smollm(), 1), 23_040);
         assert_eq!(kv_bytes(&smollm(), 1000), 23_040_000);
+    }
+
+    #[test]
+    fn kv_bytes_use_the_gguf_head_widths() {
+        // Gemma 3 270M: 18 layers, 1 KV head of 256 for keys and values, embedding 640 / 4.
+        let gemma = ModelInfo {
+            n_layer: 18,
+            n_head_kv: 1,
+            n_embd: 640,
+            n_head: 4,
+            head_dim_k: 256,
+            head_dim_v: 256,
+            ..smollm()
+        };
+        assert_eq!(kv_bytes(&gemma, 1), 18 * 512 * 2);
     }
 
     #[test]

@@ -49,6 +49,37 @@ pub struct Usage {
     pub cached_tokens: u64,
 }
 
+/// One of the most likely tokens at a position, in OpenAI's `top_logprobs` shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TopLogprob {
+    /// The token's text (invalid UTF-8 replaced; `bytes` is exact).
+    pub token: String,
+    /// The token's bytes.
+    pub bytes: Vec<u8>,
+    /// Its log probability under the model's own distribution.
+    pub logprob: f32,
+}
+
+/// A sampled token with its log probability and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The token itself.
+    pub sampled: TopLogprob,
+    /// The most likely tokens at its position, most likely first.
+    pub top: Vec<TopLogprob>,
+}
+
+/// One choice of a completion.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    /// The generated text, stop string excluded.
+    pub content: String,
+    /// Why generation ended.
+    pub reason: StopReason,
+    /// With `logprobs`: every sampled token but a final end-of-generation token.
+    pub logprobs: Option<Vec<TokenLogprob>>,
+}
+
 /// A request that ran to the end.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Completion {
@@ -56,11 +87,9 @@ pub struct Completion {
     pub line: u64,
     /// The caller's id.
     pub custom_id: String,
-    /// The generated text, stop string excluded.
-    pub content: String,
-    /// Why generation ended.
-    pub reason: StopReason,
-    /// Measured counts.
+    /// Its choices, by index (one unless the request asked for `n`).
+    pub choices: Vec<Choice>,
+    /// Measured counts: the prompt once, the completions of all choices.
     pub usage: Usage,
     /// Seconds from admission to the first sampled token.
     pub time_to_first_token: f64,
@@ -97,12 +126,19 @@ pub fn success_line(c: &Completion, model: &str, created: u64) -> Value {
                 "object": "chat.completion",
                 "created": created,
                 "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": c.content},
-                    "logprobs": null,
-                    "finish_reason": c.reason.to_string(),
-                }],
+                "choices": c.choices.iter().enumerate().map(|(i, choice)| json!({
+                    "index": i,
+                    "message": {"role": "assistant", "content": choice.content},
+                    "logprobs": choice.logprobs.as_ref().map(|tokens| json!({
+                        "content": tokens.iter().map(|t| {
+                            let mut v = top_json(&t.sampled);
+                            v["top_logprobs"] = t.top.iter().map(top_json).collect();
+                            v
+                        }).collect::<Vec<_>>(),
+                        "refusal": null,
+                    })),
+                    "finish_reason": choice.reason.to_string(),
+                })).collect::<Vec<_>>(),
                 "usage": {
                     "prompt_tokens": c.usage.prompt_tokens,
                     "completion_tokens": c.usage.completion_tokens,
@@ -113,6 +149,11 @@ pub fn success_line(c: &Completion, model: &str, created: u64) -> Value {
         },
         "error": null,
     })
+}
+
+/// A token in OpenAI's logprobs shape.
+fn top_json(t: &TopLogprob) -> Value {
+    json!({"token": t.token, "logprob": t.logprob, "bytes": t.bytes})
 }
 
 /// The output line of a request that failed.
@@ -146,8 +187,29 @@ mod tests {
         let c = Completion {
             line: 1,
             custom_id: "cand-1".into(),
-            content: "hi".into(),
-            reason: StopReason::Length,
+            choices: vec![
+                Choice {
+                    content: "hi".into(),
+                    reason: StopReason::Length,
+                    logprobs: None,
+                },
+                Choice {
+                    content: "yo".into(),
+                    reason: StopReason::Stop,
+                    logprobs: Some(vec![TokenLogprob {
+                        sampled: TopLogprob {
+                            token: "yo".into(),
+                            bytes: b"yo".to_vec(),
+                            logprob: -0.5,
+                        },
+                        top: vec![TopLogprob {
+                            token: "yo".into(),
+                            bytes: b"yo".to_vec(),
+                            logprob: -0.5,
+                        }],
+                    }]),
+                },
+            ],
             usage: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 4,
@@ -163,6 +225,12 @@ mod tests {
         assert_eq!(body["object"], "chat.completion");
         assert_eq!(body["choices"][0]["message"]["content"], "hi");
         assert_eq!(body["choices"][0]["finish_reason"], "length");
+        assert_eq!(body["choices"][0]["logprobs"], Value::Null);
+        assert_eq!(body["choices"][1]["index"], 1);
+        let lp = &body["choices"][1]["logprobs"]["content"][0];
+        assert_eq!(lp["token"], "yo");
+        assert_eq!(lp["bytes"], json!([121, 111]));
+        assert_eq!(lp["top_logprobs"][0]["logprob"], -0.5);
         assert_eq!(body["usage"]["total_tokens"], 14);
         assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
     }

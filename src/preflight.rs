@@ -15,28 +15,24 @@ use crate::memory::{
 };
 use crate::plan::{plan, Demand, KvLayout, Plan};
 use crate::prefix_store::{PrefixStore, StateIdentity};
-use crate::prompt::{PrefixKey, PromptBuilder};
+use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::request::RequestReader;
 
-/// Loads the model of a run, which must carry a chat template.
+/// Loads the model of a run and the chat template its prompts are rendered with.
 ///
 /// # Errors
-/// When the model cannot be loaded, or has no chat template: then no request could be
-/// rendered, so the run stops before any of them gets an error line.
-pub fn load_model(cfg: &RunConfig) -> Result<Model> {
+/// When the model cannot be loaded, or no chat template can render its prompts: then no
+/// request could run, so the run stops before any of them gets an error line.
+pub fn load_model(cfg: &RunConfig) -> Result<(Model, Renderer)> {
     let model = Model::load(&ModelSettings {
         path: cfg.model.clone(),
         gpu_layers: cfg.gpu_layers,
         verbose: cfg.verbose,
     })?;
-    if !model.has_chat_template() {
-        anyhow::bail!(
-            "model {} carries no chat template in its GGUF metadata that llama.cpp can apply, \
-             so no request can be rendered; use a model with a chat template",
-            cfg.model.display()
-        );
-    }
-    Ok(model)
+    let renderer = Renderer::for_model(&model, &cfg.chat_template)
+        .map_err(|e| anyhow::anyhow!("model {}: {e}", cfg.model.display()))?;
+    tracing::debug!(template = renderer.identity(), "chat template");
+    Ok((model, renderer))
 }
 
 /// Cells one query attends over: the whole cache when unified, one stream otherwise.
@@ -211,8 +207,8 @@ pub fn preflight(
 /// # Errors
 /// As [`preflight`], and when the model cannot be loaded.
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
-    let model = load_model(cfg)?;
-    let mut prompts = PromptBuilder::new(&model);
+    let (model, renderer) = load_model(cfg)?;
+    let mut prompts = PromptBuilder::new(&model, &renderer);
     preflight(cfg, &model, &mut prompts)
 }
 

@@ -10,8 +10,9 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 
 use crate::digest::{sha256_parts, short_hex};
-use crate::engine::{EngineError, Model, Token};
+use crate::engine::{Model, Token};
 use crate::request::Message;
+use crate::template::{JinjaTemplate, TemplateChoice};
 
 /// Identity of a shared prefix: the SHA-256 of its exact token ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,19 +84,161 @@ pub fn leading_system(messages: &[Message]) -> &[Message] {
 /// Most distinct system prompts whose tokens are remembered; beyond it the memo starts over.
 const PREFIX_MEMO_CAPACITY: usize = 256;
 
+/// Stands for the first user message when the shared part of a prompt is rendered: the text
+/// before it is what every request with these system messages begins with, its user turn's
+/// opening included. Private-use characters, so no template or input would write them.
+const SPLIT_MARK: &str = "\u{E000}infer-batch-split\u{E000}";
+
+/// How conversations become prompt text: a Jinja template, or llama.cpp's formatter.
+pub enum Renderer {
+    /// A Jinja template (the GGUF's own, or a file), rendered with minijinja.
+    Jinja(Box<JinjaTemplate>),
+    /// llama.cpp's formatter for a built-in template name, or a template text it recognises.
+    LlamaCpp {
+        /// The name or text llama.cpp is given.
+        template: String,
+        /// What the run reports it as.
+        identity: String,
+    },
+}
+
+impl Renderer {
+    /// The renderer `choice` asks for, checked by rendering a system and a user message.
+    ///
+    /// # Errors
+    /// When the GGUF has no template and none is given, a name is not one of llama.cpp's, a
+    /// file cannot be read or compiled, or the template cannot render a plain conversation.
+    /// The message names `--chat-template`.
+    pub fn for_model(model: &Model, choice: &TemplateChoice) -> Result<Self, String> {
+        let (bos, eos) = model.bos_eos_text();
+        let renderer = match choice {
+            TemplateChoice::Gguf => {
+                let Some(source) = model.gguf_chat_template() else {
+                    return Err(format!(
+                        "the model's GGUF carries no chat template: pass --chat-template with one \
+                         of llama.cpp's built-in names ({}), or a Jinja file",
+                        Model::builtin_templates().join(", ")
+                    ));
+                };
+                match JinjaTemplate::new(&source, "gguf", &bos, &eos) {
+                    Ok(t) => Self::Jinja(Box::new(t)),
+                    Err(e) => {
+                        // llama.cpp recognises many common templates by their text.
+                        tracing::warn!("{e}; using llama.cpp's formatter for it instead");
+                        Self::LlamaCpp {
+                            identity: format!(
+                                "llama.cpp:gguf:{}",
+                                short_hex(&sha256_parts([source.as_bytes()]), 8)
+                            ),
+                            template: source,
+                        }
+                    }
+                }
+            }
+            TemplateChoice::Builtin(name) => {
+                let known = Model::builtin_templates();
+                if !known.contains(name) {
+                    return Err(format!(
+                        "--chat-template {name:?} is neither a file nor one of llama.cpp's \
+                         built-in templates: {}",
+                        known.join(", ")
+                    ));
+                }
+                Self::LlamaCpp {
+                    template: name.clone(),
+                    identity: format!("llama.cpp:{name}"),
+                }
+            }
+            TemplateChoice::File(path) => {
+                let source = std::fs::read_to_string(path).map_err(|e| {
+                    format!("--chat-template {}: cannot read it: {e}", path.display())
+                })?;
+                Self::Jinja(Box::new(JinjaTemplate::new(
+                    &source,
+                    &path.display().to_string(),
+                    &bos,
+                    &eos,
+                )?))
+            }
+        };
+        let probe = [
+            Message {
+                role: "system".into(),
+                content: "You are a grader.".into(),
+            },
+            Message {
+                role: "user".into(),
+                content: "Grade this.".into(),
+            },
+        ];
+        renderer.render(model, &probe, true).map_err(|e| {
+            format!(
+                "chat template {} cannot render a system and a user message ({e}); choose another \
+                 with --chat-template",
+                renderer.identity()
+            )
+        })?;
+        Ok(renderer)
+    }
+
+    /// What the run reports the template as.
+    pub fn identity(&self) -> &str {
+        match self {
+            Self::Jinja(t) => t.identity(),
+            Self::LlamaCpp { identity, .. } => identity,
+        }
+    }
+
+    /// Renders a conversation; `add_generation_prompt` opens the assistant's turn.
+    ///
+    /// # Errors
+    /// What the template said.
+    pub fn render(
+        &self,
+        model: &Model,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        match self {
+            Self::Jinja(t) => t.render(messages, add_generation_prompt),
+            Self::LlamaCpp { template, .. } => model
+                .render_llama_cpp(template, messages, add_generation_prompt)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// Renders and splits prompts, remembering the tokens of each distinct system prompt so a
 /// rubric shared by a million requests is tokenized once.
 pub struct PromptBuilder<'m> {
     model: &'m Model,
+    renderer: &'m Renderer,
     memo: HashMap<[u8; 32], Vec<Token>>,
 }
 
 impl<'m> PromptBuilder<'m> {
-    /// A builder for prompts of `model`.
-    pub fn new(model: &'m Model) -> Self {
+    /// A builder for prompts of `model`, rendered by `renderer`.
+    pub fn new(model: &'m Model, renderer: &'m Renderer) -> Self {
         Self {
             model,
+            renderer,
             memo: HashMap::new(),
+        }
+    }
+
+    /// The text every conversation that opens with `system` begins with: the rendering of
+    /// `system` and a marker user message, cut at the marker. A template that does not show
+    /// the marker gives the rendering of `system` alone.
+    fn prefix_text(&self, system: &[Message]) -> Result<String, String> {
+        let mut probe = system.to_vec();
+        probe.push(Message {
+            role: "user".into(),
+            content: SPLIT_MARK.into(),
+        });
+        let text = self.renderer.render(self.model, &probe, false)?;
+        match text.find(SPLIT_MARK) {
+            Some(at) => Ok(text[..at].to_owned()),
+            None => self.renderer.render(self.model, system, false),
         }
     }
 
@@ -103,11 +246,11 @@ impl<'m> PromptBuilder<'m> {
     /// naive baseline uses it for its chunk cuts, without sharing anything.
     ///
     /// # Errors
-    /// [`EngineError::Template`] when the template cannot be applied.
-    pub fn build(&mut self, messages: &[Message]) -> Result<SplitPrompt, EngineError> {
+    /// What the template said when it cannot render the conversation.
+    pub fn build(&mut self, messages: &[Message]) -> Result<SplitPrompt, String> {
         let tokens = self
             .model
-            .tokenize(&self.model.render_chat(messages, true)?);
+            .tokenize(&self.renderer.render(self.model, messages, true)?);
         let system = leading_system(messages);
         if system.is_empty() {
             return Ok(SplitPrompt {
@@ -120,7 +263,7 @@ impl<'m> PromptBuilder<'m> {
             if self.memo.len() >= PREFIX_MEMO_CAPACITY {
                 self.memo.clear();
             }
-            let prefix = self.model.tokenize(&self.model.render_chat(system, false)?);
+            let prefix = self.model.tokenize(&self.prefix_text(system)?);
             self.memo.insert(key, prefix);
         }
         let shared_len = shared_len(&self.memo[&key], &tokens);

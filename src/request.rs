@@ -49,6 +49,32 @@ pub struct SamplingParams {
     pub frequency_penalty: Option<f32>,
     /// OpenAI's presence penalty, in [-2, 2].
     pub presence_penalty: Option<f32>,
+    /// Choices to sample from the one prompt, 1 to [`MAX_CHOICES`].
+    pub n: u32,
+    /// Log probabilities to return: `Some(k)` with the `k` most likely alternatives per token.
+    pub logprobs: Option<u8>,
+    /// The constraint the answer must follow.
+    pub constraint: Option<ConstraintSpec>,
+}
+
+/// Most choices one request may ask for (`n`); a run also needs as many slots (`--parallel`).
+pub const MAX_CHOICES: u32 = 32;
+
+/// Most alternatives per token that `top_logprobs` may ask for, as in OpenAI's API.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// What a request constrains its answer to, as it asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConstraintSpec {
+    /// A JSON schema (`response_format` `json_schema` or `json_object`, or `json_schema`).
+    JsonSchema {
+        /// The schema.
+        schema: Value,
+        /// The field it came from, for error messages.
+        field: &'static str,
+    },
+    /// A GBNF grammar (llama.cpp's `grammar` field).
+    Gbnf(String),
 }
 
 /// A valid chat-completion request from one input line.
@@ -439,16 +465,30 @@ fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
     if stop.iter().any(String::is_empty) {
         return Err("field `stop` holds an empty string".into());
     }
-    match body.get("n") {
-        None | Some(Value::Null) => {}
-        Some(v) if v.as_u64() == Some(1) => {}
-        Some(v) => {
-            return Err(format!(
-                "field `n` is {v}; only one choice per request is supported (n = 1)"
-            ))
-        }
+    let n = match body.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u64::from(MAX_CHOICES)).contains(&n) => n as u32,
+            _ => {
+                return Err(format!(
+                    "field `n` is {v}; expected an integer in [1, {MAX_CHOICES}]"
+                ))
+            }
+        },
+    };
+    let logprobs = match body.get("logprobs") {
+        None | Some(Value::Null | Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(v) => return Err(format!("field `logprobs` is {v}; expected true or false")),
+    };
+    let top = uint("top_logprobs", MAX_TOP_LOGPROBS)?;
+    if top.is_some() && !logprobs {
+        return Err("field `top_logprobs` needs `logprobs`: true".into());
     }
     Ok(SamplingParams {
+        n,
+        logprobs: logprobs.then(|| top.unwrap_or(0) as u8),
+        constraint: parse_constraint(body)?,
         max_tokens: max_tokens.map(|n| n as u32),
         temperature: float("temperature", 0.0, 2.0)?,
         top_p: float("top_p", 0.0, 1.0)?,
@@ -459,6 +499,81 @@ fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
         frequency_penalty: float("frequency_penalty", -2.0, 2.0)?,
         presence_penalty: float("presence_penalty", -2.0, 2.0)?,
     })
+}
+
+/// The constraint a body asks for: `response_format` (OpenAI), or llama.cpp's `json_schema`
+/// or `grammar`; at most one of them.
+fn parse_constraint(body: &Map<String, Value>) -> Result<Option<ConstraintSpec>, String> {
+    let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
+    let format = match body.get("response_format") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(ConstraintSpec::JsonSchema {
+                schema: serde_json::json!({"type": "object"}),
+                field: "response_format",
+            }),
+            Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Some(ConstraintSpec::JsonSchema {
+                        schema: schema.clone(),
+                        field: "response_format.json_schema.schema",
+                    })
+                }
+                _ => {
+                    return Err(
+                        "field `response_format.json_schema.schema` is missing or not \
+                                a JSON schema object"
+                            .into(),
+                    )
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "field `response_format.type` is {}; expected text, json_object or json_schema",
+                    f.get("type").unwrap_or(&Value::Null)
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(format!(
+                "field `response_format` is {v}; expected an object"
+            ))
+        }
+    };
+    let schema = match body.get("json_schema") {
+        None | Some(Value::Null) => None,
+        Some(schema @ (Value::Object(_) | Value::Bool(_))) => Some(ConstraintSpec::JsonSchema {
+            schema: schema.clone(),
+            field: "json_schema",
+        }),
+        Some(v) => {
+            return Err(format!(
+                "field `json_schema` is {v}; expected a JSON schema object"
+            ))
+        }
+    };
+    let grammar = match body.get("grammar") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(g)) if !g.trim().is_empty() => Some(ConstraintSpec::Gbnf(g.clone())),
+        Some(v) => {
+            return Err(format!(
+                "field `grammar` is {v}; expected a GBNF grammar string"
+            ))
+        }
+    };
+    let chosen: Vec<ConstraintSpec> = [format, schema, grammar].into_iter().flatten().collect();
+    if chosen.len() > 1 {
+        let names: Vec<&str> = ["response_format", "json_schema", "grammar"]
+            .into_iter()
+            .filter(|k| given(k))
+            .collect();
+        return Err(format!(
+            "fields {} each constrain the answer; give one of them",
+            names.join(" and ")
+        ));
+    }
+    Ok(chosen.into_iter().next())
 }
 
 /// One item read from the input: a request, or the error its line gets.
@@ -680,11 +795,22 @@ mod tests {
             parse_line(4, &format!("{{{base},{extra}}}"), FieldPolicy::default()).unwrap_err()
         };
         for (extra, field) in [
-            (r#""n":2"#, "`n`"),
-            (r#""logprobs":true"#, "`logprobs`"),
+            (r#""n":0"#, "`n`"),
+            (r#""n":33"#, "`n`"),
+            (r#""logprobs":"yes""#, "`logprobs`"),
+            (r#""top_logprobs":3"#, "`top_logprobs`"),
+            (r#""logprobs":true,"top_logprobs":21"#, "`top_logprobs`"),
             (
-                r#""response_format":{"type":"json_object"}"#,
-                "`response_format`",
+                r#""response_format":{"type":"xml"}"#,
+                "`response_format.type`",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#,
+                "`response_format.json_schema.schema`",
+            ),
+            (
+                r#""response_format":{"type":"json_object"},"grammar":"root ::= \"a\"""#,
+                "grammar",
             ),
             (r#""tools":[{"type":"function"}]"#, "`tools`"),
             (r#""stream":"True""#, "`stream`"),
@@ -709,12 +835,35 @@ mod tests {
         );
         let r = parse_line(1, &ok, FieldPolicy::default()).unwrap();
         assert_eq!(r.sampling.presence_penalty, Some(0.5));
+        assert_eq!((r.sampling.n, r.sampling.logprobs), (1, None));
+        let graded = format!(
+            r#"{{{base},"n":4,"logprobs":true,"top_logprobs":5,"response_format":{{"type":"json_object"}}}}"#
+        );
+        let r = parse_line(1, &graded, FieldPolicy::default()).unwrap();
+        assert_eq!((r.sampling.n, r.sampling.logprobs), (4, Some(5)));
+        assert!(matches!(
+            r.sampling.constraint,
+            Some(ConstraintSpec::JsonSchema {
+                field: "response_format",
+                ..
+            })
+        ));
+        let r = parse_line(
+            1,
+            &format!(r#"{{{base},"grammar":"root ::= \"a\""}}"#),
+            FieldPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.sampling.constraint,
+            Some(ConstraintSpec::Gbnf("root ::= \"a\"".into()))
+        );
         let lax = FieldPolicy {
             ignore_unknown: true,
         };
         let r = parse_line(1, &format!(r#"{{{base},"temprature":0}}"#), lax).unwrap();
         assert_eq!(r.ignored_fields, ["temprature"]);
-        assert!(parse_line(1, &format!(r#"{{{base},"n":3}}"#), lax).is_err());
+        assert!(parse_line(1, &format!(r#"{{{base},"tools":[1]}}"#), lax).is_err());
     }
 
     #[test]

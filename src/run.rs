@@ -13,6 +13,7 @@ use crate::checkpoint;
 use crate::cli::RunConfig;
 use crate::digest::sha256_file_hex;
 use crate::engine::SessionSettings;
+use crate::grammar::Grammars;
 use crate::job::{prepare, Limits};
 use crate::lock::OutputLock;
 use crate::manifest::{InputRecord, Manifest, ModelRecord, RunRecord, RunState, MANIFEST_VERSION};
@@ -104,9 +105,9 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     };
     let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
 
-    let model = load_model(cfg)?;
+    let (model, renderer) = load_model(cfg)?;
     let info = model.info();
-    let mut prompts = PromptBuilder::new(&model);
+    let mut prompts = PromptBuilder::new(&model, &renderer);
     let Preflight {
         demand,
         plan,
@@ -177,7 +178,9 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         n_ctx_train: info.n_ctx_train as usize,
         slot_budget: plan.slot_budget,
         ctx_overridden: cfg.ctx_size.is_some(),
+        slots: parallel,
     };
+    let mut grammars = Grammars::new(&model);
     let no_lines = BTreeSet::new();
     let (isolate, quarantine) =
         worker.map_or((&no_lines, &no_lines), |w| (&w.isolate, &w.quarantine));
@@ -221,7 +224,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
                             if quarantine.contains(&r.line) {
                                 Err(quarantined(r.line, &r.custom_id))
                             } else {
-                                prepare(r, &mut prompts, cfg, &limits)
+                                prepare(r, &mut prompts, &mut grammars, cfg, &limits)
                             }
                         });
                         match job {
@@ -358,6 +361,7 @@ fn output_params(cfg: &RunConfig) -> serde_json::Map<String, serde_json::Value> 
         "no-prefix-cache": !cfg.prefix_cache,
         "ctx-size": cfg.ctx_size,
         "deterministic": cfg.deterministic,
+        "chat-template": cfg.chat_template.identity(),
     }) else {
         unreachable!("a JSON object literal")
     };

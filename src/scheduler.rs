@@ -11,26 +11,33 @@
 //! prefilled with exactly the same cuts, so with `--no-prefix-cache` a request computes the same
 //! chunks that the shared path computes once.
 
+use std::rc::Rc;
 use std::time::Instant;
 
-use crate::detok::TextBuilder;
-use crate::engine::{EngineError, Sampler, SamplerSpec, SeqId, Session, Token};
+use crate::engine::{Constraint, EngineError, SamplerSpec, SeqId, Session, Token};
 use crate::metrics::Metrics;
-use crate::output::{Completion, StopReason, Usage};
+use crate::output::Completion;
 use crate::prefix_cache::{materialize, Lease, PrefixPool};
 use crate::prefix_store::PrefixStore;
 use crate::prompt::{PrefixKey, SplitPrompt};
 use crate::request::{ErrorCode, LineError};
+use crate::sequence::{Gather, Sequence};
 
 /// Resolved generation settings of one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct GenParams {
-    /// Sampling chain and seed.
+    /// Sampling chain and seed (of choice 0; the others derive theirs).
     pub sampler: SamplerSpec,
-    /// Most tokens to sample.
+    /// Most tokens to sample, per choice.
     pub max_tokens: u32,
     /// Strings that end generation.
     pub stop: Vec<String>,
+    /// Choices to sample from the one prompt.
+    pub n: u32,
+    /// `Some(k)`: return log probabilities, with the `k` most likely alternatives.
+    pub logprobs: Option<u8>,
+    /// What the answer must follow.
+    pub constraint: Option<Constraint>,
 }
 
 /// A request ready to run.
@@ -49,30 +56,22 @@ pub struct Job {
 /// What one request came to.
 pub type Outcome = Result<Completion, LineError>;
 
-/// A request being served by a slot.
-struct Active {
-    job: Job,
-    sampler: Sampler,
-    /// The prefix lease this request holds, if it shares one.
-    prefix: Option<PrefixKey>,
-    /// Tokens of this sequence already in the KV cache.
-    pos: usize,
-    /// The batch row whose logits the next sample reads.
-    row: Option<i32>,
-    text: TextBuilder,
-    generated: u64,
-    started: Instant,
-    first_token: Option<f64>,
-}
-
 /// A slot's state, as in llama.cpp's server.
 enum SlotState {
     Idle,
-    /// Computing the prompt; `Active::pos` tells how far.
-    Prompt(Active),
+    /// Held for a later choice of the request on `line`, until its prompt is computed.
+    Reserved {
+        line: u64,
+    },
+    /// Computing the prompt; `Sequence::pos` tells how far. `forks` are the slots reserved for
+    /// the request's other choices.
+    Prompt {
+        seq: Sequence,
+        forks: Vec<usize>,
+    },
     /// Sampling; `last` is the token to feed next.
     Generating {
-        active: Active,
+        seq: Sequence,
         last: Token,
     },
 }
@@ -120,6 +119,7 @@ pub struct Scheduler<'s, 'm> {
     exact: Option<Exact>,
     next_prompt_slot: usize,
     n_batch: usize,
+    gather: Gather,
     /// Counters of the run.
     pub metrics: Metrics,
 }
@@ -154,6 +154,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
             exact,
             next_prompt_slot: 0,
             n_batch,
+            gather: Gather::default(),
             metrics: Metrics::default(),
         }
     }
@@ -172,18 +173,24 @@ impl<'s, 'm> Scheduler<'s, 'm> {
             .all(|s| matches!(s.state, SlotState::Idle))
     }
 
-    /// Puts a job into a free slot, prefilling its shared prefix first if it is not resident.
+    /// Puts a job into free slots (one per choice), prefilling its shared prefix first if it
+    /// is not resident.
     ///
     /// # Errors
     /// A [`LineError`] for this job alone when its prefix cannot be prefilled.
     pub fn admit(&mut self, job: Job) -> Result<Admission, LineError> {
-        let Some(index) = self
-            .slots
-            .iter()
-            .position(|s| matches!(s.state, SlotState::Idle))
-        else {
+        let idle: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| matches!(self.slots[i].state, SlotState::Idle))
+            .take(job.params.n as usize)
+            .collect();
+        if idle.len() < job.params.n as usize {
             return Ok(Admission::Wait(job));
-        };
+        }
+        let (index, forks) = (idle[0], idle[1..].to_vec());
+        let sampler = self
+            .session
+            .sampler(&job.params.sampler, job.params.constraint.as_ref())
+            .map_err(|e| engine_failure(&job, &e))?;
         let seq = self.slots[index].seq;
         let shared = self.share.then(|| job.prompt.prefix_key()).flatten();
         let mut pos = 0;
@@ -213,18 +220,16 @@ impl<'s, 'm> Scheduler<'s, 'm> {
             self.session.share_prefix(prefix_seq, seq);
             pos = len;
         }
-        let sampler = self.session.sampler(&job.params.sampler);
-        self.slots[index].state = SlotState::Prompt(Active {
-            sampler,
-            prefix: shared,
-            pos,
-            row: None,
-            text: TextBuilder::new(),
-            generated: 0,
-            started: Instant::now(),
-            first_token: None,
-            job,
-        });
+        let job = Rc::new(job);
+        for &f in &forks {
+            self.slots[f].state = SlotState::Reserved { line: job.line };
+        }
+        self.gather
+            .start(&job, if shared.is_some() { pos as u64 } else { 0 });
+        self.slots[index].state = SlotState::Prompt {
+            seq: Sequence::new(job, 0, sampler, shared, pos),
+            forks,
+        };
         Ok(Admission::Started)
     }
 
@@ -286,7 +291,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
         let start = self.next_prompt_slot;
         if let Some(i) = (0..n)
             .map(|k| (start + k) % n)
-            .find(|&i| matches!(self.slots[i].state, SlotState::Prompt(_)))
+            .find(|&i| matches!(self.slots[i].state, SlotState::Prompt { .. }))
         {
             self.next_prompt_slot = (i + 1) % n;
             let mut batch = Batch::default();
@@ -298,7 +303,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
     /// Queues slot `i`'s last sampled token, if it is generating.
     fn queue_generated(&mut self, i: usize, batch: &mut Batch) {
         let slot = &mut self.slots[i];
-        let SlotState::Generating { active, last } = &mut slot.state else {
+        let SlotState::Generating { seq: active, last } = &mut slot.state else {
             return;
         };
         match self.session.push(*last, to_u32(active.pos), slot.seq, true) {
@@ -316,7 +321,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
     fn queue_prompt_chunk(&mut self, i: usize, room: usize, batch: &mut Batch) {
         let n_batch = self.n_batch;
         let slot = &mut self.slots[i];
-        let SlotState::Prompt(active) = &mut slot.state else {
+        let SlotState::Prompt { seq: active, .. } = &mut slot.state else {
             return;
         };
         let tokens = &active.job.prompt.tokens;
@@ -376,78 +381,104 @@ impl<'s, 'm> Scheduler<'s, 'm> {
         }
     }
 
-    /// Samples for slot `i` if its last queued token asked for logits, and moves it on.
+    /// Samples for slot `i` if its last queued token asked for logits, and moves it on. When
+    /// that token ends the prompt of a request with several choices, the prompt's cells are
+    /// first copied to the slots reserved for the other choices, which sample from the same
+    /// row.
     fn after_decode(&mut self, i: usize, done: &mut Vec<Outcome>) {
-        let model = self.session.model();
         let state = std::mem::replace(&mut self.slots[i].state, SlotState::Idle);
-        let mut active = match state {
-            SlotState::Prompt(a) | SlotState::Generating { active: a, .. } => a,
-            SlotState::Idle => return,
+        let (mut seq, forks) = match state {
+            SlotState::Prompt { seq, forks } => (seq, forks),
+            SlotState::Generating { seq, .. } => (seq, Vec::new()),
+            other => {
+                self.slots[i].state = other;
+                return;
+            }
         };
-        let Some(row) = active.row.take() else {
-            self.slots[i].state = SlotState::Prompt(active);
+        let Some(row) = seq.row.take() else {
+            self.slots[i].state = SlotState::Prompt { seq, forks };
             return;
         };
-        let token = self.session.sample(&mut active.sampler, row);
-        self.metrics.completion_tokens += 1;
-        active.generated += 1;
-        if active.first_token.is_none() {
-            active.first_token = Some(active.started.elapsed().as_secs_f64());
-        }
-        let reason = if model.is_end_of_generation(token) {
-            Some(StopReason::Stop)
-        } else {
-            let searched = active.text.text().len();
-            let mut bytes = Vec::new();
-            model.token_bytes(token, &mut bytes);
-            active.text.push(&bytes);
-            if active.text.cut_at_stop(&active.job.params.stop, searched) {
-                Some(StopReason::Stop)
-            } else if active.generated >= u64::from(active.job.params.max_tokens) {
-                Some(StopReason::Length)
-            } else {
-                None
-            }
-        };
-        match reason {
-            None => {
-                self.slots[i].state = SlotState::Generating {
-                    active,
-                    last: token,
+        for (k, &f) in forks.iter().enumerate() {
+            let choice = u32::try_from(k + 1).unwrap_or(u32::MAX);
+            let params = &seq.job.params;
+            match self.session.sampler(
+                &params.sampler.for_choice(choice),
+                params.constraint.as_ref(),
+            ) {
+                Ok(sampler) => {
+                    self.session
+                        .share_prefix(self.slots[i].seq, self.slots[f].seq);
+                    let mut fork =
+                        Sequence::new(Rc::clone(&seq.job), choice, sampler, None, seq.pos);
+                    fork.row = Some(row);
+                    self.slots[f].state = SlotState::Prompt {
+                        seq: fork,
+                        forks: Vec::new(),
+                    };
+                }
+                Err(e) => {
+                    self.slots[i].state = SlotState::Prompt { seq, forks };
+                    self.fail(i, &e, done);
+                    return;
                 }
             }
-            Some(reason) => {
-                self.release(i, active.prefix.as_ref());
-                let usage = Usage {
-                    prompt_tokens: active.job.prompt.tokens.len() as u64,
-                    completion_tokens: active.generated,
-                    cached_tokens: if active.prefix.is_some() {
-                        active.job.prompt.shared_len as u64
-                    } else {
-                        0
-                    },
-                };
-                self.metrics.prompt_tokens_reused += usage.cached_tokens;
-                let ttft = active.first_token.unwrap_or_default();
-                self.metrics.time_to_first_token.record(ttft);
-                done.push(Ok(Completion {
-                    line: active.job.line,
-                    custom_id: active.job.custom_id,
-                    content: active.text.finish(),
-                    reason,
-                    usage,
-                    time_to_first_token: ttft,
-                }));
-            }
+        }
+        self.sample(i, seq, row, done);
+        for f in forks {
+            self.after_decode(f, done);
         }
     }
 
-    /// Ends slot `i`'s request with an engine error.
+    /// Draws slot `i`'s next token from `row`, and ends its choice when it stops.
+    fn sample(&mut self, i: usize, mut seq: Sequence, row: i32, done: &mut Vec<Outcome>) {
+        let model = self.session.model();
+        let token = self.session.sample(&mut seq.sampler, row);
+        self.metrics.completion_tokens += 1;
+        self.gather.sampled(seq.job.line);
+        let lp = seq
+            .job
+            .params
+            .logprobs
+            .map(|k| self.session.logprobs(row, token, usize::from(k)));
+        let Some(reason) = seq.take(model, token, lp) else {
+            self.slots[i].state = SlotState::Generating { seq, last: token };
+            return;
+        };
+        self.release(i, seq.prefix.as_ref());
+        if let Some(c) = self.gather.finished(seq, reason) {
+            self.metrics.prompt_tokens_reused += c.usage.cached_tokens;
+            self.metrics
+                .time_to_first_token
+                .record(c.time_to_first_token);
+            done.push(Ok(c));
+        }
+    }
+
+    /// Ends slot `i`'s request with an engine error: every slot of the request goes idle, and
+    /// the error is reported once.
     fn fail(&mut self, i: usize, e: &EngineError, done: &mut Vec<Outcome>) {
-        let state = std::mem::replace(&mut self.slots[i].state, SlotState::Idle);
-        if let SlotState::Prompt(a) | SlotState::Generating { active: a, .. } = state {
-            self.release(i, a.prefix.as_ref());
-            done.push(Err(engine_failure(&a.job, e)));
+        let line = match &self.slots[i].state {
+            SlotState::Prompt { seq, .. } | SlotState::Generating { seq, .. } => seq.job.line,
+            SlotState::Reserved { line } => *line,
+            SlotState::Idle => return,
+        };
+        let mut job = None;
+        for j in 0..self.slots.len() {
+            let state = std::mem::replace(&mut self.slots[j].state, SlotState::Idle);
+            match state {
+                SlotState::Prompt { seq, .. } | SlotState::Generating { seq, .. }
+                    if seq.job.line == line =>
+                {
+                    self.release(j, seq.prefix.as_ref());
+                    job = Some(Rc::clone(&seq.job));
+                }
+                SlotState::Reserved { line: l } if l == line => self.release(j, None),
+                other => self.slots[j].state = other,
+            }
+        }
+        if let Some(job) = job.filter(|_| self.gather.abandon(line)) {
+            done.push(Err(engine_failure(&job, e)));
         }
     }
 

@@ -26,8 +26,8 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
     if !cfg.model.is_file() {
         anyhow::bail!("model {} not found", cfg.model.display());
     }
-    let model = load_model(cfg)?;
-    let mut prompts = PromptBuilder::new(&model);
+    let (model, renderer) = load_model(cfg)?;
+    let mut prompts = PromptBuilder::new(&model, &renderer);
     let mut prefixes: Vec<Vec<Token>> = Vec::new();
     let reader = RequestReader::new(BufReader::new(file), cfg.fields);
     scan(

@@ -69,6 +69,9 @@ pub enum EngineError {
     /// More tokens were queued than the batch holds.
     #[error("batch overflow: {0}")]
     Batch(String),
+    /// A sampler could not be built.
+    #[error("could not build the sampler: {0}")]
+    Sampler(String),
 }
 
 /// The llama.cpp backend initialises once per process; every model shares it.
@@ -97,11 +100,9 @@ pub struct ModelSettings {
     pub verbose: bool,
 }
 
-/// A loaded GGUF model with its chat template.
+/// A loaded GGUF model.
 pub struct Model {
     model: LlamaModel,
-    /// `None` when the GGUF carries no template llama.cpp can read.
-    template: Option<LlamaChatTemplate>,
     path: PathBuf,
 }
 
@@ -120,6 +121,10 @@ pub struct ModelInfo {
     pub n_head: u32,
     /// Feed-forward width (0 when the GGUF does not say).
     pub n_ff: u32,
+    /// Key width per head (0 when the GGUF does not say: then embedding ÷ heads).
+    pub head_dim_k: u32,
+    /// Value width per head (0 likewise).
+    pub head_dim_v: u32,
     /// Vocabulary size.
     pub n_vocab: u32,
     /// Weights size in bytes.
@@ -147,12 +152,7 @@ impl Model {
                 reason: format!("{e} (is it a GGUF file?)"),
             }
         })?;
-        let template = model.chat_template(None).ok();
-        Ok(Self {
-            model,
-            template,
-            path,
-        })
+        Ok(Self { model, path })
     }
 
     /// Path the model was loaded from.
@@ -160,9 +160,67 @@ impl Model {
         &self.path
     }
 
-    /// Whether the GGUF carries a chat template that llama.cpp can read.
-    pub fn has_chat_template(&self) -> bool {
-        self.template.is_some()
+    /// The GGUF's own chat template (`tokenizer.chat_template`), when it carries one.
+    pub fn gguf_chat_template(&self) -> Option<String> {
+        self.model
+            .chat_template(None)
+            .ok()
+            .and_then(|t| t.to_string().ok())
+    }
+
+    /// The text of a special token such as BOS, for templates that write it themselves.
+    fn special_text(&self, token: LlamaToken) -> String {
+        if token.0 < 0 {
+            return String::new();
+        }
+        let bytes = self.model.vocab().token_to_piece(token, true, None);
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// The vocabulary as llguidance sees it, to compile JSON schemas against. It walks every
+    /// token: build it once per model.
+    pub fn token_env(&self) -> llguidance::toktrie::TokEnv {
+        LlamaSampler::llguidance_tok_env(&self.model)
+    }
+
+    /// Whether llama.cpp accepts `grammar` as a GBNF grammar (rooted at `root`).
+    ///
+    /// # Errors
+    /// llama.cpp's reason.
+    pub fn check_gbnf(&self, grammar: &str) -> Result<(), String> {
+        LlamaSampler::grammar(&self.model, grammar, "root")
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// The BOS and EOS token texts that chat templates may write.
+    pub fn bos_eos_text(&self) -> (String, String) {
+        let vocab = self.model.vocab();
+        (
+            self.special_text(vocab.bos()),
+            self.special_text(vocab.eos()),
+        )
+    }
+
+    /// The names of llama.cpp's built-in chat templates.
+    pub fn builtin_templates() -> Vec<String> {
+        let mut names: Vec<*const std::os::raw::c_char> = vec![std::ptr::null(); 256];
+        // SAFETY: llama.cpp writes at most `len` pointers to static, NUL-terminated names and
+        // returns how many it has in all.
+        let n = unsafe {
+            llama_cpp_sys_2::llama_chat_builtin_templates(names.as_mut_ptr(), names.len())
+        };
+        names.truncate(usize::try_from(n).unwrap_or(0).min(256));
+        names
+            .into_iter()
+            .filter(|p| !p.is_null())
+            // SAFETY: each pointer is one of llama.cpp's static template names.
+            .map(|p| {
+                unsafe { std::ffi::CStr::from_ptr(p) }
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect()
     }
 
     /// How the model's KV memory is laid out, which decides whether its prefix states can be
@@ -199,6 +257,15 @@ impl Model {
         }
     }
 
+    /// A number from the GGUF's metadata for this architecture (`{arch}.{key}`).
+    fn arch_meta(&self, key: &str) -> Option<u32> {
+        self.model
+            .meta_val_str("general.architecture")
+            .and_then(|arch| self.model.meta_val_str(&format!("{arch}.{key}")))
+            .ok()
+            .and_then(|v| v.parse().ok())
+    }
+
     /// Shape facts of the model.
     pub fn info(&self) -> ModelInfo {
         ModelInfo {
@@ -207,49 +274,46 @@ impl Model {
             n_head_kv: self.model.n_head_kv(),
             n_embd: u32::try_from(self.model.n_embd()).unwrap_or(0),
             n_head: self.model.n_head(),
-            n_ff: self
-                .model
-                .meta_val_str("general.architecture")
-                .and_then(|arch| {
-                    self.model
-                        .meta_val_str(&format!("{arch}.feed_forward_length"))
-                })
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0),
+            n_ff: self.arch_meta("feed_forward_length").unwrap_or(0),
+            head_dim_k: self.arch_meta("attention.key_length").unwrap_or(0),
+            head_dim_v: self.arch_meta("attention.value_length").unwrap_or(0),
             n_vocab: u32::try_from(self.model.n_vocab()).unwrap_or(0),
             size: self.model.size(),
         }
     }
 
-    /// Renders a conversation through the model's chat template.
+    /// Renders a conversation with llama.cpp's formatter for `template`: a built-in template's
+    /// name, or a template text llama.cpp recognises.
     ///
     /// # Errors
     /// [`EngineError::Template`] when llama.cpp cannot apply the template.
-    pub fn render_chat(
+    pub fn render_llama_cpp(
         &self,
+        template: &str,
         messages: &[Message],
         add_assistant: bool,
     ) -> Result<String, EngineError> {
-        let template = self
-            .template
-            .as_ref()
-            .ok_or_else(|| EngineError::Template("the GGUF carries no chat template".into()))?;
+        let template =
+            LlamaChatTemplate::new(template).map_err(|e| EngineError::Template(e.to_string()))?;
         let chat = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| EngineError::Template(e.to_string()))?;
         self.model
-            .apply_chat_template(template, &chat, add_assistant)
+            .apply_chat_template(&template, &chat, add_assistant)
             .map_err(|e| EngineError::Template(e.to_string()))
     }
 
-    /// Tokenizes rendered prompt text; special tokens in the text are parsed as such.
+    /// Tokenizes rendered prompt text; special tokens in the text are parsed as such. The
+    /// vocabulary's BOS is added unless the text already opens with it (templates that write
+    /// `bos_token` themselves).
     pub fn tokenize(&self, text: &str) -> Vec<Token> {
+        let bos = self.special_text(self.model.vocab().bos());
+        let add_bos = bos.is_empty() || !text.starts_with(&bos);
         self.model
             .vocab()
-            .tokenize(text.as_bytes(), true, true)
+            .tokenize(text.as_bytes(), add_bos, true)
             .into_iter()
             .map(|t| Token(t.0))
             .collect()
@@ -258,6 +322,14 @@ impl Model {
     /// Whether a token ends generation.
     pub fn is_end_of_generation(&self, token: Token) -> bool {
         self.model.vocab().is_eog(LlamaToken(token.0))
+    }
+
+    /// The text of any token, special tokens included (`<|im_end|>`), as log probabilities
+    /// show alternatives.
+    pub fn token_piece(&self, token: Token) -> Vec<u8> {
+        self.model
+            .vocab()
+            .token_to_piece(LlamaToken(token.0), true, None)
     }
 
     /// Appends the bytes of a token's text to `out`; special tokens render as nothing.
@@ -548,14 +620,84 @@ impl<'m> Session<'m> {
         self.ctx.get_logits_ith(index).to_vec()
     }
 
-    /// A sampler for one request.
-    pub fn sampler(&self, spec: &SamplerSpec) -> Sampler {
-        Sampler::new(spec, self.model.model.n_vocab())
+    /// A sampler for one choice of a request, constrained by `constraint` when it has one.
+    ///
+    /// # Errors
+    /// [`EngineError::Sampler`] when llama.cpp refuses the grammar (it was checked before, so
+    /// only a failure inside llama.cpp).
+    pub fn sampler(
+        &self,
+        spec: &SamplerSpec,
+        constraint: Option<&Constraint>,
+    ) -> Result<Sampler, EngineError> {
+        Sampler::new(spec, self.model, constraint)
+    }
+
+    /// The log probability of `token` at batch row `index` of the last decode under the
+    /// model's own distribution (a log-softmax of the raw logits: before temperature,
+    /// truncation or grammar masks), and the `top` most likely tokens with theirs.
+    pub fn logprobs(&self, index: i32, token: Token, top: usize) -> TokenLogprobs {
+        log_softmax_top(self.ctx.get_logits_ith(index), token, top)
     }
 
     /// Draws the next token for the row `index` of the last decode.
     pub fn sample(&self, sampler: &mut Sampler, index: i32) -> Token {
         Token(sampler.inner.sample(&self.ctx, index).0)
+    }
+}
+
+/// A token's log probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The token's own.
+    pub logprob: f32,
+    /// The most likely tokens, most likely first.
+    pub top: Vec<(Token, f32)>,
+}
+
+/// Log-softmax of `logits` at `token`, and its `top` largest entries (ties by lower id).
+pub fn log_softmax_top(logits: &[f32], token: Token, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let lse = f64::from(max) + sum.ln();
+    let logprob = |l: f32| (f64::from(l) - lse) as f32;
+    let mut best: Vec<(Token, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (id, &l) in logits.iter().enumerate() {
+            if best.len() == top && l <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, b)| b >= l);
+            best.insert(at, (Token(i32::try_from(id).unwrap_or(i32::MAX)), l));
+            best.truncate(top);
+        }
+    }
+    let own = usize::try_from(token.0)
+        .ok()
+        .and_then(|i| logits.get(i))
+        .copied()
+        .unwrap_or(f32::NEG_INFINITY);
+    TokenLogprobs {
+        logprob: logprob(own),
+        top: best.into_iter().map(|(t, l)| (t, logprob(l))).collect(),
+    }
+}
+
+/// A compiled constraint on a request's answer, ready to copy into each of its samplers.
+#[derive(Clone)]
+pub enum Constraint {
+    /// A JSON schema's llguidance matcher, compiled once; each sampler takes a deep copy.
+    Json(std::sync::Arc<llguidance::Matcher>),
+    /// A GBNF grammar (rooted at `root`) that llama.cpp accepted.
+    Gbnf(std::sync::Arc<str>),
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Json(_) => f.write_str("Constraint::Json"),
+            Self::Gbnf(g) => write!(f, "Constraint::Gbnf({} bytes)", g.len()),
+        }
     }
 }
 
@@ -580,34 +722,64 @@ pub struct SamplerSpec {
     pub penalty_window: u32,
 }
 
+impl SamplerSpec {
+    /// The settings of choice `k` of a request (`n` > 1): its own seed, derived from the
+    /// request's, so each choice draws differently and the same way every run. Choice 0 keeps
+    /// the request's seed.
+    pub fn for_choice(&self, k: u32) -> Self {
+        let mut spec = self.clone();
+        if k > 0 {
+            let d = crate::digest::sha256_parts([
+                self.seed.to_le_bytes().as_slice(),
+                k.to_le_bytes().as_slice(),
+            ]);
+            spec.seed = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+        }
+        spec
+    }
+}
+
 /// One request's sampling chain; its random state belongs to that request alone.
 pub struct Sampler {
     inner: LlamaSampler,
 }
 
 impl Sampler {
-    fn new(spec: &SamplerSpec, n_vocab: i32) -> Self {
+    fn new(
+        spec: &SamplerSpec,
+        model: &Model,
+        constraint: Option<&Constraint>,
+    ) -> Result<Self, EngineError> {
         let mut chain = Vec::new();
         // Penalties see only the tokens this sampler drew: the request's own completion.
         if spec.frequency_penalty != 0.0 || spec.presence_penalty != 0.0 {
             chain.push(LlamaSampler::penalties(
-                n_vocab,
+                model.model.n_vocab(),
                 i32::try_from(spec.penalty_window).unwrap_or(i32::MAX),
                 1.0,
                 spec.frequency_penalty,
                 spec.presence_penalty,
             ));
         }
+        // The grammar masks what it does not allow; the draw below picks among the rest.
+        match constraint {
+            Some(Constraint::Json(matcher)) => chain.push(LlamaSampler::from(matcher.deep_clone())),
+            Some(Constraint::Gbnf(grammar)) => chain.push(
+                LlamaSampler::grammar(&model.model, grammar, "root")
+                    .map_err(|e| EngineError::Sampler(e.to_string()))?,
+            ),
+            None => {}
+        }
         if spec.temperature <= 0.0 {
             if chain.is_empty() {
-                return Self {
+                return Ok(Self {
                     inner: LlamaSampler::greedy(),
-                };
+                });
             }
             chain.push(LlamaSampler::greedy());
-            return Self {
+            return Ok(Self {
                 inner: LlamaSampler::chain_simple(chain),
-            };
+            });
         }
         if spec.top_k > 0 {
             chain.push(LlamaSampler::top_k(spec.top_k));
@@ -620,8 +792,53 @@ impl Sampler {
         }
         chain.push(LlamaSampler::temp(spec.temperature));
         chain.push(LlamaSampler::dist(spec.seed));
-        Self {
+        Ok(Self {
             inner: LlamaSampler::chain_simple(chain),
-        }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_softmax_normalises_and_ranks() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = log_softmax_top(&logits, Token(2), 2);
+        let total: f64 = (0..4)
+            .map(|t| f64::from(log_softmax_top(&logits, Token(t), 0).logprob).exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{total}");
+        let z = 1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp();
+        assert!((f64::from(lp.logprob) - (2.0 - z.ln())).abs() < 1e-6);
+        // Ties go to the lower id; most likely first.
+        assert_eq!(
+            lp.top.iter().map(|(t, _)| t.0).collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert!(lp.top[0].1 > lp.logprob);
+        assert_eq!(
+            log_softmax_top(&logits, Token(9), 0).logprob,
+            f32::NEG_INFINITY
+        );
+    }
+
+    #[test]
+    fn choices_get_their_own_stable_seeds() {
+        let spec = SamplerSpec {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            seed: 7,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            penalty_window: 8,
+        };
+        assert_eq!(spec.for_choice(0), spec);
+        assert_ne!(spec.for_choice(1).seed, spec.seed);
+        assert_ne!(spec.for_choice(1).seed, spec.for_choice(2).seed);
+        assert_eq!(spec.for_choice(3), spec.for_choice(3));
     }
 }

@@ -87,16 +87,22 @@ pub fn run_batch(
     out_name: &str,
     extra: &[&str],
 ) -> (Output, BTreeMap<String, Value>) {
-    let out = scratch.path(out_name);
     let model = model_path();
+    let mut args = vec!["--model", model.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_batch_with_model(scratch, input, out_name, &args)
+}
+
+/// [`run_batch`] on the model that `args` names with `--model`.
+pub fn run_batch_with_model(
+    scratch: &Scratch,
+    input: &Path,
+    out_name: &str,
+    extra: &[&str],
+) -> (Output, BTreeMap<String, Value>) {
+    let out = scratch.path(out_name);
     let cache = scratch.path("prefix-cache");
-    let mut args = vec![
-        "--model",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ];
+    let mut args = vec!["-o", out.to_str().unwrap(), input.to_str().unwrap()];
     if !extra.contains(&"--prefix-cache-dir") {
         args.extend_from_slice(&["--prefix-cache-dir", cache.to_str().unwrap()]);
     }

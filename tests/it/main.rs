@@ -11,3 +11,5 @@ mod memory;
 mod prefix;
 mod resume;
 mod shards;
+mod structured;
+mod templates;

@@ -8,9 +8,10 @@ use std::path::Path;
 
 use infer_batch::engine::state::MemoryKind;
 use infer_batch::engine::{Model, ModelSettings, Session, SessionSettings, Token};
-use infer_batch::prompt::{shared_len, PromptBuilder};
+use infer_batch::prompt::{shared_len, PromptBuilder, Renderer};
 use infer_batch::request::Message;
 use infer_batch::scheduler::chunk_end;
+use infer_batch::template::TemplateChoice;
 
 use crate::harness::{gemma_path, model_lock, model_path, profile, rubric};
 
@@ -124,7 +125,8 @@ fn forked_and_restored_prefix_gives_bit_identical_logits() {
     let _lock = model_lock();
     let model = load(&model_path());
     assert_eq!(model.memory_kind(), MemoryKind::Kv);
-    let mut prompts = PromptBuilder::new(&model);
+    let renderer = Renderer::for_model(&model, &TemplateChoice::Gguf).unwrap();
+    let mut prompts = PromptBuilder::new(&model, &renderer);
     let messages = [
         Message {
             role: "system".into(),
