@@ -1,5 +1,7 @@
 //! `prefix/cold_prefill` against `prefix/restore_file` against `prefix/fork_in_memory`, at
-//! 500, 1,000 and 2,000 prefix tokens, on the default model.
+//! 500, 1,000 and 2,000 prefix tokens, on the default model, in the default layout: a KV stream
+//! per sequence (deterministic mode), where a fork copies the prefix's stream. With
+//! `INFER_BATCH_BENCH_UNIFIED=1`, one unified cache, where a fork only tags cells.
 //!
 //! Run: `cargo bench --bench prefix` (fetch the model first with `./models/fetch.sh`).
 //! Threads: `INFER_BATCH_BENCH_THREADS`, default the physical cores.
@@ -17,17 +19,21 @@ const SIZES: [usize; 3] = [500, 1000, 2000];
 const N_BATCH: u32 = 512;
 
 fn settings() -> SessionSettings {
+    let unified = std::env::var("INFER_BATCH_BENCH_UNIFIED").is_ok_and(|v| v == "1");
     SessionSettings {
-        n_ctx: 2304,
+        // Two sequences (the prefix and a slot): each stream holds the largest prefix.
+        n_ctx: if unified { 2304 } else { 2 * 2304 },
         n_batch: N_BATCH,
         n_seq_max: 2,
         threads: threads(),
+        // As the run's: off in the default layout, llama.cpp's choice in a unified cache.
         flash_attn: match std::env::var("INFER_BATCH_BENCH_FA").as_deref() {
             Ok("on") => FlashAttn::On,
             Ok("off") => FlashAttn::Off,
-            _ => FlashAttn::Auto,
+            _ if unified => FlashAttn::Auto,
+            _ => FlashAttn::Off,
         },
-        kv_unified: true,
+        kv_unified: unified,
     }
 }
 

@@ -78,6 +78,14 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Order::Completion)]
         order: Order,
     },
+    /// Measure prefix-cache reuse on a sample of your own requests: naive re-prefill, the
+    /// prefix shared in memory, and restored from disk, at each --parallel. Prints a table and
+    /// what the whole input would take.
+    Bench {
+        /// What to run and how.
+        #[command(flatten)]
+        args: Box<BenchArgs>,
+    },
     /// Manage the on-disk prefix state cache.
     Cache {
         /// What to do.
@@ -113,6 +121,62 @@ pub enum CacheAction {
 /// Arguments of a batch run.
 #[derive(Debug, Args)]
 pub struct RunArgs {
+    /// Everything but `--parallel`.
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = DEFAULT_PARALLEL, value_name = "N")]
+    pub parallel: u32,
+}
+
+impl RunArgs {
+    /// Resolves defaults and checks ranges.
+    ///
+    /// # Errors
+    /// A [`UsageError`] that names the flag and the fix.
+    pub fn resolve(&self) -> Result<RunConfig, UsageError> {
+        self.common.resolve(self.parallel)
+    }
+}
+
+/// Arguments of `infer-batch bench`: a run's, with a list of `--parallel` values.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The run's flags (model, input, threads, ...).
+    #[command(flatten)]
+    pub common: CommonArgs,
+
+    /// The `--parallel` values to compare.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,4,8",
+        value_name = "N,N,..."
+    )]
+    pub parallel: Vec<u32>,
+
+    /// Requests sampled from the input (by a hash of their `custom_id`, so the same ones each
+    /// time, spread over the whole input).
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub sample: usize,
+
+    /// Repetitions of each configuration, interleaved; medians are reported.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub reps: u32,
+
+    /// Write every measurement as JSON here.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+
+    /// Write a plot of requests/s against --parallel here (SVG) [default: beside --json].
+    #[arg(long, value_name = "PATH")]
+    pub svg: Option<PathBuf>,
+}
+
+/// The arguments every batch run takes, `--parallel` aside.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
     /// The GGUF model file.
     #[arg(long, short = 'm', value_name = "GGUF")]
     pub model: Option<PathBuf>,
@@ -124,10 +188,6 @@ pub struct RunArgs {
     /// Output file [default: the input with `.jsonl` replaced by `.results.jsonl`].
     #[arg(long, short = 'o', value_name = "PATH")]
     pub output: Option<PathBuf>,
-
-    /// Sequences decoded together.
-    #[arg(long, default_value_t = DEFAULT_PARALLEL, value_name = "N")]
-    pub parallel: u32,
 
     /// CPU threads [default: the physical cores].
     #[arg(long, value_name = "N")]
@@ -293,6 +353,8 @@ pub struct RunConfig {
     pub memory_budget: Option<u64>,
     /// Plan only.
     pub dry_run: bool,
+    /// Show progress on stderr (`infer-batch bench` shows its own).
+    pub progress: bool,
     /// What unknown request fields get.
     pub fields: FieldPolicy,
     /// The shard this run serves; `output` is then that shard's output.
@@ -308,12 +370,12 @@ pub struct RunConfig {
 #[error("{0}")]
 pub struct UsageError(String);
 
-impl RunArgs {
-    /// Resolves defaults and checks ranges.
+impl CommonArgs {
+    /// Resolves defaults and checks ranges, for a run of `parallel` slots.
     ///
     /// # Errors
     /// A [`UsageError`] that names the flag and the fix.
-    pub fn resolve(&self) -> Result<RunConfig, UsageError> {
+    pub fn resolve(&self, parallel: u32) -> Result<RunConfig, UsageError> {
         let model = self.model.clone().ok_or_else(|| {
             UsageError("no model given: pass --model PATH.gguf (./models/fetch.sh fetches the default model)".into())
         })?;
@@ -327,7 +389,7 @@ impl RunArgs {
                 Ok(v)
             }
         };
-        let parallel = positive("parallel", self.parallel)?;
+        let parallel = positive("parallel", parallel)?;
         if parallel > 128 {
             return Err(UsageError("--parallel must be at most 128".into()));
         }
@@ -394,6 +456,7 @@ impl RunArgs {
             supervise: self.supervise,
             memory_budget: self.memory_budget,
             dry_run: self.dry_run,
+            progress: true,
             fields: FieldPolicy {
                 ignore_unknown: self.ignore_unknown_fields,
             },

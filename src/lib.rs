@@ -5,6 +5,7 @@
 //! a scheduler slot ([`scheduler`], with prefixes held by [`prefix_cache`]) → llama.cpp decode
 //! ([`engine`], the only module that knows llama.cpp) → result line ([`output`], [`sink`]).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod detok;

@@ -27,7 +27,7 @@ const PRINTED_PREFIXES: usize = 8;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.run.verbose);
+    init_logging(cli.run.common.verbose);
     match dispatch(&cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -42,6 +42,30 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
         Some(Command::Cache { action }) => return cache(action).map(|()| EXIT_OK),
         Some(Command::Status { output, json }) => {
             println!("{}", infer_batch::status::report(output, *json)?);
+            return Ok(EXIT_OK);
+        }
+        Some(Command::Bench { args }) => {
+            let max = args.parallel.iter().copied().max().unwrap_or(1);
+            let cfg = args.common.resolve(max)?;
+            let plan = infer_batch::bench::BenchPlan {
+                parallel: args.parallel.clone(),
+                sample: args.sample,
+                reps: args.reps,
+            };
+            let report = infer_batch::bench::bench(&cfg, &plan, &*stop_flag(true)?)?;
+            print!("{}", infer_batch::bench::table(&report));
+            if let Some(path) = &args.json {
+                std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+                println!("measurements: {}", path.display());
+            }
+            let svg = args
+                .svg
+                .clone()
+                .or_else(|| args.json.as_ref().map(|j| j.with_extension("svg")));
+            if let Some(path) = svg {
+                infer_batch::bench::plot(&report, &path)?;
+                println!("plot: {}", path.display());
+            }
             return Ok(EXIT_OK);
         }
         Some(Command::Merge {

@@ -9,14 +9,15 @@ use crate::metrics::Metrics;
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,
     total: u64,
+    shown: bool,
     last_line: Instant,
 }
 
 impl Progress {
-    /// Progress over `total` requests.
-    pub fn new(total: u64) -> Self {
+    /// Progress over `total` requests; nothing at all unless `shown`.
+    pub fn new(total: u64, shown: bool) -> Self {
         use std::io::IsTerminal;
-        let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = (shown && std::io::stderr().is_terminal()).then(|| {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -29,6 +30,7 @@ impl Progress {
         Self {
             bar,
             total,
+            shown,
             last_line: Instant::now(),
         }
     }
@@ -50,7 +52,7 @@ impl Progress {
                 bar.set_position(done);
                 bar.set_message(status);
             }
-            None if self.last_line.elapsed() >= Duration::from_secs(10) => {
+            None if self.shown && self.last_line.elapsed() >= Duration::from_secs(10) => {
                 self.last_line = Instant::now();
                 let eta = if rate > 0.0 {
                     format!("{:.0}s", self.total.saturating_sub(done) as f64 / rate)

@@ -185,7 +185,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     let (isolate, quarantine) =
         worker.map_or((&no_lines, &no_lines), |w| (&w.isolate, &w.quarantine));
 
-    let mut progress = Progress::new(demand.lines.saturating_sub(done.len()));
+    let mut progress = Progress::new(demand.lines.saturating_sub(done.len()), cfg.progress);
     let mut pressure = Pressure::new();
     let mut input = open_input()?;
     let mut input_done = false;

@@ -320,3 +320,55 @@ fn the_cache_directory_is_private_and_the_model_hash_is_remembered_without_it() 
     let memos = std::fs::read_dir(other.join("model-ids")).unwrap().count();
     assert_eq!(memos, 1);
 }
+
+#[test]
+fn bench_compares_naive_memory_and_disk_on_a_sample_of_the_input() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = batch(&s, &[rubric(80)], 6);
+    let model = model_path();
+    let json_path = s.path("bench.json");
+    let o = infer_batch(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "4",
+        "--sample",
+        "3",
+        "--parallel",
+        "1,2",
+        "--json",
+        json_path.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{o:?}");
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(table.contains("3 requests sampled of 6"), "{table}");
+    assert!(table.contains("the whole input (6 requests)"), "{table}");
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["measurements"].as_array().unwrap().len(), 6);
+    let row = |mode: &str, p: u64| {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["median"]["mode"] == mode && r["median"]["parallel"] == p)
+            .unwrap()["median"]
+            .clone()
+    };
+    for p in [1, 2] {
+        let (naive, memory, disk) = (row("naive", p), row("memory", p), row("disk", p));
+        assert_eq!(naive["prompt_reused"], 0);
+        assert!(memory["prompt_reused"].as_u64().unwrap() > 0);
+        let computed = |m: &Value| m["prompt_computed"].as_u64().unwrap();
+        assert!(computed(&disk) < computed(&memory) && computed(&memory) < computed(&naive));
+        assert!(
+            disk["prefix_restored"].as_u64().unwrap() > 0,
+            "disk restored its prefix"
+        );
+        assert_eq!(naive["requests"], 3);
+    }
+    assert!(s.path("bench.svg").is_file(), "a plot beside the JSON");
+}
