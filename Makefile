@@ -3,7 +3,7 @@
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test test-slurm setup deps lint bench
+.PHONY: example test test-slurm cuda-build setup deps lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
 example: deps
@@ -18,6 +18,13 @@ test: setup
 # The shard scripts on a real one-node Slurm cluster (needs root; installs slurm-wlm and munge).
 test-slurm: deps
 	./scripts/slurm-test.sh
+
+# The CUDA build (no GPU needed): a CUDA 13 toolkit from NVIDIA's wheels (scripts/cuda-toolkit.sh),
+# kernels for sm_80 and sm_90, the binary and its backend modules in target/cuda/release/. Not part
+# of `make test`: it takes about an hour on 2 cores.
+cuda-build: deps
+	./scripts/cuda-toolkit.sh
+	. ./.cuda/env && cargo build --release --features cuda --target-dir target/cuda
 
 setup: deps
 	@./models/fetch.sh

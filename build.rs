@@ -1,5 +1,6 @@
 //! Records which llama.cpp build the binary links, for the prefix-state files' identity: a state
-//! written by another llama.cpp version or build type is rebuilt, never loaded.
+//! written by another llama.cpp version or build type is rebuilt, never loaded. For the `cuda`
+//! build, it also tells the binary where its shared libraries are.
 
 fn main() {
     println!("cargo:rerun-if-changed=Cargo.lock");
@@ -16,4 +17,9 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
     let profile = std::env::var("LLAMA_LIB_PROFILE").unwrap_or_else(|_| "default".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_LIB_PROFILE={profile}");
+    // The `cuda` build links llama.cpp as shared libraries (its backends load at run time):
+    // look for them beside the binary and in its lib/, so it starts without LD_LIBRARY_PATH.
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:$ORIGIN/lib");
+    }
 }

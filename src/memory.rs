@@ -142,6 +142,10 @@ pub struct GpuMemory {
 /// When there is no NVIDIA driver or NVML library: the caller plans for the CPU.
 pub fn gpu_memory() -> Result<Vec<GpuMemory>, String> {
     let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
+    read_devices(&nvml)
+}
+
+fn read_devices(nvml: &nvml_wrapper::Nvml) -> Result<Vec<GpuMemory>, String> {
     let count = nvml.device_count().map_err(|e| e.to_string())?;
     (0..count)
         .map(|index| {
@@ -157,6 +161,79 @@ pub fn gpu_memory() -> Result<Vec<GpuMemory>, String> {
         .collect()
 }
 
+/// One GPU's memory over a run, as NVML read it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GpuUse {
+    /// Device index.
+    pub index: u32,
+    /// Device name.
+    pub name: String,
+    /// Installed bytes.
+    pub total_bytes: u64,
+    /// Bytes in use at the last reading (by every process on the device).
+    pub used_bytes: u64,
+    /// The most in use at any reading.
+    pub peak_used_bytes: u64,
+}
+
+/// Reads VRAM through NVML while a run goes, at most once a second, and keeps each GPU's peak.
+/// Without an NVIDIA driver it reads nothing.
+pub struct VramMonitor {
+    nvml: Option<nvml_wrapper::Nvml>,
+    gpus: Vec<GpuUse>,
+    last: Option<Instant>,
+}
+
+impl VramMonitor {
+    /// Opens NVML when `watch` (layers are offloaded) and a driver is there.
+    pub fn new(watch: bool) -> Self {
+        Self {
+            nvml: watch.then(|| nvml_wrapper::Nvml::init().ok()).flatten(),
+            gpus: Vec::new(),
+            last: None,
+        }
+    }
+
+    /// Takes a reading if a second has passed since the last; returns the GPUs as read.
+    pub fn sample(&mut self) -> &[GpuUse] {
+        let due = self
+            .last
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
+        if let (true, Some(nvml)) = (due, &self.nvml) {
+            self.last = Some(Instant::now());
+            if let Ok(devices) = read_devices(nvml) {
+                record(&mut self.gpus, &devices);
+            }
+        }
+        &self.gpus
+    }
+
+    /// Every GPU's last reading and peak.
+    pub fn gpus(&self) -> &[GpuUse] {
+        &self.gpus
+    }
+}
+
+/// Folds a reading into each GPU's use: the latest, and the peak.
+fn record(gpus: &mut Vec<GpuUse>, devices: &[GpuMemory]) {
+    for d in devices {
+        let used = d.total.saturating_sub(d.free);
+        match gpus.iter_mut().find(|g| g.index == d.index) {
+            Some(g) => {
+                g.used_bytes = used;
+                g.peak_used_bytes = g.peak_used_bytes.max(used);
+            }
+            None => gpus.push(GpuUse {
+                index: d.index,
+                name: d.name.clone(),
+                total_bytes: d.total,
+                used_bytes: used,
+                peak_used_bytes: used,
+            }),
+        }
+    }
+}
+
 /// The part of a footprint that goes to the GPU when `gpu_layers` of `n_layer` layers are
 /// offloaded: that share of the weights and of the KV cache, and the compute buffer.
 pub fn gpu_share(footprint: &Footprint, gpu_layers: u32, n_layer: u32) -> u64 {
@@ -166,6 +243,80 @@ pub fn gpu_share(footprint: &Footprint, gpu_layers: u32, n_layer: u32) -> u64 {
     let layers = u64::from(gpu_layers.min(n_layer));
     let n = u64::from(n_layer);
     footprint.weights * layers / n + footprint.kv * layers / n + footprint.compute
+}
+
+/// Layers of `n_layer` whose share of a footprint fits `free` bytes of VRAM, at most
+/// `requested`: each layer brings its share of the weights and of the KV cache, and the
+/// compute buffer comes with any offload.
+pub fn layers_that_fit(footprint: &Footprint, requested: u32, n_layer: u32, free: u64) -> u32 {
+    let requested = requested.min(n_layer);
+    if requested == 0 || free <= footprint.compute {
+        return 0;
+    }
+    let per_layer = (footprint.weights + footprint.kv).div_ceil(u64::from(n_layer.max(1)));
+    let fit = (free - footprint.compute) / per_layer.max(1);
+    requested.min(u32::try_from(fit).unwrap_or(u32::MAX))
+}
+
+/// Settings that fit the memory a run may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fitted {
+    /// Slots, at most the requested.
+    pub parallel: usize,
+    /// Offloaded layers, at most the requested.
+    pub gpu_layers: u32,
+    /// The footprint at those settings.
+    pub footprint: Footprint,
+}
+
+/// Why no plan fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoFit {
+    /// The footprint of one slot.
+    pub footprint: Footprint,
+}
+
+/// Fits a plan to its budgets before anything is allocated: `--parallel` comes down, by
+/// halves, until the footprint fits `ram` and, with offloaded layers, its GPU share fits `vram`;
+/// at one slot, the offloaded layers come down until the share fits. `footprint(parallel)` is
+/// the plan's footprint at a number of slots.
+///
+/// # Errors
+/// [`NoFit`] when even one slot does not fit the RAM budget.
+pub fn fit<E>(
+    parallel: usize,
+    gpu_layers: u32,
+    n_layer: u32,
+    ram: u64,
+    vram: Option<u64>,
+    mut footprint: impl FnMut(usize) -> Result<Footprint, E>,
+) -> Result<Result<Fitted, NoFit>, E> {
+    let mut p = parallel.max(1);
+    loop {
+        let f = footprint(p)?;
+        let gpu_fits = vram.is_none_or(|free| gpu_share(&f, gpu_layers, n_layer) <= free);
+        if f.total() <= ram && gpu_fits {
+            return Ok(Ok(Fitted {
+                parallel: p,
+                gpu_layers,
+                footprint: f,
+            }));
+        }
+        if p == 1 {
+            if f.total() > ram {
+                return Ok(Err(NoFit { footprint: f }));
+            }
+            let layers = vram.map_or(gpu_layers, |free| {
+                layers_that_fit(&f, gpu_layers, n_layer, free)
+            });
+            return Ok(Ok(Fitted {
+                parallel: 1,
+                gpu_layers: layers,
+                footprint: f,
+            }));
+        }
+        p /= 2;
+    }
 }
 
 /// Free memory under which no new request is admitted: the larger of 256 MiB and 5% of RAM.
@@ -307,6 +458,80 @@ mod tests {
             Ok(devices) => assert!(devices.iter().all(|d| d.free <= d.total)),
             Err(reason) => assert!(!reason.is_empty()),
         }
+    }
+
+    fn fake(kv_per_slot: u64) -> impl FnMut(usize) -> Result<Footprint, ()> {
+        move |p| {
+            Ok(Footprint {
+                weights: 3000,
+                kv: kv_per_slot * p as u64,
+                compute: 100,
+                process: 10,
+            })
+        }
+    }
+
+    #[test]
+    fn fit_lowers_parallel_then_offloaded_layers_against_a_fake_gpu() {
+        // Enough of everything: nothing changes.
+        let f = fit(8, 30, 30, u64::MAX, Some(u64::MAX), fake(300))
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.parallel, f.gpu_layers), (8, 30));
+        // RAM for 2 slots: 3000 + 2 × 300 + 100 + 10 = 3710.
+        let f = fit(8, 0, 30, 3800, None, fake(300)).unwrap().unwrap();
+        assert_eq!((f.parallel, f.gpu_layers), (2, 0));
+        // A GPU with 4,000 bytes free holds all 30 layers of 2 slots: 3000 + 600 + 100.
+        let f = fit(8, 30, 30, u64::MAX, Some(4000), fake(300))
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.parallel, f.gpu_layers), (2, 30));
+        // 2,000 free at one slot: (2000 - 100) / ceil(3300 / 30) = 1900 / 110 = 17 layers.
+        let f = fit(8, 30, 30, u64::MAX, Some(2000), fake(300))
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.parallel, f.gpu_layers), (1, 17));
+        assert!(gpu_share(&f.footprint, 17, 30) <= 2000);
+        assert!(gpu_share(&f.footprint, 18, 30) > 2000);
+        // Less than the compute buffer: nothing goes to the GPU.
+        let f = fit(4, 30, 30, u64::MAX, Some(50), fake(300))
+            .unwrap()
+            .unwrap();
+        assert_eq!((f.parallel, f.gpu_layers), (1, 0));
+        // Not even one slot in RAM.
+        let no = fit(4, 0, 30, 1000, None, fake(300)).unwrap().unwrap_err();
+        assert_eq!(no.footprint.total(), 3410);
+    }
+
+    #[test]
+    fn vram_readings_keep_each_gpus_peak() {
+        let reading = |free0, free1| {
+            vec![
+                GpuMemory {
+                    index: 0,
+                    name: "H100".into(),
+                    free: free0,
+                    total: 100,
+                },
+                GpuMemory {
+                    index: 1,
+                    name: "H100".into(),
+                    free: free1,
+                    total: 100,
+                },
+            ]
+        };
+        let mut gpus = Vec::new();
+        record(&mut gpus, &reading(90, 50));
+        record(&mut gpus, &reading(20, 70));
+        record(&mut gpus, &reading(60, 80));
+        assert_eq!(
+            gpus.iter()
+                .map(|g| (g.used_bytes, g.peak_used_bytes))
+                .collect::<Vec<_>>(),
+            vec![(40, 80), (20, 50)]
+        );
+        assert!(VramMonitor::new(false).sample().is_empty(), "not watched");
     }
 
     #[test]

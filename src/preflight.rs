@@ -8,25 +8,28 @@ use std::io::BufReader;
 use anyhow::{Context, Result};
 
 use crate::cli::RunConfig;
-use crate::engine::{llama_build, FlashAttn, Model, ModelSettings, SessionSettings, Token};
+use crate::engine::{
+    gpu_available, llama_build, FlashAttn, Model, ModelSettings, SessionSettings, Token,
+};
 use crate::memory::{
-    compute_bytes, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Footprint,
-    PROCESS_ALLOWANCE,
+    compute_bytes, fit, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Fitted,
+    Footprint, NoFit, PROCESS_ALLOWANCE,
 };
 use crate::plan::{plan, Demand, KvLayout, Plan};
 use crate::prefix_store::{PrefixStore, StateIdentity};
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::request::RequestReader;
 
-/// Loads the model of a run and the chat template its prompts are rendered with.
+/// Loads the model of a run, with `gpu_layers` offloaded, and the chat template its prompts
+/// are rendered with.
 ///
 /// # Errors
 /// When the model cannot be loaded, or no chat template can render its prompts: then no
 /// request could run, so the run stops before any of them gets an error line.
-pub fn load_model(cfg: &RunConfig) -> Result<(Model, Renderer)> {
+pub fn load_model(cfg: &RunConfig, gpu_layers: u32) -> Result<(Model, Renderer)> {
     let model = Model::load(&ModelSettings {
         path: cfg.model.clone(),
-        gpu_layers: cfg.gpu_layers,
+        gpu_layers,
         verbose: cfg.verbose,
     })?;
     let renderer = Renderer::for_model(&model, &cfg.chat_template)
@@ -56,6 +59,8 @@ pub struct Preflight {
     pub budget: u64,
     /// Slots, possibly fewer than asked for so the plan fits.
     pub parallel: usize,
+    /// Layers to offload, possibly fewer than asked for so the plan fits the GPU.
+    pub gpu_layers: u32,
     /// With offloaded layers and NVML: (VRAM the plan needs, VRAM it may use).
     pub vram: Option<(u64, u64)>,
 }
@@ -73,6 +78,7 @@ impl Preflight {
             "kv_layout": format!("{:?}", self.plan.layout).to_lowercase(),
             "memory": self.footprint.to_json(),
             "budget_bytes": self.budget,
+            "gpu_layers": self.gpu_layers,
             "vram": vram_json(self.vram),
             "peak_rss_bytes": peak_rss(),
         })
@@ -119,87 +125,119 @@ pub fn preflight(
     };
     let flash_attn = cfg.flash_attn != FlashAttn::Off;
     // Free VRAM on the first GPU, when layers are offloaded and NVML can tell.
-    let vram = (cfg.gpu_layers > 0)
+    let gpu_layers = offloadable_layers(cfg.gpu_layers);
+    let vram = (gpu_layers > 0)
         .then(|| match gpu_memory() {
             Ok(devices) if !devices.is_empty() => Some(devices[0].free / 10 * 9),
             Ok(_) => {
-                tracing::warn!("no NVIDIA GPU found; planning everything for the CPU");
+                tracing::warn!("NVML lists no NVIDIA GPU; planning VRAM is left to llama.cpp");
                 None
             }
             Err(e) => {
-                tracing::warn!("no NVIDIA driver or NVML ({e}); planning everything for the CPU");
+                tracing::warn!("no NVML ({e}); planning VRAM is left to llama.cpp");
                 None
             }
         })
         .flatten();
-    let mut parallel = cfg.parallel as usize;
-    loop {
-        let plan = plan(
+    let layout = if cfg.deterministic {
+        KvLayout::Streams
+    } else {
+        KvLayout::Unified
+    };
+    let plan_at = |parallel: usize| {
+        plan(
             &demand,
             parallel,
             cfg.max_prefixes as usize,
             cfg.prefix_cache,
             cfg.ctx_size.map(|c| c as usize),
-            if cfg.deterministic {
-                KvLayout::Streams
-            } else {
-                KvLayout::Unified
-            },
-        )?;
-        let footprint = Footprint {
-            weights: info.size,
-            kv: kv_bytes(&info, plan.n_ctx),
-            compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
-            process: PROCESS_ALLOWANCE,
-        };
-        let vram_fits = vram
-            .as_ref()
-            .is_none_or(|free| gpu_share(&footprint, cfg.gpu_layers, info.n_layer) <= *free);
-        if footprint.total() <= budget && vram_fits {
-            if parallel < cfg.parallel as usize {
-                tracing::warn!(
-                    "lowered --parallel from {} to {parallel} so the plan ({}) fits the memory budget ({})",
-                    cfg.parallel,
-                    mib(footprint.total()),
-                    mib(budget)
-                );
-            }
-            return Ok(Preflight {
-                demand,
-                plan,
-                footprint,
-                budget,
-                parallel,
-                vram: vram.map(|free| (gpu_share(&footprint, cfg.gpu_layers, info.n_layer), free)),
-            });
-        }
-        if parallel == 1 && !vram_fits {
-            let need = gpu_share(&footprint, cfg.gpu_layers, info.n_layer);
-            anyhow::bail!(
-                "not enough GPU memory even for one slot: {} layers need {} of VRAM but {} is \
-                 free; lower --gpu-layers or --ctx-size",
-                cfg.gpu_layers.min(info.n_layer),
-                mib(need),
-                mib(vram.unwrap_or(0))
-            );
-        }
-        if parallel == 1 {
-            anyhow::bail!(
-                "not enough memory even for one slot: the plan needs {} (weights {}, KV cache {} \
-                 for {} tokens, compute {}, process {}) but the budget is {}. Lower max_tokens or \
-                 --ctx-size, shorten the prompts, use a smaller model, free memory, or raise \
-                 --memory-budget",
-                mib(footprint.total()),
-                mib(footprint.weights),
-                mib(footprint.kv),
-                plan.n_ctx,
-                mib(footprint.compute),
-                mib(footprint.process),
-                mib(budget)
-            );
-        }
-        parallel /= 2;
+            layout,
+        )
+    };
+    let fitted = fit(
+        cfg.parallel as usize,
+        gpu_layers,
+        info.n_layer,
+        budget,
+        vram,
+        |parallel| {
+            plan_at(parallel).map(|plan| Footprint {
+                weights: info.size,
+                kv: kv_bytes(&info, plan.n_ctx),
+                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
+                process: PROCESS_ALLOWANCE,
+            })
+        },
+    )?;
+    let Fitted {
+        parallel,
+        gpu_layers: fitted_layers,
+        footprint,
+    } = match fitted {
+        Ok(f) => f,
+        Err(NoFit { footprint }) => anyhow::bail!(
+            "not enough memory even for one slot: the plan needs {} (weights {}, KV cache {}, \
+             compute {}, process {}) but the budget is {}. Lower max_tokens or --ctx-size, \
+             shorten the prompts, use a smaller model, free memory, or raise --memory-budget",
+            mib(footprint.total()),
+            mib(footprint.weights),
+            mib(footprint.kv),
+            mib(footprint.compute),
+            mib(footprint.process),
+            mib(budget)
+        ),
+    };
+    if parallel < cfg.parallel as usize {
+        tracing::warn!(
+            "lowered --parallel from {} to {parallel} so the plan ({}) fits the memory budget ({}){}",
+            cfg.parallel,
+            mib(footprint.total()),
+            mib(budget),
+            vram.map_or(String::new(), |free| format!(" and {} of VRAM", mib(free)))
+        );
     }
+    if fitted_layers < gpu_layers.min(info.n_layer) {
+        tracing::warn!(
+            "offloading {fitted_layers} of {} layers so the plan fits the {} of VRAM free{}",
+            info.n_layer,
+            mib(vram.unwrap_or(0)),
+            if fitted_layers == 0 {
+                ": the run goes on the CPU"
+            } else {
+                ""
+            }
+        );
+    }
+    let plan = plan_at(parallel)?;
+    Ok(Preflight {
+        demand,
+        plan,
+        footprint,
+        budget,
+        parallel,
+        gpu_layers: fitted_layers,
+        vram: vram.map(|free| (gpu_share(&footprint, fitted_layers, info.n_layer), free)),
+    })
+}
+
+/// The layers a run can offload: `requested`, or none where no GPU backend has a device (a
+/// CPU build, or a CUDA build on a machine without a GPU or driver), which it says once.
+pub fn offloadable_layers(requested: u32) -> u32 {
+    if requested == 0 || gpu_available() {
+        return requested;
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::warn!(
+            "no GPU: {}; running on the CPU",
+            if cfg!(feature = "cuda") {
+                "the CUDA backend found no device or driver"
+            } else {
+                "this build has no GPU backend (build with --features cuda)"
+            }
+        );
+    });
+    0
 }
 
 /// `--dry-run`: loads the model, scans the input and returns the plan, touching no output.
@@ -207,7 +245,7 @@ pub fn preflight(
 /// # Errors
 /// As [`preflight`], and when the model cannot be loaded.
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
-    let (model, renderer) = load_model(cfg)?;
+    let (model, renderer) = load_model(cfg, 0)?;
     let mut prompts = PromptBuilder::new(&model, &renderer);
     preflight(cfg, &model, &mut prompts)
 }
@@ -218,9 +256,10 @@ pub fn open_store(
     cfg: &RunConfig,
     model: &Model,
     settings: &SessionSettings,
+    gpu_layers: u32,
     model_sha256: [u8; 32],
 ) -> Option<PrefixStore> {
-    match prefix_store(cfg, model, settings, model_sha256) {
+    match prefix_store(cfg, model, settings, gpu_layers, model_sha256) {
         Ok(store) => Some(store),
         Err(e) => {
             tracing::warn!("{e:#}; prefix states stay in memory for this run");
@@ -238,6 +277,7 @@ pub fn prefix_store(
     cfg: &RunConfig,
     model: &Model,
     settings: &SessionSettings,
+    gpu_layers: u32,
     model_sha256: [u8; 32],
 ) -> Result<PrefixStore> {
     let memory = model.memory_kind();
@@ -249,7 +289,7 @@ pub fn prefix_store(
     let identity = StateIdentity {
         model_sha256,
         llama_build: llama_build(),
-        layout: settings.state_layout(memory, cfg.gpu_layers),
+        layout: settings.state_layout(memory, gpu_layers),
     };
     PrefixStore::open(&cfg.prefix_cache_dir, cfg.prefix_cache_max_bytes, identity)
 }

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::memory::{current_rss, mib};
+use crate::memory::{current_rss, mib, GpuUse};
 use crate::metrics::Metrics;
 
 /// Progress on stderr: a bar on a terminal, else a plain line every 10 seconds.
@@ -35,8 +35,8 @@ impl Progress {
         }
     }
 
-    /// Shows the counters after a step.
-    pub fn update(&mut self, m: &Metrics, elapsed: Duration) {
+    /// Shows the counters after a step, with each GPU's VRAM in use when there are any.
+    pub fn update(&mut self, m: &Metrics, elapsed: Duration, gpus: &[GpuUse]) {
         let done = m.requests_ok + m.requests_failed;
         let secs = elapsed.as_secs_f64().max(1e-9);
         let rate = done as f64 / secs;
@@ -46,7 +46,17 @@ impl Progress {
             m.prefill_tokens_per_sec(),
             m.decode_tokens_per_sec(),
             current_rss().map_or_else(|| "?".into(), mib)
-        );
+        ) + &gpus
+            .iter()
+            .map(|g| {
+                format!(
+                    ", GPU{} {} of {}",
+                    g.index,
+                    mib(g.used_bytes),
+                    mib(g.total_bytes)
+                )
+            })
+            .collect::<String>();
         match &self.bar {
             Some(bar) => {
                 bar.set_position(done);

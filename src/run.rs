@@ -17,7 +17,7 @@ use crate::grammar::Grammars;
 use crate::job::{prepare, Limits};
 use crate::lock::OutputLock;
 use crate::manifest::{InputRecord, Manifest, ModelRecord, RunRecord, RunState, MANIFEST_VERSION};
-use crate::memory::{gpu_memory, mib, peak_rss, Pressure};
+use crate::memory::{mib, peak_rss, Pressure, VramMonitor};
 use crate::metrics::Metrics;
 use crate::output::{error_line, model_name, success_line};
 use crate::plan::KvLayout;
@@ -105,17 +105,26 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     };
     let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
 
-    let (model, renderer) = load_model(cfg)?;
-    let info = model.info();
-    let mut prompts = PromptBuilder::new(&model, &renderer);
+    // Planned on the CPU: the layers to offload are known only once the plan fits the GPU.
+    let (planning, renderer) = load_model(cfg, 0)?;
+    let info = planning.info();
+    let mut prompts = PromptBuilder::new(&planning, &renderer);
     let Preflight {
         demand,
         plan,
         footprint,
         budget,
         parallel,
+        gpu_layers,
         vram,
-    } = preflight(cfg, &model, &mut prompts)?;
+    } = preflight(cfg, &planning, &mut prompts)?;
+    let offloaded;
+    let model = if gpu_layers > 0 {
+        offloaded = load_model(cfg, gpu_layers)?.0;
+        &offloaded
+    } else {
+        &planning
+    };
     manifest.input.total = demand.lines;
     manifest.record_run(RunRecord {
         started_unix: unix_now(),
@@ -148,7 +157,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         kv_unified: plan.layout == KvLayout::Unified,
     };
     let store = if cfg.prefix_cache && cfg.disk_cache && demand.distinct_prefixes > 0 {
-        open_store(cfg, &model, &settings, model_hash)
+        open_store(cfg, model, &settings, gpu_layers, model_hash)
     } else {
         None
     };
@@ -156,13 +165,16 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     let exact = match plan.layout {
         KvLayout::Unified => None,
         KvLayout::Streams => {
-            // The pad stream is the last sequence, after the slots and the prefixes. It is
-            // only needed when this model's kernels treat a lone row differently.
-            let pad = i32::try_from(plan.n_seq_max - 1)?;
-            let invariant = session.single_row_is_batch_invariant(0, pad)?;
-            tracing::debug!(invariant, "single-row decode probe");
+            // The pad stream follows the slots, so slots and pad are consecutive sequences.
+            let pad = i32::try_from(parallel)?;
+            let probe: Vec<i32> = (0..=pad).collect();
+            let invariant = session.rows_are_batch_invariant(&probe)?;
+            // Test hook: the fixed-shape path, on kernels that would not need it.
+            let forced = std::env::var_os(FIXED_SHAPE_ENV).is_some();
+            tracing::debug!(invariant, forced, "decode group probe");
             Some(Exact {
-                pad_seq: (!invariant).then_some(pad),
+                pad_seq: pad,
+                fixed_shape: forced || !invariant,
             })
         }
     };
@@ -180,13 +192,14 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         ctx_overridden: cfg.ctx_size.is_some(),
         slots: parallel,
     };
-    let mut grammars = Grammars::new(&model);
+    let mut grammars = Grammars::new(model);
     let no_lines = BTreeSet::new();
     let (isolate, quarantine) =
         worker.map_or((&no_lines, &no_lines), |w| (&w.isolate, &w.quarantine));
 
     let mut progress = Progress::new(demand.lines.saturating_sub(done.len()), cfg.progress);
     let mut pressure = Pressure::new();
+    let mut vram_monitor = VramMonitor::new(gpu_layers > 0);
     let mut input = open_input()?;
     let mut input_done = false;
     let mut waiting: Option<Job> = None;
@@ -265,7 +278,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         for outcome in finished.drain(..) {
             results.write(&mut scheduler.metrics, outcome)?;
         }
-        progress.update(&scheduler.metrics, started.elapsed());
+        progress.update(&scheduler.metrics, started.elapsed(), vram_monitor.sample());
     }
     progress.finish();
     results.sink.finish()?;
@@ -290,12 +303,18 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         "planned": footprint.to_json(),
         "budget_bytes": budget,
         "parallel": parallel,
+        "gpu_layers": gpu_layers,
         "vram": vram_json(vram),
-        "vram_used_bytes_at_end": vram.and_then(|_| gpu_memory().ok()).and_then(|d| d.first().map(|g| g.total - g.free)),
+        // Sampled through NVML while the run went: each GPU's last reading and peak.
+        "vram_use": vram_monitor.gpus(),
     });
     summary::write(&summary::summary_path(&cfg.output), &summary)?;
     Ok(report)
 }
+
+/// Test hook: with this environment variable set, deterministic runs decode generated tokens
+/// in fixed-shape blocks even where the probe finds it unneeded (the path GPU kernels take).
+pub const FIXED_SHAPE_ENV: &str = "INFER_BATCH_TEST_FIXED_SHAPE";
 
 /// Result lines on their way to the output, counted, and reported to a supervisor.
 struct Results {

@@ -88,8 +88,13 @@ pub const EXACT_MAX_ROWS: usize = 32;
 /// Exact-mode settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exact {
-    /// A sequence (with its own KV stream) that pads a lone generated token to two rows.
-    pub pad_seq: Option<SeqId>,
+    /// The sequence right after the last slot, with a KV stream of its own: it completes a
+    /// block when there is a single slot.
+    pub pad_seq: SeqId,
+    /// Decode generated tokens in fixed-shape calls: every block of up to [`EXACT_MAX_ROWS`]
+    /// consecutive slots in full, with a dummy row for each slot that is not generating. Needed
+    /// where a row's logits depend on how many rows share its call (the start-up probe tells).
+    pub fixed_shape: bool,
 }
 
 /// What one decode call holds.
@@ -148,7 +153,11 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                     state: SlotState::Idle,
                 })
                 .collect(),
-            prefixes: PrefixPool::new(parallel_seq, resident_prefixes),
+            // In exact mode the pad sequence follows the slots; the prefixes come after it.
+            prefixes: PrefixPool::new(
+                parallel_seq + SeqId::from(exact.is_some()),
+                resident_prefixes,
+            ),
             store,
             share,
             exact,
@@ -262,29 +271,53 @@ impl<'s, 'm> Scheduler<'s, 'm> {
     }
 
     /// Exact mode: a request's numbers never depend on its batch-mates. Prompt chunks are
-    /// decoded alone, so their shape is the request's own; generated tokens are decoded
-    /// together in groups padded to at least two rows, so every step takes the same kernels
-    /// (llama.cpp switches the attention kernel and the matmul path for a single row).
+    /// decoded alone, so their shape is the request's own. Generated tokens are decoded
+    /// together, at most [`EXACT_MAX_ROWS`] to a call: as they come where the probe found rows
+    /// independent of their batch-mates, else in fixed-shape blocks.
     fn step_exact(&mut self, done: &mut Vec<Outcome>) {
-        let generating: Vec<usize> = (0..self.slots.len())
-            .filter(|&i| matches!(self.slots[i].state, SlotState::Generating { .. }))
-            .collect();
-        for group in generating.chunks(EXACT_MAX_ROWS) {
+        let Some(exact) = self.exact else { return };
+        let generating = |s: &Slot| matches!(s.state, SlotState::Generating { .. });
+        let groups: Vec<Vec<usize>> = if exact.fixed_shape {
+            let all: Vec<usize> = (0..self.slots.len()).collect();
+            all.chunks(EXACT_MAX_ROWS)
+                .filter(|block| block.iter().any(|&i| generating(&self.slots[i])))
+                .map(<[usize]>::to_vec)
+                .collect()
+        } else {
+            let busy: Vec<usize> = (0..self.slots.len())
+                .filter(|&i| generating(&self.slots[i]))
+                .collect();
+            busy.chunks(EXACT_MAX_ROWS).map(<[usize]>::to_vec).collect()
+        };
+        for group in groups {
             let mut batch = Batch::default();
-            for &i in group {
-                self.queue_generated(i, &mut batch);
-            }
-            if group.len() == 1 {
-                if let Some(pad) = self.exact.and_then(|e| e.pad_seq) {
-                    // Row 0 of an empty stream, dropped after the decode.
-                    if let Err(e) = self.session.push(Token(0), 0, pad, false) {
-                        batch.failure = Some(e);
-                    }
+            // Rows that only give the call its shape: (sequence, position), dropped after.
+            // Rows go in sequence order: llama.cpp keeps consecutive sequences in one call
+            // only when they come in that order.
+            let mut dummies: Vec<(SeqId, u32)> = Vec::new();
+            let mut dummy = |session: &mut Session<'m>, batch: &mut Batch, seq, pos| {
+                if let Err(e) = session.push(Token(0), pos, seq, false) {
+                    batch.failure = Some(e);
+                }
+                dummies.push((seq, pos));
+            };
+            for &i in &group {
+                if generating(&self.slots[i]) {
+                    self.queue_generated(i, &mut batch);
+                } else {
+                    let pos = match &self.slots[i].state {
+                        SlotState::Prompt { seq, .. } => to_u32(seq.pos),
+                        _ => 0,
+                    };
+                    dummy(self.session, &mut batch, self.slots[i].seq, pos);
                 }
             }
+            if exact.fixed_shape && group.len() == 1 {
+                dummy(self.session, &mut batch, exact.pad_seq, 0);
+            }
             self.run_batch(batch, done);
-            if let Some(pad) = self.exact.and_then(|e| e.pad_seq) {
-                self.session.clear_seq(pad);
+            for (seq, pos) in dummies {
+                self.session.truncate_seq(seq, pos);
             }
         }
         let n = self.slots.len();

@@ -12,7 +12,7 @@ use crate::metrics::{Metrics, PrefixEvent};
 use crate::plan::CTX_STEP;
 use crate::prefix_cache::materialize;
 use crate::prefix_store::model_sha256;
-use crate::preflight::{load_model, prefix_store, scan};
+use crate::preflight::{load_model, offloadable_layers, prefix_store, scan};
 use crate::prompt::PromptBuilder;
 use crate::request::RequestReader;
 
@@ -26,7 +26,8 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
     if !cfg.model.is_file() {
         anyhow::bail!("model {} not found", cfg.model.display());
     }
-    let (model, renderer) = load_model(cfg)?;
+    let gpu_layers = offloadable_layers(cfg.gpu_layers);
+    let (model, renderer) = load_model(cfg, gpu_layers)?;
     let mut prompts = PromptBuilder::new(&model, &renderer);
     let mut prefixes: Vec<Vec<Token>> = Vec::new();
     let reader = RequestReader::new(BufReader::new(file), cfg.fields);
@@ -49,7 +50,7 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
         kv_unified: !cfg.deterministic,
     };
     let model_hash = model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?;
-    let store = prefix_store(cfg, &model, &settings, model_hash)?;
+    let store = prefix_store(cfg, &model, &settings, gpu_layers, model_hash)?;
     let mut session = model.new_session(&settings)?;
     let mut metrics = Metrics::default();
     let mut events = Vec::new();

@@ -24,18 +24,48 @@ pub mod state;
 use state::{MemoryKind, SeqState};
 
 /// The llama.cpp build this binary links: the `llama-cpp-sys-2` version (which pins the
-/// llama.cpp sources), the GPU backend compiled in and the CMake build type.
+/// llama.cpp sources), the GPU backend compiled in and the CMake build type. A `cuda` build
+/// picks its kernels at run time (the CPU variant for this processor, the GPU), so its
+/// identity also names the devices the backend found; call it after a model loaded.
 pub fn llama_build() -> String {
     let backend = if cfg!(feature = "cuda") {
-        "cuda"
+        format!("cuda [{}]", backend_devices().join("; "))
     } else {
-        "cpu"
+        "cpu".to_owned()
     };
     format!(
         "llama-cpp-sys-2 {} {backend} {}",
         env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
         env!("INFER_BATCH_LLAMA_LIB_PROFILE")
     )
+}
+
+/// Each device of the started backend, as "name: description".
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn backend_devices() -> Vec<String> {
+    let text = |p: *const std::ffi::c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ggml returns NUL-terminated strings that live as long as the device.
+            unsafe { std::ffi::CStr::from_ptr(p) }
+                .to_string_lossy()
+                .into_owned()
+        }
+    };
+    // SAFETY: plain queries of ggml's device registry, indices below its count.
+    unsafe {
+        (0..llama_cpp_sys_2::ggml_backend_dev_count())
+            .map(|i| {
+                let dev = llama_cpp_sys_2::ggml_backend_dev_get(i);
+                format!(
+                    "{}: {}",
+                    text(llama_cpp_sys_2::ggml_backend_dev_name(dev)),
+                    text(llama_cpp_sys_2::ggml_backend_dev_description(dev))
+                )
+            })
+            .collect()
+    }
 }
 
 /// A token id of the loaded model's vocabulary.
@@ -83,10 +113,61 @@ fn backend(verbose: bool) -> Result<&'static LlamaBackend, EngineError> {
             llama_cpp_2::send_logs_to_tracing(
                 llama_cpp_2::LogOptions::default().with_logs_enabled(verbose),
             );
+            load_backend_modules()?;
             LlamaBackend::init().map_err(|e| e.to_string())
         })
         .as_ref()
         .map_err(|e| EngineError::Backend(e.clone()))
+}
+
+/// With backends built as modules (the `cuda` feature), loads them from the first place that
+/// has the CPU backend: beside the executable, its `lib/`, or where the build put them. A
+/// module that cannot load (no CUDA driver or runtime here) is skipped by llama.cpp, and the
+/// run goes on with the others. Never the current directory: a library planted there would
+/// run as this process.
+#[cfg(feature = "cuda")]
+fn load_backend_modules() -> Result<(), String> {
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let candidates: Vec<PathBuf> = exe_dir
+        .iter()
+        .flat_map(|dir| [dir.clone(), dir.join("lib")])
+        .chain(llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from))
+        .collect();
+    let has_cpu_backend = |dir: &PathBuf| {
+        std::fs::read_dir(dir).is_ok_and(|mut entries| {
+            entries.any(|e| {
+                e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libggml-cpu"))
+            })
+        })
+    };
+    match candidates.iter().find(|dir| has_cpu_backend(dir)) {
+        Some(dir) => {
+            llama_cpp_2::llama_backend::load_backends_from_path(dir);
+            Ok(())
+        }
+        None => Err(format!(
+            "no llama.cpp backend modules (libggml-cpu-*.so) in {}: ship them beside the binary",
+            candidates
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[allow(clippy::unnecessary_wraps)] // the `cuda` build's can fail
+fn load_backend_modules() -> Result<(), String> {
+    Ok(())
+}
+
+/// Whether a GPU backend with at least one device is loaded, after the backend started.
+pub fn gpu_available() -> bool {
+    // SAFETY: a plain query of llama.cpp's backend registry.
+    unsafe { llama_cpp_sys_2::llama_supports_gpu_offload() }
 }
 
 /// Settings for loading a model.
@@ -506,6 +587,13 @@ impl<'m> Session<'m> {
         let _ = self.ctx.copy_kv_cache_seq(src, dst, None, None);
     }
 
+    /// Drops the cells of `seq` at positions `from` and after.
+    pub fn truncate_seq(&mut self, seq: SeqId, from: u32) {
+        let _ = self
+            .ctx
+            .clear_kv_cache_seq(u32::try_from(seq).ok(), Some(from), None);
+    }
+
     /// Drops every cell of `seq`; cells still shared with another sequence stay.
     pub fn clear_seq(&mut self, seq: SeqId) {
         let _ = self
@@ -586,33 +674,46 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// Whether a token decoded alone gets bit-identical logits to the same token decoded beside
-    /// another sequence's: llama.cpp multiplies a single row by another path for some weight
-    /// types. Uses (and leaves empty) the sequences `a` and `b`.
+    /// Whether a decoded row's logits are independent of how many rows share its decode call,
+    /// for every group size that decoding uses: the same token in sequence `seqs[0]`, decoded
+    /// beside 0, 1, 3, 7, 15 and 31 others (as many as `seqs` allows), must give bit-identical
+    /// logits. `seqs` must be consecutive ids, so that llama.cpp keeps each group in one call;
+    /// they are left empty. CPU kernels pass; GPU kernels pick their matrix-product and
+    /// attention kernels by row count, so they may not.
     ///
     /// # Errors
     /// When a decode fails.
-    pub fn single_row_is_batch_invariant(
-        &mut self,
-        a: SeqId,
-        b: SeqId,
-    ) -> Result<bool, EngineError> {
-        let token = Token(self.model.model.vocab().bos().0);
-        self.push(token, 0, a, true)?;
-        self.decode()?;
-        let alone = self.logits(0);
-        self.clear_seq(a);
-        self.push(token, 0, a, true)?;
-        self.push(token, 0, b, false)?;
-        self.decode()?;
-        let paired = self.logits(0);
-        self.clear_seq(a);
-        self.clear_seq(b);
-        Ok(alone.len() == paired.len()
-            && alone
-                .iter()
-                .zip(&paired)
-                .all(|(x, y)| x.to_bits() == y.to_bits()))
+    pub fn rows_are_batch_invariant(&mut self, seqs: &[SeqId]) -> Result<bool, EngineError> {
+        let token = Token(self.model.model.vocab().bos().0.max(0));
+        let mut alone: Option<Vec<f32>> = None;
+        for size in [1usize, 2, 4, 8, 16, 32] {
+            if size > seqs.len() {
+                break;
+            }
+            for &seq in &seqs[..size] {
+                self.push(token, 0, seq, seq == seqs[0])?;
+            }
+            let decoded = self.decode();
+            let row = self.logits(0);
+            for &seq in &seqs[..size] {
+                self.clear_seq(seq);
+            }
+            decoded?;
+            match &alone {
+                None => alone = Some(row),
+                Some(first) => {
+                    let same = first.len() == row.len()
+                        && first
+                            .iter()
+                            .zip(&row)
+                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                    if !same {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+        Ok(true)
     }
 
     /// The raw logits row at batch index `index` of the last decode (for tests and checks).

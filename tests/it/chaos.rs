@@ -313,3 +313,22 @@ fn reach_fresh(child: &mut Child, out: &Path, fresh: &mut bool) {
     });
     assert!(reached, "the supervised run ended early");
 }
+
+#[test]
+fn fixed_shape_decoding_gives_the_same_outputs() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = input(&s);
+    // The path a GPU takes when its kernels depend on the row count: every block of slots
+    // decoded in full, dummy rows for the slots that are not generating.
+    for parallel in ["1", "3"] {
+        let out = s.path(&format!("fixed-p{parallel}.jsonl"));
+        let child = spawn_with(
+            &args(&s, &input, &out, parallel),
+            &[("INFER_BATCH_TEST_FIXED_SHAPE", "1")],
+        );
+        let (code, err) = finish(child);
+        assert_eq!(code, Some(1), "{err}");
+        assert_matches_baseline(&out, true, &format!("fixed shape at --parallel {parallel}"));
+    }
+}
