@@ -18,8 +18,23 @@ fn main() {
     let profile = std::env::var("LLAMA_LIB_PROFILE").unwrap_or_else(|_| "default".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_LIB_PROFILE={profile}");
     // The `cuda` build links llama.cpp as shared libraries (its backends load at run time):
-    // look for them beside the binary and in its lib/, so it starts without LD_LIBRARY_PATH.
-    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN:$ORIGIN/lib");
+    // look for them beside the binary, in its lib/ (where a shipped copy keeps them), then where
+    // llama-cpp-sys-2 built them, so the binary starts without LD_LIBRARY_PATH either way.
+    let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
+    println!(
+        "cargo:rustc-env=INFER_BATCH_BACKENDS={}",
+        if cuda {
+            "CUDA and CPU backends loaded at run time"
+        } else {
+            "CPU backend"
+        }
+    );
+    if cuda {
+        let mut rpath = "$ORIGIN:$ORIGIN/lib".to_owned();
+        if let Some(backends) = std::env::var_os("DEP_LLAMA_BACKENDS_DIR") {
+            let built = std::path::Path::new(&backends).with_file_name("lib");
+            rpath = format!("{rpath}:{}", built.display());
+        }
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
     }
 }

@@ -4,10 +4,11 @@
 #
 #   scripts/gpu-check.sh stage      here, after `make cuda-build`: fills .gpu/ (git-ignored) with
 #                                   the binary, its libraries and CPU backend modules, ggml's
-#                                   source for the CUDA backend, and both models (SmolLM2 and
-#                                   Gemma 3 270M) as one tar in chunks
-#   scripts/gpu-check.sh load K     on the device, with .gpu/model-K carried: keeps chunk K on
-#                                   the device (one call per chunk: a call carries at most 64 MiB)
+#                                   source for the CUDA backend, and each model in chunks:
+#                                   .gpu/smollm2-K (2 chunks) and .gpu/gemma3-K (5 chunks)
+#   scripts/gpu-check.sh load M K   on the device, with .gpu/M-K carried: keeps chunk K of model
+#                                   M on the device (one call per chunk: a call carries at most
+#                                   64 MiB). Gemma 3 is optional: without its chunks, run skips it
 #   scripts/gpu-check.sh run        on the device, with .gpu/bin carried, after the loads:
 #                                   nvidia-smi; the CUDA backend built there for sm_90 from the
 #                                   same ggml source (the device's nvcc; the module is too large
@@ -17,8 +18,8 @@
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu-check.sh run
 #                                   here: all a machine without a GPU allows: the checks on the
 #                                   CPU (the staged binary, else target/release's) and, with
-#                                   nvcc on the PATH (. .cuda/env), the CUDA module's configure
-#                                   and ggml-base; no nvidia-smi
+#                                   nvcc on the PATH (. .cuda/env), the CUDA module's configure,
+#                                   ggml-base and one CUDA object; no nvidia-smi
 #
 # A device call, in this repository's root: run(command="scripts/gpu-check.sh run",
 # carry=[".gpu/bin"]) once the loads are done (see README.md, "GPU").
@@ -28,6 +29,9 @@ cd "$(dirname "$0")/.."
 gpu=.gpu
 bin=$gpu/bin
 out=${OUT:-/tmp/gpu-check-out}
+# The device returns at most 8 files from $OUT: the rest (logs, summaries, plots) goes here and
+# comes back as one $OUT/detail.tar.gz.
+det=/tmp/gpu-check-detail
 # Where chunks of the model wait on the device between calls (not under the tree: a later call
 # replaces what the tree carries).
 keep=${GPU_CHECK_KEEP:-/tmp/infer-batch-gpu}
@@ -45,55 +49,63 @@ stage() {
     mkdir -p "$bin/lib" "$bin/ggml"
     cp "$built/infer-batch" "$bin/"
     strip "$bin/infer-batch"
-    # The shared libraries and the CPU backend modules (the CUDA module is built on the device).
-    find "$built" -maxdepth 1 -name 'lib*.so*' ! -name 'libggml-cuda*' -exec cp -P {} "$bin/lib/" \;
-    modules=$(find target/cuda/release/build -path '*/out/backends' -type d | head -n 1)
-    [ -n "$modules" ] && find "$modules" -name 'libggml-cpu-*.so' \
-        \( -name '*x64*' -o -name '*haswell*' -o -name '*skylakex*' -o -name '*icelake*' \
-        -o -name '*sapphirerapids*' -o -name '*zen4*' \) -exec cp {} "$bin/lib/" \;
+    # llama.cpp's shared libraries and the CPU backend modules, from the build the binary links
+    # (the last entry of its run path; the CUDA module is built on the device). The AMX variant
+    # is left out: it is never loaded.
+    local out_dir
+    out_dir=$(dirname "$(readelf -d "$built/infer-batch" | sed -n 's/.*runpath: \[.*:\(.*\)\]/\1/p')")
+    [ -d "$out_dir/backends" ] || { echo "error: no backend modules under target/cuda" >&2; exit 1; }
+    cp -L "$out_dir"/lib/lib*.so.0 "$bin/lib/" # the sonames the binary needs, as plain files
+    find "$out_dir/backends" -name 'libggml-cpu-*.so' \( -name '*x64*' -o -name '*haswell*' \
+        -o -name '*skylakex*' -o -name '*icelake*' -o -name '*zen4*' \) -exec cp {} "$bin/lib/" \;
     strip "$bin"/lib/*.so* 2>/dev/null || true
     # ggml's source: what the CUDA backend's build reads, the other backends left out.
     # The tree the build compiled: the llama-cpp-sys-2 that Cargo.lock pins.
     version=$(grep -A1 '^name = "llama-cpp-sys-2"' Cargo.lock | sed -n 's/^version = "\(.*\)"/\1/p')
-    src=$(find ~/.cargo/registry/src -maxdepth 3 -type d -path "*/llama-cpp-sys-2-$version/llama.cpp/ggml" | head -n 1)
+    src=$(find ~/.cargo/registry/src -maxdepth 4 -type d -path "*/llama-cpp-sys-2-$version/llama.cpp/ggml" | head -n 1)
     [ -d "$src" ] || { echo "error: no llama-cpp-sys-2 $version source in ~/.cargo/registry" >&2; exit 1; }
-    (cd "$src" && tar cf - CMakeLists.txt cmake include src/*.c src/*.cpp src/*.h src/*.in src/CMakeLists.txt src/ggml-cuda) |
+    (cd "$src" && tar cf - CMakeLists.txt cmake include src/*.c src/*.cpp src/*.h src/*.in src/CMakeLists.txt src/ggml-cpu/*.h src/ggml-cuda) |
         tar xf - -C "$bin/ggml"
     : >"$bin/ggml/ggml.pc.in" # the crate's copy is trimmed of it; a standalone configure wants it
     cp benches/gen_workload.py "$bin/"
-    tar cf - -C models "$smollm2" "$gemma3" | split -b "$chunk_bytes" -d -a 1 - "$gpu/chunk-"
-    for c in "$gpu"/chunk-*; do
-        k=${c##*-}
-        mkdir -p "$gpu/model-$k"
-        mv "$c" "$gpu/model-$k/part"
+    for name in smollm2 gemma3; do
+        file=${!name}
+        split -b "$chunk_bytes" -d -a 1 "models/$file" "$gpu/$name-"
+        for c in "$gpu/$name"-?; do
+            mkdir "$c.d" && mv "$c" "$c.d/part" && mv "$c.d" "$c"
+        done
     done
     (cd models && sha256sum "$smollm2" "$gemma3") >"$bin/models.sha256"
-    du -sh "$bin" "$gpu"/model-*
-    echo "staged; each call carries .gpu/bin (and one .gpu/model-K for a load)"
+    du -sh "$bin" "$gpu"/smollm2-* "$gpu"/gemma3-*
+    echo "staged; a load carries one .gpu/M-K, the run carries .gpu/bin"
 }
 
 load() {
     mkdir -p "$keep"
-    cp "$gpu/model-$1/part" "$keep/part-$1"
+    cp "$gpu/$1-$2/part" "$keep/$1.part-$2"
     ls -la "$keep"
 }
 
-# The models' folder, put together from the chunks the loads kept (in a dry run, models/).
+# The folder of the models, each put together from the chunks the loads kept and checked
+# against its checksum; a model with no chunks is left out. In a dry run: models/.
 models() {
     if [ -n "$dry" ]; then
         echo "$PWD/models"
         return
     fi
     mkdir -p "$keep/models"
-    cat "$keep"/part-* | tar xf - -C "$keep/models" ||
-        { log "the chunks do not make a tar: run the loads again"; exit 1; }
-    (cd "$keep/models" && sha256sum --quiet -c "$OLDPWD/$bin/models.sha256") >&2 ||
-        { log "the models' checksums do not match: run the loads again"; exit 1; }
+    for name in smollm2 gemma3; do
+        file=${!name}
+        compgen -G "$keep/$name.part-*" >/dev/null || continue
+        cat "$keep/$name".part-* >"$keep/models/$file"
+        (cd "$keep/models" && grep " $file\$" "$OLDPWD/$bin/models.sha256" | sha256sum --quiet -c -) >&2 ||
+            { log "$file does not match its checksum: run its loads again"; exit 1; }
+    done
     echo "$keep/models"
 }
 
 # The CUDA backend module, from the carried ggml source with the device's nvcc. A dry run
-# configures and builds ggml's base library only (the CUDA objects take an hour on 2 cores).
+# builds ggml's base library and one CUDA object only (all of them take an hour on 2 cores).
 build_cuda() {
     local build=/tmp/ggml-cuda-build generator=()
     command -v ninja >/dev/null && generator=(-G Ninja)
@@ -101,18 +113,25 @@ build_cuda() {
     cmake -S "$bin/ggml" -B "$build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release \
         -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_CUDA=ON -DGGML_CUDA_NO_VMM=ON \
         -DGGML_NATIVE=OFF -DGGML_CPU=OFF -DGGML_BUILD_TESTS=OFF -DGGML_BUILD_EXAMPLES=OFF \
-        -DCMAKE_CUDA_ARCHITECTURES=90 >"$out/cuda-configure.log" 2>&1 ||
-        { log "configuring the CUDA backend failed: see cuda-configure.log"; return 1; }
+        -DCMAKE_CUDA_ARCHITECTURES=90 >"$det/cuda-configure.log" 2>&1 ||
+        { log "configuring the CUDA backend failed: see cuda-configure.log in detail.tar.gz"; return 1; }
     if [ -n "$dry" ]; then
-        cmake --build "$build" --target ggml-base -j "$(nproc)" >"$out/cuda-build.log" 2>&1
+        # ggml-base, and one CUDA object: the carried source compiles for sm_90.
+        cmake --build "$build" --target ggml-base -j "$(nproc)" >"$det/cuda-build.log" 2>&1
+        if [ ${#generator[@]} -gt 0 ]; then
+            ninja -C "$build" src/ggml-cuda/CMakeFiles/ggml-cuda.dir/acc.cu.o
+        else
+            make -C "$build/src/ggml-cuda" acc.cu.o
+        fi >>"$det/cuda-build.log" 2>&1
+        log "ggml-base and one CUDA object (acc.cu) built"
         return
     fi
-    cmake --build "$build" --target ggml-cuda -j "$(nproc)" >"$out/cuda-build.log" 2>&1 ||
-        { log "building the CUDA backend failed: see cuda-build.log"; return 1; }
+    cmake --build "$build" --target ggml-cuda -j "$(nproc)" >"$det/cuda-build.log" 2>&1 ||
+        { log "building the CUDA backend failed: see cuda-build.log in detail.tar.gz"; return 1; }
     cp "$(find "$build" -name 'libggml-cuda.so' | head -n 1)" "$bin/lib/"
 }
 
-essence() { # OUT.jsonl: each request's content, finish_reason and usage, one line each, sorted
+essence() { # OUT.jsonl: each request's content, finish_reason and token counts, a line each, sorted
     python3 - "$1" <<'PY'
 import json, sys
 rows = []
@@ -121,7 +140,9 @@ for line in open(sys.argv[1]):
     if v["error"] is None:
         b = v["response"]["body"]
         rows.append(json.dumps([v["custom_id"], [c["message"]["content"] for c in b["choices"]],
-                                [c["finish_reason"] for c in b["choices"]], b["usage"]]))
+                                [c["finish_reason"] for c in b["choices"]],
+                                # cached_tokens differ by design (naive reuses nothing)
+                                [b["usage"]["prompt_tokens"], b["usage"]["completion_tokens"]]]))
     else:
         rows.append(json.dumps(["line:%s" % v["error"]["line"], v["error"]["code"]]))
 print("\n".join(sorted(rows)))
@@ -140,8 +161,12 @@ check() { # NAME A B: the two outputs must hold the same requests with the same 
 }
 
 run() {
-    mkdir -p "$out"
+    rm -rf "$det"
+    mkdir -p "$out" "$det"
     : >"$out/checks.txt"
+    : >"$out/gpu-check.log"
+    # (set -e holds in the trap too: nothing in it may fail)
+    trap 'kill "${nvml:-}" 2>/dev/null || true; tar czf "$out/detail.tar.gz" -C "$det" . || true' EXIT
     failed=0
     export LD_LIBRARY_PATH=$PWD/$bin/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     local layers=999
@@ -160,7 +185,7 @@ run() {
         layers=0
         log "dry run: no nvidia-smi, the checks on the CPU"
         if [ -d "$bin/ggml" ] && command -v nvcc >/dev/null; then
-            log "configuring the CUDA backend ($(nvcc --version | tail -n 1)); building ggml-base only"
+            log "configuring the CUDA backend ($(nvcc --version | tail -n 1))"
             build_cuda
         fi
     fi
@@ -171,6 +196,7 @@ run() {
     fi
     dir=$(models)
     m=$dir/$smollm2
+    [ -f "$m" ] || { log "no SmolLM2 chunks loaded: run its loads first"; exit 1; }
     "$ib" --version | tee -a "$out/gpu-check.log"
     local work=/tmp/gpu-check-work
     rm -rf "$work" && mkdir -p "$work"
@@ -181,14 +207,14 @@ run() {
     [ -n "$dry" ] && kill_n=24
     python3 "$gen" --preset ci -n "$kill_n" -s 600 -u 100 -m 64 -o "$work/kill.jsonl" >/dev/null
     common=(--model "$m" --gpu-layers "$layers" --temperature 0 --prefix-cache-dir "$work/cache")
-    r() { "$ib" "${common[@]}" "$@" 2>>"$out/runs.log" || [ $? -eq 1 ]; }
+    r() { "$ib" "${common[@]}" "$@" 2>>"$det/runs.log" || [ $? -eq 1 ]; }
 
     log "shared prefix against naive"
     # The decode-group probe's verdict (fixed-shape or not) goes to runs.log.
     INFER_BATCH_LOG=info,infer_batch=debug \
         r --parallel 8 --no-prefix-cache --no-disk-cache -o "$work/naive.jsonl" "$work/in.jsonl"
     r --parallel 8 --no-disk-cache -o "$work/shared.jsonl" "$work/in.jsonl"
-    check "shared prefix equals naive (GPU, --parallel 8)" "$work/naive.jsonl" "$work/shared.jsonl"
+    check "shared prefix equals naive (--parallel 8)" "$work/naive.jsonl" "$work/shared.jsonl"
     log "exactness across --parallel"
     r --parallel 1 --no-disk-cache -o "$work/p1.jsonl" "$work/in.jsonl"
     check "--parallel 1 equals --parallel 8" "$work/p1.jsonl" "$work/shared.jsonl"
@@ -211,11 +237,11 @@ PY
     check "restored from disk equals computed" "$work/saved.jsonl" "$work/restored.jsonl"
     log "killed and resumed"
     r --parallel 8 -o "$work/whole.jsonl" "$work/kill.jsonl"
-    "$ib" "${common[@]}" --parallel 8 -o "$work/killed.jsonl" "$work/kill.jsonl" 2>>"$out/runs.log" &
+    "$ib" "${common[@]}" --parallel 8 -o "$work/killed.jsonl" "$work/kill.jsonl" 2>>"$det/runs.log" &
     pid=$!
     local at=$((kill_n / 4)) lines=0
     for _ in $(seq 3000); do
-        lines=$(wc -l <"$work/killed.jsonl" 2>/dev/null || echo 0)
+        lines=$({ wc -l <"$work/killed.jsonl"; } 2>/dev/null || echo 0)
         [ "$lines" -ge "$at" ] && break
         sleep 0.02
     done
@@ -229,19 +255,21 @@ PY
         echo "FAIL killed mid-run: the run ended before the kill" >>"$out/checks.txt"
         failed=1
     fi
-    grep -h "decode group probe\|no GPU" "$out/runs.log" | head -n 3 >>"$out/gpu-check.log" || true
+    grep -h "decode group probe\|no GPU" "$det/runs.log" | head -n 3 >>"$out/gpu-check.log" || true
 
     # A dry run's CPU would take an hour over the full bench: it runs a token of it.
     local sample=64 parallel=1,8,32,64
     [ -n "$dry" ] && sample=4 parallel=1,4
     log "bench: naive, in memory and from disk, $sample requests at --parallel $parallel"
-    "$ib" bench "${common[@]}" --sample "$sample" --parallel "$parallel" --json "$out/bench-smollm2.json" \
-        "$work/bench.jsonl" 2>>"$out/runs.log" | tee "$out/bench.txt"
+    "$ib" bench "${common[@]}" --sample "$sample" --parallel "$parallel" --json "$det/bench-smollm2.json" \
+        "$work/bench.jsonl" 2>>"$det/runs.log" | tee "$out/bench.txt"
     # Gemma 3 (sliding-window attention, no chat template in its GGUF), same batch.
-    "$ib" bench --model "$dir/$gemma3" --chat-template gemma --gpu-layers "$layers" \
+    [ -f "$dir/$gemma3" ] || { log "no Gemma 3 chunks loaded: its bench is skipped"; gemma_skip=1; }
+    [ -n "${gemma_skip:-}" ] || "$ib" bench --model "$dir/$gemma3" --chat-template gemma --gpu-layers "$layers" \
         --temperature 0 --prefix-cache-dir "$work/cache" --sample "$sample" --parallel "$parallel" \
-        --json "$out/bench-gemma3.json" "$work/bench.jsonl" 2>>"$out/runs.log" | tee -a "$out/bench.txt"
-    cp "$work"/*.summary.json "$out/" 2>/dev/null || true
+        --json "$det/bench-gemma3.json" "$work/bench.jsonl" 2>>"$det/runs.log" | tee -a "$out/bench.txt"
+    cp "$work"/*.summary.json "$det/" 2>/dev/null || true
+    cp "$det"/bench-*.json "$out/"
     if [ -n "${nvml:-}" ]; then
         kill "$nvml" 2>/dev/null || true
     fi
@@ -252,7 +280,7 @@ PY
 
 case "${1:-}" in
     stage) stage ;;
-    load) load "${2:?which chunk}" ;;
+    load) load "${2:?which model: smollm2 or gemma3}" "${3:?which chunk}" ;;
     run) run ;;
     *) sed -n '2,24p' "$0" >&2; exit 2 ;;
 esac

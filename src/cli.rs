@@ -31,6 +31,8 @@ const VERSION: &str = concat!(
     env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
     ", llama.cpp ",
     env!("INFER_BATCH_LLAMA_LIB_PROFILE"),
+    ", ",
+    env!("INFER_BATCH_BACKENDS"),
     ")"
 );
 

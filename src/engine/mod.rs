@@ -19,6 +19,7 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::request::Message;
 
+mod backends;
 pub mod state;
 
 use state::{MemoryKind, SeqState};
@@ -120,42 +121,10 @@ fn backend(verbose: bool) -> Result<&'static LlamaBackend, EngineError> {
         .map_err(|e| EngineError::Backend(e.clone()))
 }
 
-/// With backends built as modules (the `cuda` feature), loads them from the first place that
-/// has the CPU backend: beside the executable, its `lib/`, or where the build put them. A
-/// module that cannot load (no CUDA driver or runtime here) is skipped by llama.cpp, and the
-/// run goes on with the others. Never the current directory: a library planted there would
-/// run as this process.
+/// With backends built as modules (the `cuda` feature), loads them.
 #[cfg(feature = "cuda")]
 fn load_backend_modules() -> Result<(), String> {
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(Path::to_path_buf));
-    let candidates: Vec<PathBuf> = exe_dir
-        .iter()
-        .flat_map(|dir| [dir.clone(), dir.join("lib")])
-        .chain(llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from))
-        .collect();
-    let has_cpu_backend = |dir: &PathBuf| {
-        std::fs::read_dir(dir).is_ok_and(|mut entries| {
-            entries.any(|e| {
-                e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("libggml-cpu"))
-            })
-        })
-    };
-    match candidates.iter().find(|dir| has_cpu_backend(dir)) {
-        Some(dir) => {
-            llama_cpp_2::llama_backend::load_backends_from_path(dir);
-            Ok(())
-        }
-        None => Err(format!(
-            "no llama.cpp backend modules (libggml-cpu-*.so) in {}: ship them beside the binary",
-            candidates
-                .iter()
-                .map(|d| d.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
-    }
+    backends::load()
 }
 
 #[cfg(not(feature = "cuda"))]
