@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::harness::*;
+use crate::resume::args;
 
 /// The grade schema every JSON request uses.
 fn schema() -> Value {
@@ -62,24 +63,6 @@ fn graders_input(s: &Scratch) -> PathBuf {
     s.write_lines("in.jsonl", &lines)
 }
 
-fn run_args(s: &Scratch, input: &Path, out: &Path, parallel: &str) -> Vec<String> {
-    let model = model_path();
-    [
-        "--model",
-        model.to_str().unwrap(),
-        "--parallel",
-        parallel,
-        "--prefix-cache-dir",
-        s.path("cache").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
-}
-
 /// Every choice's content, finish reason and log probabilities, and the usage, by request.
 fn everything(out: &Path) -> std::collections::BTreeMap<String, Value> {
     by_key(out)
@@ -98,10 +81,7 @@ fn graders_features_are_exact_across_parallel_and_a_kill() {
     let input = graders_input(&s);
     let three = s.path("p3.jsonl");
     assert_eq!(
-        spawn(&run_args(&s, &input, &three, "3"))
-            .wait()
-            .unwrap()
-            .code(),
+        spawn(&args(&s, &input, &three, "3")).wait().unwrap().code(),
         Some(0)
     );
     let want = everything(&three);
@@ -186,15 +166,12 @@ fn graders_features_are_exact_across_parallel_and_a_kill() {
     // The same at another --parallel, and after a kill mid-run and a resume.
     let four = s.path("p4.jsonl");
     assert_eq!(
-        spawn(&run_args(&s, &input, &four, "4"))
-            .wait()
-            .unwrap()
-            .code(),
+        spawn(&args(&s, &input, &four, "4")).wait().unwrap().code(),
         Some(0)
     );
     assert_eq!(everything(&four), want, "--parallel 3 and 4 differ");
     let killed = s.path("killed.jsonl");
-    let args = run_args(&s, &input, &killed, "4");
+    let args = args(&s, &input, &killed, "4");
     let mut child = spawn(&args);
     assert!(wait_until(&mut child, || line_count(&killed) >= 3));
     send_signal("-KILL", i64::from(child.id()));
