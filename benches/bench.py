@@ -6,18 +6,24 @@ included. One command:
 
 It runs, in order, on this machine:
   1. set-up: the quick start's own scripts (build packages, default model), benches/peers.sh
-     (llama-server, llama-bench and llama-cpp-python, built from source into benches/peers/),
-     and a release build;
-  2. the criterion micro-benches (`cargo bench --bench prefix --bench decode`);
-  3. llama-bench on the same model and threads: llama.cpp's raw prefill and decode rates;
-  4. the end-to-end comparison on generated workloads (benches/gen_workload.py): ours naive
-     (--no-prefix-cache), prefix in memory, prefix restored from disk, at --parallel 1, 2, 4, 8,
-     and llama-server at -np 1, 2, 4, 8, and llama-cpp-python sequentially; repetitions are
-     interleaved so drift hits every configuration alike;
-  5. the report, from the raw measurements in benches/out/results.json.
+     (llama-server, llama-bench and llama-batched-bench, built into benches/peers/ from the
+     llama.cpp sources our crate compiles), and a release build;
+  2. the ceilings: llama-bench at the workloads' chunk sizes and depths, llama-batched-bench at
+     our decode batch sizes, and our criterion decode bench at the same shape;
+  3. the end-to-end comparison on generated workloads (benches/gen_workload.py), every
+     configuration in every repetition, interleaved, so that drift hits all alike:
+       - cold: each engine's first run in a fresh process, nothing precomputed, clocked from
+         process start to the last answer (model load included, for every engine);
+       - warm: ours restoring the prefix from a state file that `infer-batch cache warm` wrote,
+         clocked from process start; llama-server after one warm-up request per slot (the rubric
+         and a throw-away user message), clocked from the first request;
+       - naive: ours re-prefilling every prompt, on the first requests of the same batch;
+  4. the criterion prefix bench, and the report from benches/out/results.json.
 
-Options: --reps N (repetitions of the cheap configurations on the ci preset; naive runs once),
---threads N (default: the physical cores), --report-only (rewrite the report from results.json).
+results.json is rewritten after every run, so an interrupted bench still reports what it
+measured (`--report-only`). Options: --reps N (default 3), --threads N (default: the physical
+cores), --smoke (tiny inputs, report under benches/out/smoke/), --sweep (speedup against prefix
+length, about 6 more minutes), --skip-criterion.
 """
 import argparse
 import datetime
@@ -45,27 +51,50 @@ REPORT = os.path.join(BENCHES, "RESULTS.md")
 BIN = os.path.join(ROOT, "target", "release", "infer-batch")
 MODEL = os.path.join(ROOT, "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
 PEERS = os.path.join(BENCHES, "peers")
-SERVER = os.path.join(PEERS, "build", "bin", "llama-server")
-LLAMA_BENCH = os.path.join(PEERS, "build", "bin", "llama-bench")
-PEER_PYTHON = os.path.join(PEERS, "venv", "bin", "python")
-PARALLEL = [1, 2, 4, 8]
+SERVER = os.path.join(PEERS, "current", "bin", "llama-server")
+LLAMA_BENCH = os.path.join(PEERS, "current", "bin", "llama-bench")
+BATCHED_BENCH = os.path.join(PEERS, "current", "bin", "llama-batched-bench")
 
+# Ours, by configuration: extra flags.
 OURS = {
     "naive": ["--no-prefix-cache", "--no-disk-cache"],
-    "memory": ["--no-disk-cache"],
-    "disk": [],
+    "cold": ["--no-disk-cache"],
+    "warm": [],
+    "fast": ["--no-disk-cache", "--no-deterministic"],
 }
-# Workloads: name, gen_workload.py arguments, ours' configurations, peers or not.
-WORKLOADS = [
-    ("ci", ["--preset", "ci"], ["naive", "memory", "disk"], True),
-    ("seed-shape-reduced", ["--preset", "seed-shape", "-n", "8", "-m", "64"], ["naive", "memory", "disk"], True),
-]
+# A workload: gen_workload.py arguments; how many of its first requests the naive runs take (they
+# are independent of each other, so their rate holds for the whole batch); the configurations run
+# in every repetition, headline pairs first; and those run in the first repetition only.
+WORKLOADS = {
+    "seed-shape": {
+        "gen": ["--preset", "seed-shape", "-n", "24"],
+        "naive_sample": 4,
+        "every_rep": ["ours-cold/8", "server-cold/1"],
+        "first_rep": ["ours-warm/8", "server-warm/1", "naive/1"],
+    },
+    "ci": {
+        "gen": ["--preset", "ci", "-n", "128"],
+        "naive_sample": 16,
+        "every_rep": ["ours-cold/8", "server-cold/1"],
+        "first_rep": ["naive/1"],
+    },
+}
+SMOKE = {
+    "ci": {
+        "gen": ["--preset", "ci", "-n", "6", "-s", "300", "-m", "4"],
+        "naive_sample": 2,
+        "every_rep": ["ours-cold/4", "server-cold/1", "ours-warm/4", "server-warm/1", "naive/1"],
+        "first_rep": ["server-cold/2", "ours-fast/4"],
+    },
+}
+# The ceilings: llama-bench at the workloads' chunk sizes and depths (the ci prefix is ~1,100
+# tokens, the seed's ~2,800), and llama-batched-bench at the criterion decode bench's shape.
+CEILING_PROMPTS = "128,512"
+CEILING_DEPTHS = "1000,2800"
+DECODE_DEPTH = 1000
+DECODE_STEPS = 32
+DECODE_BATCHES = [1, 2, 4, 8]
 SWEEP = [250, 500, 1000, 2000]
-# --smoke: the same pipeline on tiny inputs, to check the script in minutes; its report is not
-# one to keep.
-SMOKE = [
-    ("ci", ["--preset", "ci", "-n", "4", "-s", "300", "-m", "4"], ["naive", "memory", "disk"], True),
-]
 
 
 def log(msg):
@@ -107,20 +136,22 @@ def median(xs):
 
 
 def run_ours(workload, config, parallel, threads, work):
+    """One run of ours in a fresh process, clocked from its start to its exit."""
     out = os.path.join(work, f"{config}-p{parallel}.jsonl")
     args = [BIN, "--model", MODEL, workload, "-o", out, "--restart", "--parallel", str(parallel),
             "--threads", str(threads), "--prefix-cache-dir", os.path.join(work, "cache")] + OURS[config]
+    started = time.monotonic()
     proc = subprocess.Popen(args, env=dict(os.environ, INFER_BATCH_LOG="warn"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stderr = proc.stderr.read()
     _, status, rusage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         sys.exit(f"ours {config} p{parallel} failed ({code}):\n{stderr}")
     s = json.load(open(out.replace(".jsonl", ".summary.json")))
     results = [json.loads(l) for l in open(out)]
     usage = [r["response"]["body"]["usage"] for r in results]
-    wall = s["wall_seconds"]
     return {
         "wall": wall,
         "req_s": len(results) / wall,
@@ -136,7 +167,14 @@ def run_ours(workload, config, parallel, threads, work):
         "prefill_s": s["seconds"]["prefill"],
         "decode_s": s["seconds"]["decode"],
         "restore_s": s["seconds"]["prefix_restore"],
+        "in_process_wall": s["wall_seconds"],
     }
+
+
+def warm_ours(workload, threads, work):
+    """Writes the prefix state that the warm runs restore, outside any clock."""
+    sh([BIN, "cache", "warm", "--model", MODEL, workload, "--threads", str(threads),
+        "--prefix-cache-dir", os.path.join(work, "cache")], stdout=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------- llama-server
@@ -155,36 +193,75 @@ def vm_hwm_mib(pid):
     return None
 
 
-def stream_chat(conn, body):
-    """Sends one streamed chat completion; returns (seconds to first content, usage, timings)."""
+def stream_chat(port, body):
+    """Sends one streamed chat completion on its own connection (llama-server closes it after a
+    streamed answer); returns (seconds to first content, usage, timings)."""
     payload = {"messages": body["messages"], "max_tokens": body["max_tokens"], "temperature": 0,
                "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": True}
-    sent = time.monotonic()
-    conn.request("POST", "/v1/chat/completions", json.dumps(payload), {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"llama-server answered {resp.status}: {resp.read()[:300]!r}")
-    first, usage, timings = None, None, None
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: "):
-            continue
-        data = line[6:]
-        if data == "[DONE]":
-            break
-        chunk = json.loads(data)
-        if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-            first = time.monotonic() - sent
-        usage = chunk.get("usage") or usage
-        timings = chunk.get("timings") or timings
-    return first, usage, timings
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1800)
+    try:
+        sent = time.monotonic()
+        conn.request("POST", "/v1/chat/completions", json.dumps(payload), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"llama-server answered {resp.status}: {resp.read()[:300]!r}")
+        first, usage, timings = None, None, None
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.monotonic() - sent
+            usage = chunk.get("usage") or usage
+            timings = chunk.get("timings") or timings
+        return first, usage, timings
+    finally:
+        conn.close()
 
 
-def run_server(workload, n_parallel, threads, slot_ctx, work):
+def send_all(port, bodies, clients):
+    """Sends `bodies` from `clients` concurrent clients; returns the answers, or exits on an error."""
+    todo = queue.Queue()
+    for b in bodies:
+        todo.put(b)
+    done, errors = [], []
+
+    def client():
+        while True:
+            try:
+                body = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                done.append(stream_chat(port, body))
+            except Exception as e:  # one failure fails the run
+                errors.append(repr(e))
+
+    workers = [threading.Thread(target=client) for _ in range(clients)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if errors:
+        sys.exit(f"llama-server: {errors[0]}")
+    return done
+
+
+def run_server(workload, config, n_parallel, threads, slot_ctx, work):
+    """One llama-server process at `-np n_parallel`, fed by as many concurrent clients.
+
+    cold: clocked from process start (model load included) to the last answer.
+    warm: one warm-up request per slot first (the shared system prompt and a throw-away user
+    message, concurrently, so every slot holds the prefix), then clocked from the first request."""
     port = free_port()
-    logf = open(os.path.join(work, f"llama-server-np{n_parallel}.log"), "w")
+    logf = open(os.path.join(work, f"llama-server-{config}-np{n_parallel}.log"), "w")
     args = [SERVER, "-m", MODEL, "--host", "127.0.0.1", "--port", str(port), "-np", str(n_parallel),
             "-c", str(n_parallel * slot_ctx), "-t", str(threads), "-tb", str(threads)]
+    requests = [json.loads(l) for l in open(workload) if l.strip()]
     started = time.monotonic()
     proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
     try:
@@ -200,36 +277,15 @@ def run_server(workload, n_parallel, threads, slot_ctx, work):
                 pass
             if time.monotonic() - started > 180:
                 sys.exit("llama-server did not become ready in 180 s")
-            time.sleep(0.2)
-        ready_s = time.monotonic() - started
-        requests = [json.loads(l) for l in open(workload) if l.strip()]
-        todo = queue.Queue()
-        for r in requests:
-            todo.put(r)
-        done, errors = [], []
-
-        def client():
-            while True:
-                try:
-                    r = todo.get_nowait()
-                except queue.Empty:
-                    return
-                # A connection per request: llama-server closes it after a streamed answer.
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-                try:
-                    done.append(stream_chat(conn, r["body"]))
-                except Exception as e:  # one failure fails the run below
-                    errors.append(repr(e))
-                finally:
-                    conn.close()
-
-        t0 = time.monotonic()
-        workers = [threading.Thread(target=client) for _ in range(n_parallel)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        wall = time.monotonic() - t0
+            time.sleep(0.05)
+        if config == "warm":
+            system = requests[0]["body"]["messages"][0]
+            warmup = [{"messages": [system, {"role": "user", "content": f"Warm-up {i}: no candidate."}],
+                       "max_tokens": 1} for i in range(n_parallel)]
+            send_all(port, warmup, n_parallel)
+            started = time.monotonic()
+        done = send_all(port, [r["body"] for r in requests], n_parallel)
+        wall = time.monotonic() - started
         rss = vm_hwm_mib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -237,8 +293,6 @@ def run_server(workload, n_parallel, threads, slot_ctx, work):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    if errors:
-        sys.exit(f"llama-server np{n_parallel}: {errors[0]}")
     timings = [t for _, _, t in done if t]
     usage = [u for _, u, _ in done if u]
     prompt_ms = sum(t["prompt_ms"] for t in timings)
@@ -248,7 +302,6 @@ def run_server(workload, n_parallel, threads, slot_ctx, work):
     return {
         "wall": wall,
         "req_s": len(done) / wall,
-        "ready_s": ready_s,
         # Per-request times overlap when slots run together; these are per-slot rates.
         "prefill_tps": computed / (prompt_ms / 1e3) if prompt_ms else None,
         "decode_tps": generated / (predicted_ms / 1e3) if predicted_ms else None,
@@ -260,75 +313,67 @@ def run_server(workload, n_parallel, threads, slot_ctx, work):
     }
 
 
-# ---------------------------------------------------------------- llama-cpp-python
-
-
-def run_python(workload, threads, slot_ctx, work):
-    script = os.path.join(BENCHES, "peer_llama_cpp_python.py")
-    logf = open(os.path.join(work, "llama-cpp-python.log"), "w")
-    proc = subprocess.Popen([PEER_PYTHON, script, MODEL, workload, "--threads", str(threads),
-                             "--ctx", str(slot_ctx)], stdout=subprocess.PIPE, stderr=logf, text=True)
-    stdout = proc.stdout.read()
-    _, status, rusage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        sys.exit(f"llama-cpp-python failed ({code}); see {logf.name}")
-    r = json.loads(stdout.strip().splitlines()[-1])
-    return {
-        "wall": r["wall"],
-        "req_s": r["requests"] / r["wall"],
-        "prefill_tps": r["prompt_eval_tokens"] / (r["prompt_eval_ms"] / 1e3) if r["prompt_eval_ms"] else None,
-        "decode_tps": r["eval_tokens"] / (r["eval_ms"] / 1e3) if r["eval_ms"] else None,
-        "ttft_p50": median(r["ttft"]),
-        "peak_rss_mib": rusage.ru_maxrss / 1024,
-        "prompt_computed": r["prompt_eval_tokens"],
-    }
-
-
 # ---------------------------------------------------------------- runs
 
 
-def end_to_end(name, gen_args, configs, peers, reps, threads):
-    work = os.path.join(OUT, name)
-    shutil.rmtree(work, ignore_errors=True)
-    os.makedirs(work)
-    workload = os.path.join(work, "input.jsonl")
-    sh([sys.executable, os.path.join(BENCHES, "gen_workload.py"), *gen_args, "-o", workload])
-    samples = {}
+class Workload:
+    """A generated batch, its naive sample, and the samples measured on it."""
 
-    def add(key, r):
-        samples.setdefault(key, []).append(r)
-        log(f"{name} {key}: {r['req_s']:.3f} req/s")
+    def __init__(self, name, spec, threads):
+        self.name, self.spec, self.threads = name, spec, threads
+        self.work = os.path.join(OUT, name)
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
+        self.input = os.path.join(self.work, "input.jsonl")
+        sh([sys.executable, os.path.join(BENCHES, "gen_workload.py"), *spec["gen"], "-o", self.input])
+        lines = open(self.input).readlines()
+        self.naive_input = os.path.join(self.work, "naive-input.jsonl")
+        with open(self.naive_input, "w") as f:
+            f.writelines(lines[: spec["naive_sample"]])
+        self.requests = len(lines)
+        self.max_tokens = json.loads(lines[0])["body"]["max_tokens"]
+        self.slot_ctx = None
+        self.samples = {}
+        # The state the warm runs restore, written outside every clock.
+        warm_ours(self.input, threads, self.work)
 
-    # The naive run first: its usage gives the exact context each request needs.
-    for p in PARALLEL:
-        add(f"naive/{p}", run_ours(workload, "naive", p, threads, work))
-    need = max(json.loads(l)["response"]["body"]["usage"]["total_tokens"]
-               for l in open(os.path.join(work, "naive-p1.jsonl")))
-    slot_ctx = 256 * math.ceil((need + 16) / 256)
-    # Write the prefix state once, so "disk" restores it in every repetition.
-    run_ours(workload, "disk", 1, threads, work)
+    def run(self, key):
+        engine_config, p = key.split("/")
+        p = int(p)
+        engine, _, config = engine_config.partition("-")
+        if engine == "naive":
+            r = run_ours(self.naive_input, "naive", p, self.threads, self.work)
+        elif engine == "ours":
+            r = run_ours(self.input, config, p, self.threads, self.work)
+            if config == "warm" and not r["prefix_restored"]:
+                sys.exit(f"{self.name} {key}: the warm run did not restore its prefix")
+            if self.slot_ctx is None:
+                # The context each request needs, from its measured usage, for llama-server's slots.
+                need = max(json.loads(l)["response"]["body"]["usage"]["total_tokens"]
+                           for l in open(os.path.join(self.work, f"{config}-p{p}.jsonl")))
+                self.slot_ctx = 256 * math.ceil((need + 64) / 256)
+        else:
+            if self.slot_ctx is None:
+                sys.exit(f"{self.name}: the first configuration must be one of ours, to size llama-server")
+            r = run_server(self.input, config, p, self.threads, self.slot_ctx, self.work)
+        self.samples.setdefault(key, []).append(r)
+        log(f"{self.name} {key}: {r['req_s']:.3f} req/s ({r['wall']:.1f} s)")
+
+    def record(self):
+        return {"gen_args": self.spec["gen"], "requests": self.requests, "naive_sample": self.spec["naive_sample"],
+                "max_tokens": self.max_tokens, "slot_ctx": self.slot_ctx, "samples": self.samples}
+
+
+def end_to_end(results, specs, reps, threads):
+    """Every configuration of every workload in every repetition, interleaved; results.json is
+    rewritten after each run."""
+    workloads = [Workload(name, spec, threads) for name, spec in specs.items()]
     for rep in range(reps):
-        for p in PARALLEL:
-            for c in configs:
-                if c != "naive":
-                    add(f"{c}/{p}", run_ours(workload, c, p, threads, work))
-            if peers:
-                add(f"llama-server/{p}", run_server(workload, p, threads, slot_ctx, work))
-        if peers and os.path.exists(PEER_PYTHON):
-            add("llama-cpp-python/1", run_python(workload, threads, slot_ctx, work))
-    for key, rs in samples.items():
-        if key.startswith("disk/"):
-            assert all(r["prefix_restored"] > 0 for r in rs), "a disk run did not restore its prefix"
-    lines = [json.loads(l) for l in open(workload)]
-    return {
-        "gen_args": gen_args,
-        "requests": len(lines),
-        "max_tokens": lines[0]["body"]["max_tokens"],
-        "slot_ctx": slot_ctx,
-        "reps": reps,
-        "samples": samples,
-    }
+        for w in workloads:
+            for key in w.spec["every_rep"] + (w.spec["first_rep"] if rep == 0 else []):
+                w.run(key)
+                results["workloads"][w.name] = w.record()
+                save(results)
 
 
 def prefix_sweep(threads, sizes, extra):
@@ -342,21 +387,26 @@ def prefix_sweep(threads, sizes, extra):
         sh([sys.executable, os.path.join(BENCHES, "gen_workload.py"), "--preset", "ci", "-n", "8",
             "-s", str(s), "-o", workload, *extra])
         naive = run_ours(workload, "naive", 4, threads, work)
-        memory = run_ours(workload, "memory", 4, threads, work)
+        memory = run_ours(workload, "cold", 4, threads, work)
         log(f"sweep {s}: naive {naive['req_s']:.3f}, memory {memory['req_s']:.3f} req/s")
         points.append({"system_tokens": s, "naive": naive, "memory": memory})
     return points
 
 
-def criterion(threads, run=True):
-    if run:
-        env = dict(os.environ, INFER_BATCH_BENCH_THREADS=str(threads))
-        sh(["cargo", "bench", "--bench", "prefix", "--bench", "decode"], env=env)
+def criterion(threads, benches):
+    env = dict(os.environ, INFER_BATCH_BENCH_THREADS=str(threads))
+    args = ["cargo", "bench"]
+    for b in benches:
+        args += ["--bench", b]
+    sh(args, env=env)
+
+
+def criterion_results():
     base = os.path.join(ROOT, "target", "criterion")
 
     def est(*parts):
         path = os.path.join(base, *parts, "new", "estimates.json")
-        if not os.path.exists(path):  # only with --skip-criterion
+        if not os.path.exists(path):
             return None
         e = json.load(open(path))
         return {"median_s": e["median"]["point_estimate"] / 1e9,
@@ -365,33 +415,55 @@ def criterion(threads, run=True):
 
     prefix = {kind: {str(n): est("prefix", kind, str(n)) for n in (500, 1000, 2000)}
               for kind in ("cold_prefill", "restore_file", "fork_in_memory")}
-    decode = {str(p): est("decode", "parallel", str(p)) for p in PARALLEL}
+    decode = {str(p): est("decode", "parallel", str(p)) for p in DECODE_BATCHES}
     return {"prefix": prefix, "decode": decode}
 
 
-def llama_bench(threads):
-    out = subprocess.run([LLAMA_BENCH, "-m", MODEL, "-t", str(threads), "-p", "512", "-n", "64",
-                          "-d", "0,1000", "-fa", "0,1", "-r", "3", "-o", "json"],
-                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
-    rows = json.loads(out)
+def llama_bench(threads, smoke):
+    """llama.cpp's raw prefill and decode rates at the workloads' chunk sizes and depths."""
+    args = [LLAMA_BENCH, "-m", MODEL, "-t", str(threads), "-p", CEILING_PROMPTS, "-n", str(DECODE_STEPS),
+            "-d", "0,300" if smoke else CEILING_DEPTHS, "-fa", "0,1", "-r", "1" if smoke else "2", "-o", "json"]
+    log("$ " + " ".join(args))
+    rows = json.loads(subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True).stdout)
     return [{"test": ("pp" if r["n_prompt"] else "tg") + str(r["n_prompt"] or r["n_gen"]),
              "depth": r.get("n_depth", 0), "flash_attn": bool(r.get("flash_attn")),
              "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"]} for r in rows]
 
 
+def batched_bench(threads, smoke):
+    """llama.cpp's own batched decode, the shape of our criterion decode bench: a shared prefix
+    of DECODE_DEPTH tokens, then DECODE_STEPS steps of B sequences, a KV stream per sequence,
+    flash attention off."""
+    depth = 300 if smoke else DECODE_DEPTH
+    ctx = depth + DECODE_STEPS * max(DECODE_BATCHES) + 64
+    args = [BATCHED_BENCH, "-m", MODEL, "-t", str(threads), "-tb", str(threads), "-c", str(ctx * max(DECODE_BATCHES)),
+            "-npp", str(depth), "-ntg", str(DECODE_STEPS), "-npl", ",".join(map(str, DECODE_BATCHES)), "-pps",
+            "-fa", "off", "--output-format", "jsonl"]
+    log("$ " + " ".join(args))
+    out = subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True)
+    rows = [json.loads(l) for l in (out.stdout + out.stderr).splitlines() if l.startswith("{")]
+    return [{"batch": r["pl"], "depth": r["pp"], "steps": r["tg"], "decode_tps": r["speed_tg"],
+             "prefill_tps": r["speed_pp"]} for r in rows]
+
+
 def versions():
     ours = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()
-    ours = ours.removeprefix("infer-batch ")
-    server = subprocess.run([SERVER, "--version"], capture_output=True, text=True)
-    commit = next((l.split("commit")[1].strip(" )") for l in (server.stdout + server.stderr).splitlines()
-                   if "commit" in l), "?")
-    return {"ours": ours, "peers": f"llama-cpp-python 0.3.36 sdist, vendored llama.cpp commit {commit}"}
+    ours = ours.splitlines()[0].removeprefix("infer-batch ")
+    peers = open(os.path.join(PEERS, "current", "PEERS.txt")).read().strip()
+    return {"ours": ours, "peers": peers}
+
+
+def save(results):
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, RESULTS)
 
 
 def measure(a):
     threads = a.threads or physical_cores()
     sh(["./scripts/deps.sh"])
-    sh(["./models/fetch.sh"])
+    sh(["./models/fetch.sh", "smollm2"])
     sh([os.path.join(BENCHES, "peers.sh")])
     sh(["cargo", "build", "--release", "--benches"])
     os.makedirs(OUT, exist_ok=True)
@@ -400,17 +472,25 @@ def measure(a):
         "machine": machine(),
         "threads": threads,
         "versions": versions(),
-        "command": "make bench",
+        "command": "make bench" + (f" (benches/bench.py {' '.join(sys.argv[1:])})" if sys.argv[1:] else ""),
+        "workloads": {},
     }
-    results["criterion"] = criterion(threads, run=not a.skip_criterion)
-    results["llama_bench"] = llama_bench(threads)
-    results["workloads"] = {}
-    for name, gen_args, configs, peers in (SMOKE if a.smoke else WORKLOADS):
-        reps = a.reps if name == "ci" else 1
-        results["workloads"][name] = end_to_end(name, gen_args, configs, peers, reps, threads)
-        json.dump(results, open(RESULTS, "w"), indent=1)
-    results["sweep"] = prefix_sweep(threads, [200, 400] if a.smoke else SWEEP, ["-n", "2", "-m", "4"] if a.smoke else [])
-    json.dump(results, open(RESULTS, "w"), indent=1)
+    results["llama_bench"] = llama_bench(threads, a.smoke)
+    results["batched_bench"] = batched_bench(threads, a.smoke)
+    save(results)
+    if not a.skip_criterion:
+        criterion(threads, ["decode"])
+    results["criterion"] = criterion_results()
+    save(results)
+    end_to_end(results, SMOKE if a.smoke else WORKLOADS, a.reps, threads)
+    if a.sweep:
+        results["sweep"] = prefix_sweep(threads, [200, 400] if a.smoke else SWEEP,
+                                         ["-n", "2", "-m", "4"] if a.smoke else [])
+        save(results)
+    if not a.skip_criterion:
+        criterion(threads, ["prefix"])
+    results["criterion"] = criterion_results()
+    save(results)
     return results
 
 
@@ -421,13 +501,15 @@ def main():
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--skip-criterion", action="store_true",
                     help="reuse the criterion results already under target/criterion")
+    ap.add_argument("--sweep", action="store_true", help="also measure speedup against prefix length")
     ap.add_argument("--smoke", action="store_true", help="tiny inputs; the report goes to benches/out/smoke/")
     a = ap.parse_args()
+    global OUT, RESULTS, REPORT, PLOTS
     if a.smoke:
-        global RESULTS, REPORT, PLOTS
-        RESULTS = os.path.join(OUT, "smoke", "results.json")
-        REPORT = os.path.join(OUT, "smoke", "RESULTS.md")
-        PLOTS = os.path.join(OUT, "smoke", "plots")
+        OUT = os.path.join(OUT, "smoke")
+        RESULTS = os.path.join(OUT, "results.json")
+        REPORT = os.path.join(OUT, "RESULTS.md")
+        PLOTS = os.path.join(OUT, "plots")
         os.makedirs(PLOTS, exist_ok=True)
     results = json.load(open(RESULTS)) if a.report_only else measure(a)
     import report  # benches/report.py: tables and SVG plots from the measurements

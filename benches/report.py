@@ -1,30 +1,36 @@
 """Writes benches/RESULTS.md and its SVG plots from the measurements bench.py collected.
 
 Every figure here is a median of measured runs or a number derived from them, and the derived
-ones say how they were derived.
+ones say how they were derived. Ratios compare medians from the same run of bench.py.
 """
 import math
 import os
 import statistics
 
 COLORS = {
-    "naive": "#7f7f7f",
-    "memory": "#1f77b4",
-    "disk": "#2ca02c",
-    "llama-server": "#d62728",
-    "llama-cpp-python": "#9467bd",
-    "ideal": "#ff7f0e",
+    "ours": "#1f77b4",
+    "llama.cpp": "#d62728",
     "cold_prefill": "#7f7f7f",
     "restore_file": "#2ca02c",
     "fork_in_memory": "#1f77b4",
 }
 LABELS = {
-    "naive": "ours, naive re-prefill",
-    "memory": "ours, prefix in memory",
-    "disk": "ours, prefix from disk",
-    "llama-server": "llama-server (-np = --parallel)",
-    "llama-cpp-python": "llama-cpp-python (sequential)",
+    "ours-cold": "ours, prefix computed in the run",
+    "ours-fast": "ours, `--no-deterministic`, prefix computed in the run",
+    "ours-warm": "ours, prefix restored from disk",
+    "server-cold": "llama-server, started fresh",
+    "server-warm": "llama-server, after a warm-up request per slot",
+    "naive": "ours, naive re-prefill (`--no-prefix-cache`)",
 }
+COLD = ["ours-cold", "ours-fast", "server-cold", "naive"]
+WARM = ["ours-warm", "server-warm"]
+# The issue's targets: (workload, ours, peers, at least).
+TARGETS = [
+    ("seed-shape", "cold", "ours-cold", "server-cold", 1.3),
+    ("seed-shape", "warm", "ours-warm", "server-warm", 1.5),
+    ("ci", "cold", "ours-cold", "server-cold", 1.1),
+]
+DECODE_TARGET = 0.9
 
 
 # ---------------------------------------------------------------- numbers
@@ -41,8 +47,16 @@ def fmt(x, digits=2, suffix=""):
     return f"{x:.{digits}f}{suffix}"
 
 
-def keys(w, config):
-    return sorted((int(k.split("/")[1]) for k in w["samples"] if k.split("/")[0] == config))
+def rows(w, config):
+    """[(parallel, samples)] of one configuration, by --parallel."""
+    found = [(int(k.split("/")[1]), v) for k, v in w["samples"].items() if k.split("/")[0] == config]
+    return sorted(found)
+
+
+def best(w, config):
+    """(parallel, median req/s, runs) of a configuration's fastest --parallel, or None."""
+    cands = [(p, med(s, "req_s"), len(s)) for p, s in rows(w, config)]
+    return max(cands, key=lambda t: t[1]) if cands else None
 
 
 def ideal_speedup(naive_wall, naive_computed, naive_prefill_tps, computed):
@@ -52,32 +66,24 @@ def ideal_speedup(naive_wall, naive_computed, naive_prefill_tps, computed):
     return naive_wall / rest if rest > 0 else None
 
 
-def ideal(w, config, p):
-    """`ideal_speedup` over the medians of a workload's runs."""
-    naive = w["samples"].get(f"naive/{p}")
-    ours = w["samples"].get(f"{config}/{p}")
-    if not naive or not ours:
-        return None
-    return ideal_speedup(med(naive, "wall"), med(naive, "prompt_computed"), med(naive, "prefill_tps"),
-                         med(ours, "prompt_computed"))
+def ceiling(results, test, depth, flash_attn=False):
+    for r in results.get("llama_bench", []):
+        if r["test"] == test and r["depth"] == depth and r["flash_attn"] == flash_attn:
+            return r["tokens_per_s"]
+    return None
 
 
-def best(w, configs):
-    """(config, parallel, median req/s) of the fastest of `configs`."""
-    cands = [(c, p, med(w["samples"][f"{c}/{p}"], "req_s")) for c in configs for p in keys(w, c)]
-    return max(cands, key=lambda t: t[2]) if cands else None
-
-
-def shape(w):
-    s = w["samples"]["memory/1"][0]
-    return {
-        "requests": w["requests"],
-        "prefix": s["prefix_tokens"],
-        "prompt_avg": s["prompt_total"] / w["requests"],
-        "user_avg": s["prompt_total"] / w["requests"] - s["prefix_tokens"],
-        "max_tokens": w["max_tokens"],
-        "completion": s["completion"],
-    }
+def decode_pairs(results):
+    """[(batch, ours aggregate tok/s, llama-batched-bench tok/s)] at the same shape."""
+    cr = results.get("criterion", {}).get("decode", {})
+    bb = {r["batch"]: r for r in results.get("batched_bench", [])}
+    steps = 32
+    out = []
+    for b in sorted(bb):
+        e = cr.get(str(b))
+        ours = b * steps / e["median_s"] if e else None
+        out.append((b, ours, bb[b]["decode_tps"]))
+    return out
 
 
 # ---------------------------------------------------------------- SVG
@@ -158,71 +164,85 @@ def chart(path, title, xlabel, ylabel, series, xticks, xlog=False, ylog=False):
 # ---------------------------------------------------------------- report
 
 
-def workload_section(name, w, plots_rel):
-    sh = shape(w)
-    lines = [f"### Workload `{name}`", ""]
-    lines.append(f"{sh['requests']} requests; shared system prompt of {sh['prefix']} tokens; user messages "
-                 f"of about {sh['user_avg']:.0f} tokens ({sh['prompt_avg']:.0f}-token prompts); max_tokens "
-                 f"{sh['max_tokens']}, greedy; {sh['completion']} completion tokens in all. "
-                 f"Generated by `benches/gen_workload.py {' '.join(w['gen_args'])}`. Naive runs once per "
-                 f"`--parallel`; the others {w['reps']} time(s), interleaved.")
-    lines += ["", "| configuration | --parallel | runs | req/s | vs naive | ideal | of ideal | prefill tok/s | "
-              "decode tok/s | TTFT p50 s | peak RSS MiB | prompt tokens computed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c in ("naive", "memory", "disk", "llama-server", "llama-cpp-python"):
-        for p in keys(w, c):
-            s = w["samples"][f"{c}/{p}"]
-            naive = w["samples"].get(f"naive/{p}")
-            vs = med(s, "req_s") / med(naive, "req_s") if naive else None
-            ide = ideal(w, c, p) if c in ("memory", "disk") else None
-            total = med(w["samples"]["naive/1"], "prompt_total")
-            computed = med(s, "prompt_computed")
-            comp = f"{computed:,.0f} of {total:,.0f}" if computed is not None else "–"
-            # llama-server's per-request timings overlap when slots share the machine, so its
-            # rates mean something only with one slot.
-            overlapping = c == "llama-server" and p > 1
-            prefill = None if overlapping else med(s, "prefill_tps")
-            decode = None if overlapping else med(s, "decode_tps")
-            lines.append(
-                f"| {LABELS[c]} | {p} | {len(s)} | {fmt(med(s, 'req_s'), 3)} | {fmt(vs, 2, '×')} | "
-                f"{fmt(ide, 2, '×')} | {fmt(vs / ide * 100 if ide and vs else None, 0, '%')} | "
-                f"{fmt(prefill, 0)} | {fmt(decode, 1)} | {fmt(med(s, 'ttft_p50'), 2)} | "
-                f"{fmt(med(s, 'peak_rss_mib'), 0)} | {comp} |")
-    ours = best(w, ["memory", "disk"])
-    naive = best(w, ["naive"])
-    server = best(w, ["llama-server"])
-    c, p, rps = ours
-    s = w["samples"][f"{c}/{p}"]
-    wall = med(s, "wall")
-    parts = {k: med(s, k) for k in ("prefill_s", "decode_s", "restore_s")}
-    other = wall - sum(parts.values())
-    lines += ["", f"![requests/s against --parallel, {name}]({plots_rel}/throughput-{name}.svg)", ""]
-    cold = best(w, ["memory"])
-    lines.append(f"**Best of ours:** {LABELS[c]} at `--parallel {p}`, {rps:.3f} req/s: "
-                 f"{rps / naive[2]:.2f}× the best naive ({naive[2]:.3f} req/s at {naive[1]})."
-                 + (f" Cold against cold, the prefix in memory at `--parallel {cold[1]}` "
-                    f"({cold[2]:.3f} req/s) is {cold[2] / server[2]:.2f}× llama-server at its best "
-                    f"`-np` ({server[2]:.3f} req/s at -np {server[1]})"
-                    + (f"; the prefix from disk is {rps / server[2]:.2f}× it, warm against cold"
-                       if c == "disk" else "") + "." if server else ""))
-    ide = ideal(w, c, p)
-    vs = rps / med(w["samples"][f"naive/{p}"], "req_s")
-    lines.append(f"Against naive at the same `--parallel`: {vs:.2f}× measured, {ide:.2f}× ideal: prefix reuse "
-                 f"reaches {vs / ide * 100:.0f}% of its ideal.")
-    lines.append(f"Where that run's {wall:.1f} s went: prefill {parts['prefill_s']:.1f} s "
-                 f"({parts['prefill_s'] / wall * 100:.0f}%), decode {parts['decode_s']:.1f} s "
-                 f"({parts['decode_s'] / wall * 100:.0f}%), prefix restore {parts['restore_s']:.2f} s, the rest "
-                 f"(load, tokenizing, sampling, scheduling, output) {other:.1f} s ({other / wall * 100:.0f}%).")
-    naive_rate = med(w["samples"][f"naive/{p}"], "prefill_tps")
-    if vs / ide >= 0.95:
-        lines.append("Reuse is at its ideal within this machine's noise: prefill of each request's own "
-                     "tokens, then decode, is the work left.")
-        return lines
-    lines.append(f"Its prompt tokens, each request's own, sat behind the {sh['prefix']}-token prefix and were "
-                 f"prefilled at {med(s, 'prefill_tps'):.0f} tok/s, where the naive run averaged {naive_rate:.0f} "
-                 f"tok/s over all depths: the tokens reuse skips are the cheap, shallow ones, and attention "
-                 f"over the prefix is what keeps the measured speedup under the token-count ideal.")
+def shape_line(name, w):
+    s = next((s[0] for k, s in w["samples"].items() if k.startswith("ours-cold/")), None)
+    if s is None:
+        return f"{w['requests']} requests."
+    n = w["requests"]
+    return (f"{n} requests: a shared system prompt of {s['prefix_tokens']} tokens, user messages of about "
+            f"{s['prompt_total'] / n - s['prefix_tokens']:.0f} tokens ({s['prompt_total'] / n:.0f}-token prompts), "
+            f"max_tokens {w['max_tokens']}, greedy; {s['completion']:,} completion tokens in all "
+            f"({s['completion'] / n:.0f} a request). Generated by `benches/gen_workload.py {' '.join(w['gen_args'])}`.")
+
+
+def table(w, configs, peer):
+    """Rows for `configs`, with req/s against the best median of `peer`."""
+    ref = best(w, peer)
+    out = ["| configuration | --parallel / -np | runs | req/s (min–max) | vs best llama-server | prefill tok/s | "
+           "decode tok/s | TTFT p50 s | peak RSS MiB | prompt tokens computed |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for c in configs:
+        for p, s in rows(w, c):
+            rps = med(s, "req_s")
+            lo, hi = min(x["req_s"] for x in s), max(x["req_s"] for x in s)
+            vs = rps / ref[1] if ref and not c.startswith("server") else None
+            # llama-server's per-request timings overlap when slots run together; they are
+            # per-slot rates, shown with one slot only.
+            overlap = c.startswith("server") and p > 1
+            computed, total = med(s, "prompt_computed"), med(s, "prompt_total")
+            comp = f"{computed:,.0f} of {total:,.0f}" if computed is not None and total else "–"
+            label = LABELS[c] + (f", first {w['naive_sample']} requests" if c == "naive" else "")
+            out.append(f"| {label} | {p} | {len(s)} | {rps:.3f} ({lo:.3f}–{hi:.3f}) | {fmt(vs, 2, '×')} | "
+                       f"{fmt(None if overlap else med(s, 'prefill_tps'), 0)} | "
+                       f"{fmt(None if overlap else med(s, 'decode_tps'), 1)} | {fmt(med(s, 'ttft_p50'), 2)} | "
+                       f"{fmt(med(s, 'peak_rss_mib'), 0)} | {comp} |")
+    return out
+
+
+def where_time_went(results, name, w):
+    """Where our cold run's time went, each part against llama.cpp's own rate."""
+    b = best(w, "ours-cold")
+    if not b:
+        return []
+    s = dict(rows(w, "ours-cold"))[b[0]]
+    wall, prefill, decode, restore = (med(s, k) for k in ("wall", "prefill_s", "decode_s", "restore_s"))
+    other = wall - prefill - decode - restore
+    depth = 2800 if name == "seed-shape" else 1000
+    pp = ceiling(results, "pp512", depth)
+    pp_fa = ceiling(results, "pp512", depth, True)
+    tg = ceiling(results, "tg32", depth)
+    ptps, dtps = med(s, "prefill_tps"), med(s, "decode_tps")
+    lines = [f"Where ours' cold run at `--parallel {b[0]}` spent its {wall:.1f} s (medians): prefill "
+             f"{prefill:.1f} s ({prefill / wall * 100:.0f}%) at {ptps:.0f} tok/s, decode {decode:.1f} s "
+             f"({decode / wall * 100:.0f}%) at {dtps:.1f} tok/s aggregate, the rest (load, tokenizing, "
+             f"sampling, scheduling, output) {other:.1f} s."]
+    if pp and tg:
+        lines.append(f"llama-bench at depth {depth}, flash attention off as ours: pp512 {pp:.0f} tok/s (ours' prefill "
+                     f"is {ptps / pp * 100:.0f}% of it), tg32 {tg:.1f} tok/s for one sequence"
+                     + (f"; with flash attention on, pp512 {pp_fa:.0f} tok/s" if pp_fa else "") + ".")
     return lines
+
+
+def summary(results):
+    lines = ["## Summary", "",
+             "| target (issue 11) | goal | measured | met |", "|---|---|---|---|"]
+    for name, kind, ours, peer, goal in TARGETS:
+        w = results["workloads"].get(name)
+        o, s = (best(w, ours), best(w, peer)) if w else (None, None)
+        if not o or not s:
+            lines.append(f"| {name}, {kind} against {kind} | ≥ {goal}× | not measured | – |")
+            continue
+        ratio = o[1] / s[1]
+        lines.append(f"| {name}, {kind} against {kind}: ours at `--parallel {o[0]}` ({o[1]:.3f} req/s, "
+                     f"{o[2]} runs) over llama-server at its best `-np {s[0]}` ({s[1]:.3f} req/s, {s[2]} runs) | "
+                     f"≥ {goal}× | {ratio:.2f}× | {'yes' if ratio >= goal else 'no'} |")
+    pairs = [t for t in decode_pairs(results) if t[0] == 8 and t[1]]
+    if pairs:
+        _, ours, theirs = pairs[0]
+        lines.append(f"| decode at `--parallel 8`: ours (criterion decode bench) over llama-batched-bench, same "
+                     f"shape | ≥ {DECODE_TARGET * 100:.0f}% | {ours / theirs * 100:.0f}% ({ours:.1f} against "
+                     f"{theirs:.1f} tok/s) | {'yes' if ours / theirs >= DECODE_TARGET else 'no'} |")
+    return lines + [""]
 
 
 def write(results, report_path, plots_dir):
@@ -231,124 +251,113 @@ def write(results, report_path, plots_dir):
     m = results["machine"]
     lines = ["# Benchmarks", "",
              "Generated by `make bench` (`benches/bench.py`); do not edit by hand. Every figure comes from "
-             "the one run recorded below, on one machine.", "",
+             "the one run recorded below, on one machine; ratios are of medians from that run.", "",
              "| | |", "|---|---|",
              f"| date | {results['date']} |",
              f"| machine | {m['cpu']}, {m['physical_cores']} physical cores ({m['logical_cpus']} logical), "
              f"{m['memory_gib']} GiB, Linux {m['kernel']}, no GPU |",
-             f"| threads | {results['threads']} for every engine (ours, llama-server `-t`/`-tb`, "
-             "llama-cpp-python, llama-bench) |",
+             f"| threads | {results['threads']} for every engine (ours `--threads`, llama-server `-t`/`-tb`, "
+             "llama-bench, llama-batched-bench) |",
              "| model | SmolLM2-135M-Instruct Q4_1 GGUF (sha256 b179c952…), the default model |",
-             f"| ours | infer-batch {results['versions']['ours']}, release build, default settings "
-             "(deterministic: a KV stream per sequence, flash attention off) |",
-             f"| peers | {results['versions']['peers']}: llama-server and llama-bench built by "
-             "`benches/peers.sh` (Release, GGML_NATIVE=OFF, OpenMP, as ours); server defaults otherwise "
-             "(flash attention auto, `cache_prompt` on, context `-np` × per-request need) |",
+             f"| ours | infer-batch {results['versions']['ours']}, release build, default settings unless a "
+             "row says otherwise (deterministic: a KV stream per sequence, flash attention off) |",
+             f"| peers | {results['versions']['peers']}, built by `benches/peers.sh` (Release, GGML_NATIVE=OFF, "
+             "OpenMP, as ours): the same ggml kernels, libllama and common as ours. llama-server "
+             "runs with its defaults (flash attention auto, `cache_prompt` on, its RAM prompt cache, a KV "
+             "stream per slot) and a context of `-np` × the per-request need; as many concurrent clients "
+             "as slots, streamed answers, temperature 0 |",
+             "| clocks | cold: from process start, model load included, to the last answer, for every engine. "
+             "Warm: ours from process start (load and restore included); llama-server from its first timed "
+             "request, after its load and warm-up. Every engine on the bench's own monotonic clock. |",
              f"| command | `{results['command']}` |", ""]
+    lines += summary(results)
 
-    lines += ["## Summary", "",
-              "Cold against cold: ours with the prefix computed in the run (prefix in memory) against "
-              "llama-server started fresh, each engine's own clock. Warm: ours restoring the prefix from "
-              "a state file that an earlier, uncounted run wrote; llama-server had no warm counterpart in "
-              "this run, so that figure is not a like-for-like comparison.", ""]
-    for name, w in results["workloads"].items():
-        cold = best(w, ["memory"])
-        warm = best(w, ["disk"])
-        naive = best(w, ["naive"])
-        server = best(w, ["llama-server"])
-        c, p, rps = cold
-        ide = ideal(w, c, p)
-        vs = rps / med(w["samples"][f"naive/{p}"], "req_s")
-        lines.append(f"- **{name}**, cold: {rps:.3f} req/s (prefix in memory, `--parallel {p}`); "
-                     f"{rps / naive[2]:.2f}× naive re-prefill"
-                     + (f", {rps / server[2]:.2f}× llama-server at its best `-np {server[1]}`" if server else "")
-                     + f"; prefix reuse at {vs / ide * 100:.0f}% of its ideal. Warm: {warm[2]:.3f} req/s "
-                     f"(prefix from disk, `--parallel {warm[1]}`)"
-                     + (f", {warm[2] / server[2]:.2f}× cold llama-server" if server else "") + ".")
-    lines.append("")
+    for kind, configs, peer, intro in [
+        ("Cold against cold", COLD, "server-cold",
+         "Each engine's first run in a fresh process, nothing precomputed. Naive re-prefill runs on the "
+         "first requests of the same batch, which are independent of each other, so its rate holds for "
+         "the whole batch."),
+        ("Warm against warm", WARM, "server-warm",
+         "Ours restores the prefix state that `infer-batch cache warm` wrote before the clock started; "
+         "llama-server first answers one warm-up request per slot (the shared system prompt and a "
+         "throw-away user message), outside its clock, so every slot holds the prefix. llama-server "
+         "supports slot save and restore too, but restoring a saved slot is what its prompt cache already "
+         "does after a warm-up, without a file."),
+    ]:
+        lines += [f"## {kind}", "", intro, "",
+                  "Prefill and decode tok/s: ours from its summary (measured per decode call); llama-server "
+                  "from its per-request `timings`, shown at `-np 1` only. Prompt tokens computed: ours from "
+                  "its summary, llama-server from `timings.prompt_n`.", ""]
+        for name, w in results["workloads"].items():
+            if not any(rows(w, c) for c in configs):
+                continue
+            lines += [f"### `{name}`", "", shape_line(name, w), ""] + table(w, configs, peer) + [""]
+            if kind.startswith("Cold"):
+                lines += where_time_went(results, name, w) + [""]
+                naive = best(w, "naive")
+                cold = best(w, "ours-cold")
+                if naive and cold:
+                    lines += [f"Prefix reuse: ours cold at `--parallel {cold[0]}` is {cold[1] / naive[1]:.2f}× "
+                              "naive re-prefill at `--parallel 1`.", ""]
 
-    lines += ["## End to end", "",
-              "req/s counts every request over the whole run, model load included for ours (llama-server's "
-              "clock starts once it is ready). *vs naive*: against ours with `--no-prefix-cache` at the same "
-              "`--parallel`. *ideal*: the speedup if the skipped prefix tokens cost nothing, that is the naive "
-              "wall clock less (tokens not computed ÷ the naive run's measured prefill rate). *of ideal*: "
-              "measured over ideal. Prefill and decode tok/s are our own measured rates; for llama-server, "
-              "its per-request `timings`, shown at `-np 1` only (with more slots they overlap); for "
-              "llama-cpp-python, llama.cpp's perf counters. Prompt tokens computed: ours from the summary, "
-              "llama-server from `timings.prompt_n`, llama-cpp-python from `n_p_eval`.", ""]
-    for name, w in results["workloads"].items():
-        lines += workload_section(name, w, plots_rel) + [""]
-        series = []
-        for c in ("naive", "memory", "disk", "llama-server", "llama-cpp-python"):
-            pts = [(p, med(w["samples"][f"{c}/{p}"], "req_s")) for p in keys(w, c)]
-            if pts:
-                series.append((c, LABELS[c], pts, c == "llama-server"))
-        chart(os.path.join(plots_dir, f"throughput-{name}.svg"), f"Throughput, {name}",
-              "--parallel (llama-server: -np)", "requests/s (median)", series, [1, 2, 4, 8], xlog=True)
+    lines += ["## Ceilings: llama.cpp's own rates", "",
+              "`llama-bench` on the same model and threads, 2 repetitions, at the workloads' chunk sizes and "
+              "depths (the `ci` prefix is about 1,100 tokens, the seed's about 2,800):", "",
+              "| test | depth | flash attention | tok/s | ± |", "|---|---|---|---|---|"]
+    for r in results.get("llama_bench", []):
+        lines.append(f"| {r['test']} | {r['depth']} | {'on' if r['flash_attn'] else 'off'} | "
+                     f"{r['tokens_per_s']:.1f} | {r['stddev']:.1f} |")
+    pairs = decode_pairs(results)
+    if pairs:
+        lines += ["", "Batched decode: `llama-batched-bench -pps -fa off` (a shared 1,000-token prompt, then 32 "
+                  "steps of B sequences, a KV stream per sequence) against our criterion decode bench "
+                  "(`cargo bench --bench decode`, the same shape through our engine, median of 10 samples):", "",
+                  "| sequences | llama-batched-bench tok/s | ours tok/s | ours ÷ llama.cpp |", "|---|---|---|---|"]
+        for b, ours, theirs in pairs:
+            lines.append(f"| {b} | {theirs:.1f} | {fmt(ours, 1)} | "
+                         f"{fmt(ours / theirs * 100 if ours else None, 0, '%')} |")
+        lines += ["", f"![decode against sequences]({plots_rel}/decode-parallel.svg)", ""]
+        chart(os.path.join(plots_dir, "decode-parallel.svg"), "Aggregate decode rate", "sequences decoded together",
+              "tokens/s (median)",
+              [("ours", "ours (criterion)", [(b, o) for b, o, _ in pairs if o], False),
+               ("llama.cpp", "llama-batched-bench", [(b, t) for b, _, t in pairs], True)],
+              [b for b, _, _ in pairs], xlog=True)
+
+    cr = results.get("criterion", {}).get("prefix", {})
+    sizes = [n for n in ("500", "1000", "2000") if cr and all(cr[k].get(n) for k in cr)]
+    if sizes:
+        lines += ["## Restore against prefill (criterion)", "",
+                  "`cargo bench --bench prefix`: the same prefix made resident three ways; median of 10 "
+                  "samples, with criterion's 95% interval.", "",
+                  "| prefix tokens | cold prefill | restore from file | fork in memory | prefill ÷ restore |",
+                  "|---|---|---|---|---|"]
+        for n in sizes:
+            cold, rest, fork = (cr[k][n] for k in ("cold_prefill", "restore_file", "fork_in_memory"))
+            lines.append(f"| {n} | {cold['median_s'] * 1e3:.0f} ms | {rest['median_s'] * 1e3:.1f} ms "
+                         f"({rest['lo_s'] * 1e3:.1f}–{rest['hi_s'] * 1e3:.1f}) | {fork['median_s'] * 1e3:.2f} ms | "
+                         f"{cold['median_s'] / rest['median_s']:.0f}× |")
+        lines += ["", f"![restore against prefill]({plots_rel}/restore-vs-prefill.svg)", ""]
+        chart(os.path.join(plots_dir, "restore-vs-prefill.svg"), "Making a prefix resident",
+              "prefix (tokens)", "milliseconds (log scale)",
+              [(k, {"cold_prefill": "cold prefill", "restore_file": "restore from file",
+                    "fork_in_memory": "fork in memory"}[k],
+                [(int(n), cr[k][n]["median_s"] * 1e3) for n in sizes], False)
+               for k in ("cold_prefill", "restore_file", "fork_in_memory")],
+              [500, 1000, 2000], ylog=True)
 
     sweep = results.get("sweep")
     if sweep:
         lines += ["## Speedup against prefix length", "",
                   "8 requests of about 100 user tokens and 32 completion tokens, system prompts of growing "
-                  "length, `--parallel 4`, one run each: prefix in memory against naive re-prefill.", "",
-                  "| prefix tokens | naive req/s | prefix in memory req/s | speedup | ideal | of ideal |",
+                  "length, `--parallel 4`, one run each: prefix computed in the run against naive re-prefill.",
+                  "", "| prefix tokens | naive req/s | prefix reused req/s | speedup | ideal | of ideal |",
                   "|---|---|---|---|---|---|"]
-        meas, ideals = [], []
         for pt in sweep:
             n, mem = pt["naive"], pt["memory"]
             sp = mem["req_s"] / n["req_s"]
             ide = ideal_speedup(n["wall"], n["prompt_computed"], n["prefill_tps"], mem["prompt_computed"])
-            meas.append((mem["prefix_tokens"], sp))
-            ideals.append((mem["prefix_tokens"], ide))
             lines.append(f"| {mem['prefix_tokens']} | {n['req_s']:.3f} | {mem['req_s']:.3f} | {sp:.2f}× | "
-                         f"{ide:.2f}× | {sp / ide * 100:.0f}% |")
-        lines += ["", f"![speedup against prefix length]({plots_rel}/speedup-vs-prefix.svg)", ""]
-        chart(os.path.join(plots_dir, "speedup-vs-prefix.svg"), "Speedup over naive re-prefill",
-              "shared prefix (tokens)", "speedup (×)",
-              [("memory", "measured, prefix in memory", meas, False), ("ideal", "ideal", ideals, True)],
-              [x for x, _ in meas])
-
-    cr = results["criterion"]
-    lines += ["## Restore against prefill (criterion)", "",
-              "`cargo bench --bench prefix`: the same prefix made resident three ways; median of 10 "
-              "samples, with criterion's 95% interval.", "",
-              "| prefix tokens | cold prefill | restore from file | fork in memory | prefill ÷ restore |",
-              "|---|---|---|---|---|"]
-    sizes = [n for n in ("500", "1000", "2000") if all(cr["prefix"][k][n] for k in cr["prefix"])]
-    for n in sizes:
-        cold, rest, fork = (cr["prefix"][k][n] for k in ("cold_prefill", "restore_file", "fork_in_memory"))
-        lines.append(f"| {n} | {cold['median_s'] * 1e3:.0f} ms | {rest['median_s'] * 1e3:.1f} ms "
-                     f"({rest['lo_s'] * 1e3:.1f}–{rest['hi_s'] * 1e3:.1f}) | {fork['median_s'] * 1e3:.2f} ms | "
-                     f"{cold['median_s'] / rest['median_s']:.0f}× |")
-    lines += ["", f"![restore against prefill]({plots_rel}/restore-vs-prefill.svg)", ""]
-    chart(os.path.join(plots_dir, "restore-vs-prefill.svg"), "Making a prefix resident",
-          "prefix (tokens)", "milliseconds (log scale)",
-          [(k, {"cold_prefill": "cold prefill", "restore_file": "restore from file",
-                "fork_in_memory": "fork in memory"}[k],
-            [(int(n), cr["prefix"][k][n]["median_s"] * 1e3) for n in sizes], False)
-           for k in ("cold_prefill", "restore_file", "fork_in_memory")],
-          [500, 1000, 2000], ylog=True)
-
-    lines += ["## Decode against --parallel (criterion)", "",
-              "`cargo bench --bench decode`: P sequences each one token per step, 32 steps, at the depth "
-              "of a shared 1,000-token prefix, default layout (a KV stream per sequence, flash attention "
-              "off).", "", "| sequences | aggregate decode tok/s | per sequence |", "|---|---|---|"]
-    pts = []
-    for p in (p for p in ("1", "2", "4", "8") if cr["decode"][p]):
-        tps = int(p) * 32 / cr["decode"][p]["median_s"]
-        pts.append((int(p), tps))
-        lines.append(f"| {p} | {tps:.1f} | {tps / int(p):.1f} |")
-    lines += ["", f"![decode against parallel]({plots_rel}/decode-parallel.svg)", ""]
-    chart(os.path.join(plots_dir, "decode-parallel.svg"), "Aggregate decode rate", "sequences decoded together",
-          "tokens/s (median)", [("memory", "ours, decode", pts, False)], [1, 2, 4, 8], xlog=True)
-
-    lines += ["## llama.cpp's own ceiling (llama-bench)", "",
-              "The same model and threads through `llama-bench` (built by `benches/peers.sh`), 3 repetitions: "
-              "the raw kernel rates our prefill and decode figures compare against.", "",
-              "| test | depth | flash attention | tok/s | ± |", "|---|---|---|---|---|"]
-    for r in results["llama_bench"]:
-        lines.append(f"| {r['test']} | {r['depth']} | {'on' if r['flash_attn'] else 'off'} | "
-                     f"{r['tokens_per_s']:.1f} | {r['stddev']:.1f} |")
-    lines.append("")
+                         f"{fmt(ide, 2, '×')} | {fmt(sp / ide * 100 if ide else None, 0, '%')} |")
+        lines.append("")
     with open(report_path, "w") as f:
         f.write("\n".join(lines))
