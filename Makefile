@@ -37,7 +37,7 @@ lint:
 	cargo clippy --release --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
 
-# Regenerates benches/RESULTS.md and benches/plots/ from nothing, peers included (about 80 minutes
+# Regenerates benches/RESULTS.md and benches/plots/ from nothing, peers included (about two hours
 # on 2 cores; needs the network once, to fetch and build the peers).
 bench: setup
 	python3 benches/bench.py

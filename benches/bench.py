@@ -18,12 +18,14 @@ It runs, in order, on this machine:
          clocked from process start; llama-server after one warm-up request per slot (the rubric
          and a throw-away user message), clocked from the first request;
        - naive: ours re-prefilling every prompt, on the first requests of the same batch;
+     then llama-server at `-np 4` once, to show whether more slots help it;
   4. the criterion prefix bench, and the report from benches/out/results.json.
 
 results.json is rewritten after every run, so an interrupted bench still reports what it
-measured (`--report-only`). Options: --reps N (default 3), --threads N (default: the physical
-cores), --smoke (tiny inputs, report under benches/out/smoke/), --sweep (speedup against prefix
-length, about 6 more minutes), --skip-criterion.
+measured (`--report-only`), or goes on where it stopped (`--continue`). Options: --reps N
+(default 3), --threads N (default: the physical cores), --smoke (tiny inputs, report under
+benches/out/smoke/), --sweep (speedup against prefix length, about 6 more minutes),
+--skip-criterion.
 """
 import argparse
 import datetime
@@ -64,19 +66,19 @@ OURS = {
 }
 # A workload: gen_workload.py arguments; how many of its first requests the naive runs take (they
 # are independent of each other, so their rate holds for the whole batch); the configurations run
-# in every repetition, headline pairs first; and those run in the first repetition only.
+# in every repetition, headline pairs first; and those run once, after the last repetition.
 WORKLOADS = {
     "seed-shape": {
         "gen": ["--preset", "seed-shape", "-n", "24"],
         "naive_sample": 4,
-        "every_rep": ["ours-cold/8", "server-cold/1"],
-        "first_rep": ["ours-warm/8", "server-warm/1", "naive/1"],
+        "every_rep": ["ours-cold/8", "server-cold/1", "ours-warm/8", "server-warm/1", "naive/1"],
+        "once": ["server-cold/4"],
     },
     "ci": {
         "gen": ["--preset", "ci", "-n", "128"],
         "naive_sample": 16,
-        "every_rep": ["ours-cold/8", "server-cold/1"],
-        "first_rep": ["naive/1"],
+        "every_rep": ["ours-cold/8", "server-cold/1", "naive/1"],
+        "once": [],
     },
 }
 SMOKE = {
@@ -84,7 +86,7 @@ SMOKE = {
         "gen": ["--preset", "ci", "-n", "6", "-s", "300", "-m", "4"],
         "naive_sample": 2,
         "every_rep": ["ours-cold/4", "server-cold/1", "ours-warm/4", "server-warm/1", "naive/1"],
-        "first_rep": ["server-cold/2", "ours-fast/4"],
+        "once": ["server-cold/2", "ours-fast/4"],
     },
 }
 # The ceilings: llama-bench at the workloads' chunk sizes and depths (the ci prefix is ~1,100
@@ -171,10 +173,17 @@ def run_ours(workload, config, parallel, threads, work):
     }
 
 
-def warm_ours(workload, threads, work):
-    """Writes the prefix state that the warm runs restore, outside any clock."""
-    sh([BIN, "cache", "warm", "--model", MODEL, workload, "--threads", str(threads),
-        "--prefix-cache-dir", os.path.join(work, "cache")], stdout=subprocess.DEVNULL)
+def warm_ours(workload, threads, cache):
+    """Writes the prefix state that the warm runs restore, outside any clock; returns what
+    `cache warm` measured: {"tokens", "ms"} of the prefix it prefilled."""
+    args = [BIN, "cache", "warm", "--model", MODEL, workload, "--threads", str(threads),
+            "--prefix-cache-dir", cache]
+    log("$ " + " ".join(args))
+    out = subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True)
+    # "prefix KEY: prefilled N tokens in M ms, state file B bytes"
+    words = (out.stdout + out.stderr).split()
+    i = words.index("prefilled")
+    return {"tokens": int(words[i + 1]), "ms": float(words[i + 4])}
 
 
 # ---------------------------------------------------------------- llama-server
@@ -319,23 +328,34 @@ def run_server(workload, config, n_parallel, threads, slot_ctx, work):
 class Workload:
     """A generated batch, its naive sample, and the samples measured on it."""
 
-    def __init__(self, name, spec, threads):
+    def __init__(self, name, spec, threads, earlier=None):
+        """A fresh workload, or with `earlier` (its record in results.json) the one an earlier
+        invocation generated, measured and left in place, to be continued."""
         self.name, self.spec, self.threads = name, spec, threads
         self.work = os.path.join(OUT, name)
-        shutil.rmtree(self.work, ignore_errors=True)
-        os.makedirs(self.work)
         self.input = os.path.join(self.work, "input.jsonl")
-        sh([sys.executable, os.path.join(BENCHES, "gen_workload.py"), *spec["gen"], "-o", self.input])
-        lines = open(self.input).readlines()
         self.naive_input = os.path.join(self.work, "naive-input.jsonl")
-        with open(self.naive_input, "w") as f:
-            f.writelines(lines[: spec["naive_sample"]])
+        if earlier is None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            os.makedirs(self.work)
+            sh([sys.executable, os.path.join(BENCHES, "gen_workload.py"), *spec["gen"], "-o", self.input])
+            with open(self.naive_input, "w") as f:
+                f.writelines(open(self.input).readlines()[: spec["naive_sample"]])
+            # The state the warm runs restore, written outside every clock.
+            self.prefix_prefill = warm_ours(self.input, threads, os.path.join(self.work, "cache"))
+        elif "prefix_prefill" in earlier:
+            self.prefix_prefill = earlier["prefix_prefill"]
+        else:
+            # An earlier bench that did not record it: prefill the prefix again, into a fresh
+            # directory, so that it is computed rather than restored.
+            scratch = os.path.join(self.work, "cache-prefill")
+            shutil.rmtree(scratch, ignore_errors=True)
+            self.prefix_prefill = warm_ours(self.input, threads, scratch)
+        lines = open(self.input).readlines()
         self.requests = len(lines)
         self.max_tokens = json.loads(lines[0])["body"]["max_tokens"]
-        self.slot_ctx = None
-        self.samples = {}
-        # The state the warm runs restore, written outside every clock.
-        warm_ours(self.input, threads, self.work)
+        self.slot_ctx = earlier["slot_ctx"] if earlier else None
+        self.samples = earlier["samples"] if earlier else {}
 
     def run(self, key):
         engine_config, p = key.split("/")
@@ -361,16 +381,21 @@ class Workload:
 
     def record(self):
         return {"gen_args": self.spec["gen"], "requests": self.requests, "naive_sample": self.spec["naive_sample"],
+                "prefix_prefill": self.prefix_prefill,
                 "max_tokens": self.max_tokens, "slot_ctx": self.slot_ctx, "samples": self.samples}
 
 
-def end_to_end(results, specs, reps, threads):
-    """Every configuration of every workload in every repetition, interleaved; results.json is
-    rewritten after each run."""
-    workloads = [Workload(name, spec, threads) for name, spec in specs.items()]
-    for rep in range(reps):
+def end_to_end(results, specs, reps, threads, earlier=None):
+    """Every configuration of every workload in every repetition, interleaved, then those run
+    once; results.json is rewritten after each run. With `earlier` (results.json's workloads),
+    only the samples still missing are measured."""
+    workloads = [Workload(name, spec, threads, earlier and earlier.get(name)) for name, spec in specs.items()]
+    rounds = [(rep, "every_rep") for rep in range(reps)] + [(0, "once")]
+    for rep, kind in rounds:
         for w in workloads:
-            for key in w.spec["every_rep"] + (w.spec["first_rep"] if rep == 0 else []):
+            for key in w.spec[kind]:
+                if len(w.samples.get(key, [])) > rep:
+                    continue
                 w.run(key)
                 results["workloads"][w.name] = w.record()
                 save(results)
@@ -401,12 +426,14 @@ def criterion(threads, benches):
     sh(args, env=env)
 
 
-def criterion_results():
+def criterion_results(since):
+    """Criterion's estimates, those written after `since` (epoch seconds) only: an older run's
+    may come from another build or machine."""
     base = os.path.join(ROOT, "target", "criterion")
 
     def est(*parts):
         path = os.path.join(base, *parts, "new", "estimates.json")
-        if not os.path.exists(path):
+        if not os.path.exists(path) or os.path.getmtime(path) < since:
             return None
         e = json.load(open(path))
         return {"median_s": e["median"]["point_estimate"] / 1e9,
@@ -460,6 +487,16 @@ def save(results):
     os.replace(tmp, RESULTS)
 
 
+def continue_measuring(a):
+    """Measures what an interrupted or shorter bench left missing, on the same workloads."""
+    results = json.load(open(RESULTS))
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results["command"] += f"; continued at {stamp} by `benches/bench.py --continue`"
+    end_to_end(results, SMOKE if a.smoke else WORKLOADS, a.reps, results["threads"], results["workloads"])
+    save(results)
+    return results
+
+
 def measure(a):
     threads = a.threads or physical_cores()
     sh(["./scripts/deps.sh"])
@@ -467,12 +504,13 @@ def measure(a):
     sh([os.path.join(BENCHES, "peers.sh")])
     sh(["cargo", "build", "--release", "--benches"])
     os.makedirs(OUT, exist_ok=True)
+    started = time.time()
     results = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "threads": threads,
         "versions": versions(),
-        "command": "make bench" + (f" (benches/bench.py {' '.join(sys.argv[1:])})" if sys.argv[1:] else ""),
+        "command": "`make bench`" + (f" (`benches/bench.py {' '.join(sys.argv[1:])}`)" if sys.argv[1:] else ""),
         "workloads": {},
     }
     results["llama_bench"] = llama_bench(threads, a.smoke)
@@ -480,7 +518,7 @@ def measure(a):
     save(results)
     if not a.skip_criterion:
         criterion(threads, ["decode"])
-    results["criterion"] = criterion_results()
+    results["criterion"] = criterion_results(0 if a.skip_criterion else started)
     save(results)
     end_to_end(results, SMOKE if a.smoke else WORKLOADS, a.reps, threads)
     if a.sweep:
@@ -489,7 +527,7 @@ def measure(a):
         save(results)
     if not a.skip_criterion:
         criterion(threads, ["prefix"])
-    results["criterion"] = criterion_results()
+    results["criterion"] = criterion_results(0 if a.skip_criterion else started)
     save(results)
     return results
 
@@ -499,6 +537,8 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--continue", dest="continue_", action="store_true",
+                    help="measure only the samples results.json still lacks, on the same workloads")
     ap.add_argument("--skip-criterion", action="store_true",
                     help="reuse the criterion results already under target/criterion")
     ap.add_argument("--sweep", action="store_true", help="also measure speedup against prefix length")
@@ -511,7 +551,12 @@ def main():
         REPORT = os.path.join(OUT, "RESULTS.md")
         PLOTS = os.path.join(OUT, "plots")
         os.makedirs(PLOTS, exist_ok=True)
-    results = json.load(open(RESULTS)) if a.report_only else measure(a)
+    if a.report_only:
+        results = json.load(open(RESULTS))
+    elif a.continue_:
+        results = continue_measuring(a)
+    else:
+        results = measure(a)
     import report  # benches/report.py: tables and SVG plots from the measurements
     report.write(results, REPORT, PLOTS)
     log(f"wrote {os.path.relpath(REPORT, ROOT)} and {os.path.relpath(PLOTS, ROOT)}/")

@@ -41,6 +41,10 @@ def med(samples, key):
     return statistics.median(xs) if xs else None
 
 
+def runs(n):
+    return f"{n} run" + ("" if n == 1 else "s")
+
+
 def fmt(x, digits=2, suffix=""):
     if x is None:
         return "–"
@@ -233,8 +237,11 @@ def summary(results):
             lines.append(f"| {name}, {kind} against {kind} | ≥ {goal}× | not measured | – |")
             continue
         ratio = o[1] / s[1]
+        measured = [p for p, _ in rows(w, peer)]
+        which = (f"its best `-np {s[0]}` (of {', '.join(map(str, measured))})" if len(measured) > 1
+                 else f"`-np {s[0]}`")
         lines.append(f"| {name}, {kind} against {kind}: ours at `--parallel {o[0]}` ({o[1]:.3f} req/s, "
-                     f"{o[2]} runs) over llama-server at its best `-np {s[0]}` ({s[1]:.3f} req/s, {s[2]} runs) | "
+                     f"{runs(o[2])}) over llama-server at {which} ({s[1]:.3f} req/s, {runs(s[2])}) | "
                      f"≥ {goal}× | {ratio:.2f}× | {'yes' if ratio >= goal else 'no'} |")
     pairs = [t for t in decode_pairs(results) if t[0] == 8 and t[1]]
     if pairs:
@@ -269,7 +276,7 @@ def write(results, report_path, plots_dir):
              "| clocks | cold: from process start, model load included, to the last answer, for every engine. "
              "Warm: ours from process start (load and restore included); llama-server from its first timed "
              "request, after its load and warm-up. Every engine on the bench's own monotonic clock. |",
-             f"| command | `{results['command']}` |", ""]
+             f"| command | {results['command']} |", ""]
     lines += summary(results)
 
     for kind, configs, peer, intro in [
@@ -292,8 +299,23 @@ def write(results, report_path, plots_dir):
             if not any(rows(w, c) for c in configs):
                 continue
             lines += [f"### `{name}`", "", shape_line(name, w), ""] + table(w, configs, peer) + [""]
+            warm = dict(rows(w, "ours-warm"))
+            if kind.startswith("Warm") and warm:
+                s = next(iter(warm.values()))
+                pre = w.get("prefix_prefill")
+                lines += [f"Ours restored the {s[0]['prefix_tokens']}-token prefix state from disk in "
+                          f"{med(s, 'restore_s') * 1e3:.0f} ms (median)"
+                          + (f", where `infer-batch cache warm` prefilled it in {pre['ms'] / 1e3:.1f} s"
+                             if pre else "") + ".", ""]
             if kind.startswith("Cold"):
                 lines += where_time_went(results, name, w) + [""]
+                ours, server = dict(rows(w, "ours-cold")), dict(rows(w, "server-cold")).get(1)
+                if ours and server:
+                    o = next(iter(ours.values()))
+                    lines += [f"Per token, against llama-server at `-np 1` (medians): prefill {med(o, 'prefill_tps'):.0f} "
+                              f"against {med(server, 'prefill_tps'):.0f} tok/s (ours keeps flash attention off to "
+                              f"stay exact; llama-server's is at its default, auto), decode {med(o, 'decode_tps'):.1f} tok/s "
+                              f"aggregate against {med(server, 'decode_tps'):.1f} for its one sequence.", ""]
                 naive = best(w, "naive")
                 cold = best(w, "ours-cold")
                 if naive and cold:
