@@ -81,11 +81,10 @@ def decode_pairs(results):
     """[(batch, ours aggregate tok/s, llama-batched-bench tok/s)] at the same shape."""
     cr = results.get("criterion", {}).get("decode", {})
     bb = {r["batch"]: r for r in results.get("batched_bench", [])}
-    steps = 32
     out = []
     for b in sorted(bb):
         e = cr.get(str(b))
-        ours = b * steps / e["median_s"] if e else None
+        ours = b * bb[b]["steps"] / e["median_s"] if e else None
         out.append((b, ours, bb[b]["decode_tps"]))
     return out
 
@@ -211,10 +210,13 @@ def where_time_went(results, name, w):
     s = dict(rows(w, "ours-cold"))[b[0]]
     wall, prefill, decode, restore = (med(s, k) for k in ("wall", "prefill_s", "decode_s", "restore_s"))
     other = wall - prefill - decode - restore
-    depth = 2800 if name == "seed-shape" else 1000
+    # The ceiling's depth nearest the prefix the workload's own tokens sit behind.
+    depths = {r["depth"] for r in results.get("llama_bench", [])}
+    depth = min(depths, key=lambda d: abs(d - s[0]["prefix_tokens"]), default=None)
+    tg_test = next((r["test"] for r in results.get("llama_bench", []) if r["test"].startswith("tg")), None)
     pp = ceiling(results, "pp512", depth)
     pp_fa = ceiling(results, "pp512", depth, True)
-    tg = ceiling(results, "tg32", depth)
+    tg = ceiling(results, tg_test, depth)
     ptps, dtps = med(s, "prefill_tps"), med(s, "decode_tps")
     lines = [f"Where ours' cold run at `--parallel {b[0]}` spent its {wall:.1f} s (medians): prefill "
              f"{prefill:.1f} s ({prefill / wall * 100:.0f}%) at {ptps:.0f} tok/s, decode {decode:.1f} s "
@@ -222,7 +224,7 @@ def where_time_went(results, name, w):
              f"sampling, scheduling, output) {other:.1f} s."]
     if pp and tg:
         lines.append(f"llama-bench at depth {depth}, flash attention off as ours: pp512 {pp:.0f} tok/s (ours' prefill "
-                     f"is {ptps / pp * 100:.0f}% of it), tg32 {tg:.1f} tok/s for one sequence"
+                     f"is {ptps / pp * 100:.0f}% of it), {tg_test} {tg:.1f} tok/s for one sequence"
                      + (f"; with flash attention on, pp512 {pp_fa:.0f} tok/s" if pp_fa else "") + ".")
     return lines
 
