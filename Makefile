@@ -3,7 +3,7 @@
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test test-slurm cuda-build setup deps lint bench
+.PHONY: example test test-slurm test-vulkan cuda-build vulkan-build setup deps lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
 example: deps
@@ -25,6 +25,24 @@ test-slurm: deps
 cuda-build: deps
 	./scripts/cuda-toolkit.sh
 	. ./.cuda/env && cargo build --release --features cuda --target-dir target/cuda
+
+# The Vulkan build (AMD, Intel and NVIDIA GPUs; no GPU needed to build): the Vulkan packages and
+# newer Vulkan-Hpp headers in .vulkan/ (scripts/vulkan-sdk.sh), then the binary and its backend
+# modules in target/vulkan/release/.
+VULKAN := . ./.vulkan/env && cargo
+VULKAN_FLAGS := --release --features vulkan --target-dir target/vulkan
+
+vulkan-build: deps
+	./scripts/vulkan-sdk.sh
+	$(VULKAN) build $(VULKAN_FLAGS)
+
+# The GPU path on Mesa's lavapipe, a Vulkan device that runs on the CPU (tests/it/vulkan.rs):
+# ggml uses a CPU-type device only when GGML_VK_VISIBLE_DEVICES names it. The CPU build is made
+# too: a test checks that it never takes a state the device wrote.
+test-vulkan: vulkan-build
+	@./models/fetch.sh smollm2
+	cargo build --release
+	$(VULKAN) test $(VULKAN_FLAGS) --test it vulkan:: -- --test-threads 1
 
 setup: deps
 	@./models/fetch.sh

@@ -1,6 +1,6 @@
 //! Records which llama.cpp build the binary links, for the prefix-state files' identity: a state
-//! written by another llama.cpp version or build type is rebuilt, never loaded. For the `cuda`
-//! build, it also tells the binary where its shared libraries are.
+//! written by another llama.cpp version or build type is rebuilt, never loaded. For the GPU
+//! builds, it also tells the binary where its shared libraries are.
 
 fn main() {
     println!("cargo:rerun-if-changed=Cargo.lock");
@@ -17,19 +17,27 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
     let profile = std::env::var("LLAMA_LIB_PROFILE").unwrap_or_else(|_| "default".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_LIB_PROFILE={profile}");
-    // The `cuda` build links llama.cpp as shared libraries (its backends load at run time):
-    // look for them beside the binary, in its lib/ (where a shipped copy keeps them), then where
-    // llama-cpp-sys-2 built them, so the binary starts without LD_LIBRARY_PATH either way.
-    let cuda = std::env::var_os("CARGO_FEATURE_CUDA").is_some();
-    println!(
-        "cargo:rustc-env=INFER_BATCH_BACKENDS={}",
-        if cuda {
-            "CUDA and CPU backends loaded at run time"
-        } else {
-            "CPU backend"
-        }
-    );
-    if cuda {
+    // The GPU builds (`cuda`, `vulkan`) link llama.cpp as shared libraries, its backends
+    // modules loaded at run time: look for them beside the binary, in its lib/ (where a shipped
+    // copy keeps them), then where llama-cpp-sys-2 built them, so the binary starts without
+    // LD_LIBRARY_PATH either way.
+    println!("cargo::rustc-check-cfg=cfg(backend_modules)");
+    let gpu: Vec<&str> = ["cuda", "vulkan"]
+        .into_iter()
+        .filter(|f| std::env::var_os(format!("CARGO_FEATURE_{}", f.to_uppercase())).is_some())
+        .collect();
+    println!("cargo:rustc-env=INFER_BATCH_GPU_BACKEND={}", gpu.join("+"));
+    let backends = if gpu.is_empty() {
+        "CPU backend".to_owned()
+    } else {
+        format!(
+            "{} and CPU backends loaded at run time",
+            gpu.join(", ").to_uppercase()
+        )
+    };
+    println!("cargo:rustc-env=INFER_BATCH_BACKENDS={backends}");
+    if !gpu.is_empty() {
+        println!("cargo:rustc-cfg=backend_modules");
         let mut rpath = "$ORIGIN:$ORIGIN/lib".to_owned();
         if let Some(backends) = std::env::var_os("DEP_LLAMA_BACKENDS_DIR") {
             let built = std::path::Path::new(&backends).with_file_name("lib");

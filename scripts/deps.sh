@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Checks the system packages the llama.cpp build needs (cmake, clang, libclang) and installs the
 # missing ones with apt-get when run as root; otherwise names the command to run.
+#
+#   scripts/deps.sh           the CPU build's packages
+#   scripts/deps.sh vulkan    and the Vulkan build's: the loader, the shader compiler, SPIR-V
+#                             headers, and Mesa's drivers (lavapipe, for the tests)
 set -euo pipefail
 
 packages=(cmake clang libclang-dev)
@@ -10,6 +14,13 @@ command -v clang >/dev/null 2>&1 || missing+=(clang)
 # bindgen loads libclang at build time.
 if ! ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/*/libclang*.so* >/dev/null 2>&1; then
     missing+=(libclang-dev)
+fi
+if [ "${1:-}" = vulkan ]; then
+    packages+=(libvulkan-dev glslc spirv-headers mesa-vulkan-drivers)
+    [ -e /usr/include/vulkan/vulkan.h ] || missing+=(libvulkan-dev)
+    command -v glslc >/dev/null 2>&1 || missing+=(glslc)
+    [ -d /usr/include/spirv ] || missing+=(spirv-headers)
+    ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
 fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed; install the Rust toolchain (rustup) first." >&2

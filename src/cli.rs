@@ -208,8 +208,9 @@ pub struct CommonArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub seed: u64,
 
-    /// Model layers offloaded to the GPU [default: all with the `cuda` feature, else 0].
-    #[arg(long, value_name = "N")]
+    /// Model layers offloaded to the GPU, a number or `all` [default: all on a GPU build
+    /// (`cuda`, `vulkan`), else 0]. Fewer are offloaded when the plan does not fit the VRAM.
+    #[arg(long, value_name = "N|all", value_parser = parse_layers)]
     pub gpu_layers: Option<u32>,
 
     /// Naive baseline: every request computes its whole prompt, nothing is shared.
@@ -271,6 +272,11 @@ pub struct CommonArgs {
     /// does not fit runs with fewer slots, or not at all.
     #[arg(long, value_name = "BYTES")]
     pub memory_budget: Option<u64>,
+
+    /// VRAM the run may use on the first GPU, in bytes [default: 90% of what it has free at
+    /// start]. Offloaded layers that do not fit come down, after --parallel.
+    #[arg(long, value_name = "BYTES")]
+    pub vram_budget: Option<u64>,
 
     /// Scan the input, print the plan and its memory footprint as JSON, and exit.
     #[arg(long)]
@@ -353,6 +359,8 @@ pub struct RunConfig {
     pub supervise: bool,
     /// Memory budget override.
     pub memory_budget: Option<u64>,
+    /// VRAM budget override.
+    pub vram_budget: Option<u64>,
     /// Plan only.
     pub dry_run: bool,
     /// Show progress on stderr (`infer-batch bench` shows its own).
@@ -457,6 +465,7 @@ impl CommonArgs {
             fsync_every: std::time::Duration::from_millis(self.fsync_interval_ms),
             supervise: self.supervise,
             memory_budget: self.memory_budget,
+            vram_budget: self.vram_budget,
             dry_run: self.dry_run,
             progress: true,
             fields: FieldPolicy {
@@ -478,8 +487,22 @@ pub fn decode_step_rows(parallel: u32, deterministic: bool) -> u32 {
     }
 }
 
-/// All layers go to the GPU on a CUDA build; a CPU build has nowhere to put them.
-const DEFAULT_GPU_LAYERS: u32 = if cfg!(feature = "cuda") { u32::MAX } else { 0 };
+/// All layers go to the GPU on a GPU build; a CPU build has nowhere to put them.
+const DEFAULT_GPU_LAYERS: u32 = if env!("INFER_BATCH_GPU_BACKEND").is_empty() {
+    0
+} else {
+    u32::MAX
+};
+
+/// `--gpu-layers`: a count, or `all` (as many as the model has).
+fn parse_layers(value: &str) -> Result<u32, String> {
+    if value == "all" {
+        return Ok(u32::MAX);
+    }
+    value
+        .parse()
+        .map_err(|_| format!("`{value}` is neither a layer count nor `all`"))
+}
 
 /// `in.jsonl` → `in.results.jsonl`; any other name gets `.results.jsonl` appended.
 pub fn default_output(input: &Path) -> PathBuf {

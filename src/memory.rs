@@ -123,72 +123,95 @@ pub fn mib(bytes: u64) -> String {
     format!("{:.0} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
-/// One GPU's memory, as NVML reports it.
+/// One GPU's memory at one reading.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuMemory {
-    /// Device index.
+    /// Device index among the GPUs, in the order offloaded layers take.
     pub index: u32,
-    /// Device name.
+    /// The backend's name for it (`CUDA0`, `Vulkan0`).
+    pub device: String,
+    /// What it is (`NVIDIA H200`, `llvmpipe (LLVM 15.0.6, 256 bits)`).
     pub name: String,
     /// Unallocated bytes.
     pub free: u64,
     /// Installed bytes.
     pub total: u64,
+    /// Who measured it: `nvml`, or `ggml` (the backend's own device memory query).
+    pub source: &'static str,
 }
 
-/// Free VRAM per NVIDIA device.
-///
-/// # Errors
-/// When there is no NVIDIA driver or NVML library: the caller plans for the CPU.
-pub fn gpu_memory() -> Result<Vec<GpuMemory>, String> {
-    let nvml = nvml_wrapper::Nvml::init().map_err(|e| e.to_string())?;
-    read_devices(&nvml)
+/// Free VRAM per GPU, from the backend's own device memory query (CUDA's, Vulkan's), so every
+/// backend is planned the same way. Where NVML knows the device (an NVIDIA GPU, matched by its
+/// PCI bus id), its reading is taken instead: NVML counts every process on the device. Empty
+/// where no GPU backend has a device.
+pub fn gpu_memory() -> Vec<GpuMemory> {
+    read_gpus(nvml().as_ref())
 }
 
-fn read_devices(nvml: &nvml_wrapper::Nvml) -> Result<Vec<GpuMemory>, String> {
-    let count = nvml.device_count().map_err(|e| e.to_string())?;
-    (0..count)
-        .map(|index| {
-            let device = nvml.device_by_index(index).map_err(|e| e.to_string())?;
-            let info = device.memory_info().map_err(|e| e.to_string())?;
-            Ok(GpuMemory {
+/// NVML, where an NVIDIA driver is.
+fn nvml() -> Option<nvml_wrapper::Nvml> {
+    nvml_wrapper::Nvml::init().ok()
+}
+
+fn read_gpus(nvml: Option<&nvml_wrapper::Nvml>) -> Vec<GpuMemory> {
+    crate::engine::gpu_devices()
+        .into_iter()
+        .zip(0..)
+        .map(|(d, index)| {
+            let measured = nvml
+                .zip(d.pci_bus_id.as_deref())
+                .and_then(|(nvml, bus)| nvml.device_by_pci_bus_id(bus).ok())
+                .and_then(|dev| dev.memory_info().ok());
+            let (free, total, source) =
+                measured.map_or((d.free, d.total, "ggml"), |m| (m.free, m.total, "nvml"));
+            GpuMemory {
                 index,
-                name: device.name().unwrap_or_default(),
-                free: info.free,
-                total: info.total,
-            })
+                device: d.name,
+                name: d.description,
+                free,
+                total,
+                source,
+            }
         })
         .collect()
 }
 
-/// One GPU's memory over a run, as NVML read it.
+/// One GPU's memory over a run, as read while it went.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct GpuUse {
-    /// Device index.
+    /// Device index among the GPUs.
     pub index: u32,
-    /// Device name.
+    /// The backend's name for it (`CUDA0`, `Vulkan0`).
+    pub device: String,
+    /// What it is (`NVIDIA H200`, `llvmpipe (...)`).
     pub name: String,
+    /// Who measured it: `nvml` or `ggml`.
+    pub source: &'static str,
     /// Installed bytes.
     pub total_bytes: u64,
-    /// Bytes in use at the last reading (by every process on the device).
-    pub used_bytes: u64,
-    /// The most in use at any reading.
-    pub peak_used_bytes: u64,
+    /// Bytes in use at the last reading (by every process on the device, where NVML reads
+    /// it; as the backend accounts them otherwise). `None` where the device reports none in use
+    /// although this run's layers are on it: it does not report its use (a Vulkan device
+    /// without the memory-budget extension, such as lavapipe, reports its size as free).
+    pub used_bytes: Option<u64>,
+    /// The most in use at any reading, where the device reports its use.
+    pub peak_used_bytes: Option<u64>,
 }
 
-/// Reads VRAM through NVML while a run goes, at most once a second, and keeps each GPU's peak.
-/// Without an NVIDIA driver it reads nothing.
+/// Reads VRAM while a run goes, at most once a second, and keeps each GPU's peak.
 pub struct VramMonitor {
+    watch: bool,
     nvml: Option<nvml_wrapper::Nvml>,
     gpus: Vec<GpuUse>,
     last: Option<Instant>,
 }
 
 impl VramMonitor {
-    /// Opens NVML when `watch` (layers are offloaded) and a driver is there.
+    /// Watches when `watch` (layers are offloaded); NVML is opened once, where a driver is.
     pub fn new(watch: bool) -> Self {
         Self {
-            nvml: watch.then(|| nvml_wrapper::Nvml::init().ok()).flatten(),
+            watch,
+            nvml: watch.then(nvml).flatten(),
             gpus: Vec::new(),
             last: None,
         }
@@ -199,11 +222,9 @@ impl VramMonitor {
         let due = self
             .last
             .is_none_or(|t| t.elapsed() >= Duration::from_secs(1));
-        if let (true, Some(nvml)) = (due, &self.nvml) {
+        if self.watch && due {
             self.last = Some(Instant::now());
-            if let Ok(devices) = read_devices(nvml) {
-                record(&mut self.gpus, &devices);
-            }
+            record(&mut self.gpus, &read_gpus(self.nvml.as_ref()));
         }
         &self.gpus
     }
@@ -217,7 +238,9 @@ impl VramMonitor {
 /// Folds a reading into each GPU's use: the latest, and the peak.
 fn record(gpus: &mut Vec<GpuUse>, devices: &[GpuMemory]) {
     for d in devices {
-        let used = d.total.saturating_sub(d.free);
+        // Readings are taken only while layers are on the device, so nothing in use means
+        // the device does not say.
+        let used = Some(d.total.saturating_sub(d.free)).filter(|&u| u > 0);
         match gpus.iter_mut().find(|g| g.index == d.index) {
             Some(g) => {
                 g.used_bytes = used;
@@ -225,7 +248,9 @@ fn record(gpus: &mut Vec<GpuUse>, devices: &[GpuMemory]) {
             }
             None => gpus.push(GpuUse {
                 index: d.index,
+                device: d.device.clone(),
                 name: d.name.clone(),
+                source: d.source,
                 total_bytes: d.total,
                 used_bytes: used,
                 peak_used_bytes: used,
@@ -451,15 +476,6 @@ mod tests {
         assert_eq!(gpu_share(&f, u32::MAX, 30), 300 + 600 + 10);
     }
 
-    #[test]
-    fn no_nvidia_driver_is_an_error_not_a_panic() {
-        // On a machine without NVML this says why; with one it lists the devices.
-        match gpu_memory() {
-            Ok(devices) => assert!(devices.iter().all(|d| d.free <= d.total)),
-            Err(reason) => assert!(!reason.is_empty()),
-        }
-    }
-
     fn fake(kv_per_slot: u64) -> impl FnMut(usize) -> Result<Footprint, ()> {
         move |p| {
             Ok(Footprint {
@@ -505,32 +521,32 @@ mod tests {
 
     #[test]
     fn vram_readings_keep_each_gpus_peak() {
-        let reading = |free0, free1| {
-            vec![
-                GpuMemory {
-                    index: 0,
-                    name: "H100".into(),
-                    free: free0,
-                    total: 100,
-                },
-                GpuMemory {
-                    index: 1,
-                    name: "H100".into(),
-                    free: free1,
-                    total: 100,
-                },
-            ]
+        let gpu = |index, free| GpuMemory {
+            index,
+            device: format!("Vulkan{index}"),
+            name: "H100".into(),
+            free,
+            total: 100,
+            source: "ggml",
         };
+        let reading = |free0, free1| vec![gpu(0, free0), gpu(1, free1)];
         let mut gpus = Vec::new();
         record(&mut gpus, &reading(90, 50));
         record(&mut gpus, &reading(20, 70));
         record(&mut gpus, &reading(60, 80));
-        assert_eq!(
+        let use_of = |gpus: &[GpuUse]| {
             gpus.iter()
                 .map(|g| (g.used_bytes, g.peak_used_bytes))
-                .collect::<Vec<_>>(),
-            vec![(40, 80), (20, 50)]
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            use_of(&gpus),
+            vec![(Some(40), Some(80)), (Some(20), Some(50))]
         );
+        // A device that reports its whole size free does not report its use.
+        let mut silent = Vec::new();
+        record(&mut silent, &reading(100, 100));
+        assert_eq!(use_of(&silent), vec![(None, None), (None, None)]);
         assert!(VramMonitor::new(false).sample().is_empty(), "not watched");
     }
 

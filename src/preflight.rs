@@ -61,7 +61,7 @@ pub struct Preflight {
     pub parallel: usize,
     /// Layers to offload, possibly fewer than asked for so the plan fits the GPU.
     pub gpu_layers: u32,
-    /// With offloaded layers and NVML: (VRAM the plan needs, VRAM it may use).
+    /// With offloaded layers and a VRAM budget: (VRAM the plan needs, VRAM it may use).
     pub vram: Option<(u64, u64)>,
 }
 
@@ -102,6 +102,7 @@ pub fn preflight(
     cfg: &RunConfig,
     model: &Model,
     prompts: &mut PromptBuilder<'_>,
+    on_new_prefix: impl FnMut(PrefixKey, &[Token]),
 ) -> Result<Preflight> {
     let file = File::open(&cfg.input)
         .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
@@ -113,7 +114,7 @@ pub fn preflight(
         prompts,
         cfg,
         info.n_ctx_train as usize,
-        |_, _| {},
+        on_new_prefix,
     )?;
     let budget = match (cfg.memory_budget, system_memory()) {
         (Some(b), _) => b,
@@ -124,21 +125,13 @@ pub fn preflight(
         }
     };
     let flash_attn = cfg.flash_attn != FlashAttn::Off;
-    // Free VRAM on the first GPU, when layers are offloaded and NVML can tell.
-    let gpu_layers = offloadable_layers(cfg.gpu_layers);
-    let vram = (gpu_layers > 0)
-        .then(|| match gpu_memory() {
-            Ok(devices) if !devices.is_empty() => Some(devices[0].free / 10 * 9),
-            Ok(_) => {
-                tracing::warn!("NVML lists no NVIDIA GPU; planning VRAM is left to llama.cpp");
-                None
-            }
-            Err(e) => {
-                tracing::warn!("no NVML ({e}); planning VRAM is left to llama.cpp");
-                None
-            }
-        })
-        .flatten();
+    // llama.cpp counts the output layer as one more: n_layer + 1 offloads everything.
+    let gpu_layers = offloadable_layers(cfg.gpu_layers).min(info.n_layer + 1);
+    let vram = if gpu_layers > 0 {
+        vram_budget(cfg)
+    } else {
+        None
+    };
     let layout = if cfg.deterministic {
         KvLayout::Streams
     } else {
@@ -220,24 +213,52 @@ pub fn preflight(
     })
 }
 
+/// VRAM the plan may use on the first GPU: `--vram-budget`, else 90% of what the GPU has free
+/// (as its backend, or NVML, reports it).
+fn vram_budget(cfg: &RunConfig) -> Option<u64> {
+    if cfg.vram_budget.is_some() {
+        return cfg.vram_budget;
+    }
+    match gpu_memory().first() {
+        Some(gpu) => Some(gpu.free / 10 * 9),
+        None => {
+            tracing::warn!("no GPU reports its free memory; planning VRAM is left to llama.cpp");
+            None
+        }
+    }
+}
+
 /// The layers a run can offload: `requested`, or none where no GPU backend has a device (a
-/// CPU build, or a CUDA build on a machine without a GPU or driver), which it says once.
+/// CPU build, or a GPU build on a machine without a GPU or driver), which it says once.
 pub fn offloadable_layers(requested: u32) -> u32 {
     if requested == 0 || gpu_available() {
         return requested;
     }
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| {
-        tracing::warn!(
-            "no GPU: {}; running on the CPU",
-            if cfg!(feature = "cuda") {
-                "the CUDA backend found no device or driver"
-            } else {
-                "this build has no GPU backend (build with --features cuda)"
+        let why = match env!("INFER_BATCH_GPU_BACKEND") {
+            "" => "this build has no GPU backend (build with --features cuda or vulkan)",
+            "vulkan" => {
+                "the Vulkan backend found no GPU (a CPU-type device such as lavapipe is used \
+                 only when GGML_VK_VISIBLE_DEVICES names it)"
             }
-        );
+            _ => "the GPU backend found no device or driver",
+        };
+        tracing::warn!("no GPU: {why}; running on the CPU");
     });
     0
+}
+
+/// The model with `gpu_layers` offloaded, loaded once the plan has fitted them; `None` when
+/// nothing is offloaded and the planning model (loaded on the CPU) serves.
+///
+/// # Errors
+/// When the model cannot be loaded with its layers on the GPU.
+pub fn load_offloaded(cfg: &RunConfig, gpu_layers: u32) -> Result<Option<Model>> {
+    if gpu_layers == 0 {
+        return Ok(None);
+    }
+    Ok(Some(load_model(cfg, gpu_layers)?.0))
 }
 
 /// `--dry-run`: loads the model, scans the input and returns the plan, touching no output.
@@ -247,7 +268,7 @@ pub fn offloadable_layers(requested: u32) -> u32 {
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
     let (model, renderer) = load_model(cfg, 0)?;
     let mut prompts = PromptBuilder::new(&model, &renderer);
-    preflight(cfg, &model, &mut prompts)
+    preflight(cfg, &model, &mut prompts, |_, _| {})
 }
 
 /// Opens the prefix state store for this model and layout; without one the run goes on,

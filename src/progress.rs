@@ -49,10 +49,12 @@ impl Progress {
         ) + &gpus
             .iter()
             .map(|g| {
+                // "llvmpipe (LLVM 15.0.6, 256 bits)" reads as "llvmpipe" here.
+                let name = g.name.split(" (").next().unwrap_or_default();
                 format!(
-                    ", GPU{} {} of {}",
-                    g.index,
-                    mib(g.used_bytes),
+                    ", {} {name} {} of {}",
+                    g.device,
+                    g.used_bytes.map_or_else(|| "?".into(), mib),
                     mib(g.total_bytes)
                 )
             })

@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use crate::checkpoint;
 use crate::cli::RunConfig;
 use crate::digest::sha256_file_hex;
-use crate::engine::SessionSettings;
+use crate::engine::{RowDependence, Session, SessionSettings};
 use crate::grammar::Grammars;
 use crate::job::{prepare, Limits};
 use crate::lock::OutputLock;
@@ -22,11 +22,11 @@ use crate::metrics::Metrics;
 use crate::output::{error_line, model_name, success_line};
 use crate::plan::KvLayout;
 use crate::prefix_store::model_sha256;
-use crate::preflight::{load_model, open_store, preflight, vram_json, Preflight};
+use crate::preflight::{load_model, load_offloaded, open_store, preflight, vram_json, Preflight};
 use crate::progress::Progress;
 use crate::prompt::PromptBuilder;
 use crate::request::{ErrorCode, LineError, RequestReader};
-use crate::scheduler::{Admission, Exact, Job, Outcome, Scheduler};
+use crate::scheduler::{Admission, Exact, Job, Outcome, Scheduler, EXACT_MAX_ROWS};
 use crate::sink::Sink;
 use crate::summary;
 use crate::worker::{abort_if_poisoned, Event, Reporter, WorkerEnv};
@@ -117,14 +117,9 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         parallel,
         gpu_layers,
         vram,
-    } = preflight(cfg, &planning, &mut prompts)?;
-    let offloaded;
-    let model = if gpu_layers > 0 {
-        offloaded = load_model(cfg, gpu_layers)?.0;
-        &offloaded
-    } else {
-        &planning
-    };
+    } = preflight(cfg, &planning, &mut prompts, |_, _| {})?;
+    let offloaded = load_offloaded(cfg, gpu_layers)?;
+    let model = offloaded.as_ref().unwrap_or(&planning);
     manifest.input.total = demand.lines;
     manifest.record_run(RunRecord {
         started_unix: unix_now(),
@@ -164,20 +159,17 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     let mut session = model.new_session(&settings)?;
     let exact = match plan.layout {
         KvLayout::Unified => None,
-        KvLayout::Streams => {
-            // The pad stream follows the slots, so slots and pad are consecutive sequences.
-            let pad = i32::try_from(parallel)?;
-            let probe: Vec<i32> = (0..=pad).collect();
-            let invariant = session.rows_are_batch_invariant(&probe)?;
-            // Test hook: the fixed-shape path, on kernels that would not need it.
-            let forced = std::env::var_os(FIXED_SHAPE_ENV).is_some();
-            tracing::debug!(invariant, forced, "decode group probe");
-            Some(Exact {
-                pad_seq: pad,
-                fixed_shape: forced || !invariant,
-            })
-        }
+        KvLayout::Streams => Some(exact_mode(&mut session, parallel)?),
     };
+    let decode_groups = decode_groups(exact);
+    tracing::info!(
+        "decode groups: {decode_groups}{}",
+        match exact.map(|e| e.fixed_block) {
+            Some(None) => " (the probe found rows independent of their batch-mates)",
+            Some(Some(_)) => " (the probe found rows that depend on how many share a call)",
+            None => "",
+        }
+    );
     let mut scheduler = Scheduler::new(
         &mut session,
         parallel,
@@ -305,11 +297,39 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         "parallel": parallel,
         "gpu_layers": gpu_layers,
         "vram": vram_json(vram),
-        // Sampled through NVML while the run went: each GPU's last reading and peak.
+        // Sampled while the run went (NVML, else the backend's query): each GPU's last reading
+        // and peak.
         "vram_use": vram_monitor.gpus(),
     });
+    summary["decode_groups"] = decode_groups.into();
     summary::write(&summary::summary_path(&cfg.output), &summary)?;
     Ok(report)
+}
+
+/// Exact mode's decode groups, as the start-up probe finds this device's kernels.
+fn exact_mode(session: &mut Session<'_>, parallel: usize) -> Result<Exact> {
+    // The pad stream follows the slots, so slots and pad are consecutive sequences.
+    let pad = i32::try_from(parallel)?;
+    let probe: Vec<i32> = (0..=pad).collect();
+    let fixed_block = match session.decode_group_probe(&probe)? {
+        RowDependence::SameFrom2UpTo(rows) => Some(rows),
+        // Test hook: the fixed-shape path, on kernels that would not need it.
+        RowDependence::None if std::env::var_os(FIXED_SHAPE_ENV).is_some() => Some(EXACT_MAX_ROWS),
+        RowDependence::None => None,
+    };
+    Ok(Exact {
+        pad_seq: pad,
+        fixed_block,
+    })
+}
+
+/// How exactness is kept, as the summary says it.
+fn decode_groups(exact: Option<Exact>) -> String {
+    match exact.map(|e| e.fixed_block) {
+        None => "mixed (not deterministic)".to_owned(),
+        Some(None) => "any shape".to_owned(),
+        Some(Some(rows)) => format!("fixed-shape, 2 to {rows} rows a call"),
+    }
 }
 
 /// Test hook: with this environment variable set, deterministic runs decode generated tokens

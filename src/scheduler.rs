@@ -91,10 +91,13 @@ pub struct Exact {
     /// The sequence right after the last slot, with a KV stream of its own: it completes a
     /// block when there is a single slot.
     pub pad_seq: SeqId,
-    /// Decode generated tokens in fixed-shape calls: every block of up to [`EXACT_MAX_ROWS`]
-    /// consecutive slots in full, with a dummy row for each slot that is not generating. Needed
-    /// where a row's logits depend on how many rows share its call (the start-up probe tells).
-    pub fixed_shape: bool,
+    /// Decode generated tokens in fixed-shape calls: blocks of at most this many consecutive
+    /// slots, each decoded in full with a dummy row for each slot that is not generating, a
+    /// lone slot padded with a dummy row. Every call then holds 2 to this many rows, whatever
+    /// `--parallel` and whichever slots generate. Needed where a row's logits depend on how many
+    /// rows share its call; the start-up probe found every group of 2 to this many rows alike.
+    /// `None`: any group, where the probe found rows independent of their batch-mates.
+    pub fixed_block: Option<usize>,
 }
 
 /// What one decode call holds.
@@ -277,9 +280,9 @@ impl<'s, 'm> Scheduler<'s, 'm> {
     fn step_exact(&mut self, done: &mut Vec<Outcome>) {
         let Some(exact) = self.exact else { return };
         let generating = |s: &Slot| matches!(s.state, SlotState::Generating { .. });
-        let groups: Vec<Vec<usize>> = if exact.fixed_shape {
+        let groups: Vec<Vec<usize>> = if let Some(block) = exact.fixed_block {
             let all: Vec<usize> = (0..self.slots.len()).collect();
-            all.chunks(EXACT_MAX_ROWS)
+            all.chunks(block.clamp(1, EXACT_MAX_ROWS))
                 .filter(|block| block.iter().any(|&i| generating(&self.slots[i])))
                 .map(<[usize]>::to_vec)
                 .collect()
@@ -293,10 +296,11 @@ impl<'s, 'm> Scheduler<'s, 'm> {
             let mut batch = Batch::default();
             // Rows that only give the call its shape: (sequence, position), dropped after.
             // Rows go in sequence order: llama.cpp keeps consecutive sequences in one call
-            // only when they come in that order.
+            // only when they come in that order. A dummy asks for logits like a real row: the
+            // output layer multiplies only the rows that do, so its shape is part of the call's.
             let mut dummies: Vec<(SeqId, u32)> = Vec::new();
             let mut dummy = |session: &mut Session<'m>, batch: &mut Batch, seq, pos| {
-                if let Err(e) = session.push(Token(0), pos, seq, false) {
+                if let Err(e) = session.push(Token(0), pos, seq, true) {
                     batch.failure = Some(e);
                 }
                 dummies.push((seq, pos));
@@ -312,7 +316,7 @@ impl<'s, 'm> Scheduler<'s, 'm> {
                     dummy(self.session, &mut batch, self.slots[i].seq, pos);
                 }
             }
-            if exact.fixed_shape && group.len() == 1 {
+            if exact.fixed_block.is_some() && group.len() == 1 {
                 dummy(self.session, &mut batch, exact.pad_seq, 0);
             }
             self.run_batch(batch, done);

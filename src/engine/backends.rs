@@ -1,16 +1,17 @@
-//! The `cuda` build's llama.cpp backends are modules loaded at run time, so one binary serves
-//! machines with and without a GPU. This picks them: the CPU variant for this processor (as
-//! llama.cpp would, by each variant's own score) and every other backend found (CUDA).
+//! The GPU builds' (`cuda`, `vulkan`) llama.cpp backends are modules loaded at run time, so one
+//! binary serves machines with and without a GPU. This picks them: the CPU variant for this
+//! processor (as llama.cpp would, by each variant's own score) and every other backend found
+//! (CUDA, Vulkan).
 //!
 //! Unlike llama.cpp's own loader it never loads the AMX variant: on this project's VMs the
 //! processor advertises AMX and the OS enables its state, yet the first tile instruction
 //! traps (SIGILL), which would kill the run. The AVX-512 variants serve such processors.
 
-// Only the `cuda` build loads modules; the choosing is plain logic, tested in every build.
-#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+// Only the GPU builds load modules; the choosing is plain logic, tested in every build.
+#![cfg_attr(not(backend_modules), allow(dead_code))]
 
 use std::ffi::c_int;
-#[cfg(feature = "cuda")]
+#[cfg(backend_modules)]
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +21,7 @@ const SKIPPED_CPU_VARIANTS: &[&str] = &["libggml-cpu-sapphirerapids.so"];
 /// Loads the backends from the first place that has CPU variants: beside the executable, its
 /// `lib/`, or where the build put them. Never the current directory: a library planted there
 /// would run as this process.
-#[cfg(feature = "cuda")]
+#[cfg(backend_modules)]
 pub fn load() -> Result<(), String> {
     let exe_dir = std::env::current_exe()
         .ok()
@@ -51,7 +52,7 @@ pub fn load() -> Result<(), String> {
         .ok_or("no llama.cpp CPU backend variant runs on this processor")?;
     register(best)?;
     for module in &others {
-        // A module that cannot load (no CUDA runtime or driver here) is left out.
+        // A module that cannot load (no CUDA runtime or Vulkan loader here) is left out.
         let _ = register(module);
     }
     Ok(())
@@ -101,7 +102,7 @@ fn file_name(path: &Path) -> String {
 
 /// A CPU variant's own verdict on this processor: 0 where it cannot run, higher for a better
 /// fit; `None` where it does not load.
-#[cfg(feature = "cuda")]
+#[cfg(backend_modules)]
 fn score(path: &Path) -> Option<c_int> {
     // SAFETY: a ggml backend module; loading it runs only its registration constructors, and
     // `ggml_backend_score` only reads CPUID.
@@ -115,7 +116,7 @@ fn score(path: &Path) -> Option<c_int> {
 }
 
 /// Registers one backend module with llama.cpp.
-#[cfg(feature = "cuda")]
+#[cfg(backend_modules)]
 fn register(path: &Path) -> Result<(), String> {
     let c_path = CString::new(path.to_string_lossy().as_bytes())
         .map_err(|_| format!("{}: a NUL in the path", path.display()))?;

@@ -25,14 +25,16 @@ pub mod state;
 use state::{MemoryKind, SeqState};
 
 /// The llama.cpp build this binary links: the `llama-cpp-sys-2` version (which pins the
-/// llama.cpp sources), the GPU backend compiled in and the CMake build type. A `cuda` build
-/// picks its kernels at run time (the CPU variant for this processor, the GPU), so its
-/// identity also names the devices the backend found; call it after a model loaded.
+/// llama.cpp sources), the GPU backend compiled in and the CMake build type. A GPU build
+/// (`cuda`, `vulkan`) picks its kernels at run time (the CPU variant for this processor, the
+/// GPU), so its identity also names the devices the backends found; call it after a model
+/// loaded.
 pub fn llama_build() -> String {
-    let backend = if cfg!(feature = "cuda") {
-        format!("cuda [{}]", backend_devices().join("; "))
-    } else {
+    let gpu = env!("INFER_BATCH_GPU_BACKEND");
+    let backend = if gpu.is_empty() {
         "cpu".to_owned()
+    } else {
+        format!("{gpu} [{}]", backend_devices().join("; "))
     };
     format!(
         "llama-cpp-sys-2 {} {backend} {}",
@@ -41,32 +43,97 @@ pub fn llama_build() -> String {
     )
 }
 
-/// Each device of the started backend, as "name: description".
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+/// Each device of the started backends, as "name: description".
+#[cfg_attr(not(backend_modules), allow(dead_code))]
 fn backend_devices() -> Vec<String> {
-    let text = |p: *const std::ffi::c_char| {
-        if p.is_null() {
-            String::new()
-        } else {
-            // SAFETY: ggml returns NUL-terminated strings that live as long as the device.
-            unsafe { std::ffi::CStr::from_ptr(p) }
-                .to_string_lossy()
-                .into_owned()
-        }
-    };
-    // SAFETY: plain queries of ggml's device registry, indices below its count.
+    devices()
+        .into_iter()
+        .map(|d| format!("{}: {}", d.name, d.description))
+        .collect()
+}
+
+/// A NUL-terminated string of ggml's, or nothing for a null pointer.
+fn c_text(p: *const std::ffi::c_char) -> Option<String> {
+    // SAFETY: ggml returns NUL-terminated strings that live as long as the device.
+    (!p.is_null()).then(|| {
+        unsafe { std::ffi::CStr::from_ptr(p) }
+            .to_string_lossy()
+            .into_owned()
+    })
+}
+
+/// One device of the started backends, as ggml's backend-neutral device query reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// ggml's name for it: `CPU`, `CUDA0`, `Vulkan0`.
+    pub name: String,
+    /// What it is: `NVIDIA H200`, `llvmpipe (LLVM 15.0.6, 256 bits)`.
+    pub description: String,
+    /// An accelerator that layers can be offloaded to (a GPU or integrated GPU).
+    pub gpu: bool,
+    /// Its PCI bus id (`0000:c1:00.0`), where the backend knows it.
+    pub pci_bus_id: Option<String>,
+    /// Memory free now, in bytes, as the backend reports it.
+    pub free: u64,
+    /// Memory in all, in bytes.
+    pub total: u64,
+}
+
+/// Every device of the started backends, in ggml's order (the order offloaded layers take).
+fn devices() -> Vec<Device> {
+    use llama_cpp_sys_2 as sys;
+    // SAFETY: plain queries of ggml's device registry, indices below its count; the props
+    // struct is plain data that ggml fills.
     unsafe {
-        (0..llama_cpp_sys_2::ggml_backend_dev_count())
+        (0..sys::ggml_backend_dev_count())
             .map(|i| {
-                let dev = llama_cpp_sys_2::ggml_backend_dev_get(i);
-                format!(
-                    "{}: {}",
-                    text(llama_cpp_sys_2::ggml_backend_dev_name(dev)),
-                    text(llama_cpp_sys_2::ggml_backend_dev_description(dev))
-                )
+                let dev = sys::ggml_backend_dev_get(i);
+                let mut props: sys::ggml_backend_dev_props = std::mem::zeroed();
+                sys::ggml_backend_dev_get_props(dev, &raw mut props);
+                Device {
+                    name: c_text(props.name).unwrap_or_default(),
+                    description: c_text(props.description).unwrap_or_default(),
+                    gpu: matches!(
+                        props.type_,
+                        sys::GGML_BACKEND_DEVICE_TYPE_GPU | sys::GGML_BACKEND_DEVICE_TYPE_IGPU
+                    ),
+                    pci_bus_id: c_text(props.device_id),
+                    free: props.memory_free as u64,
+                    total: props.memory_total as u64,
+                }
             })
             .collect()
     }
+}
+
+/// The GPUs that layers can be offloaded to, with their memory as each backend reports it
+/// (CUDA's and Vulkan's own queries alike). Starts the backends if no model did yet.
+pub fn gpu_devices() -> Vec<Device> {
+    if backend(false).is_err() {
+        return Vec::new();
+    }
+    devices().into_iter().filter(|d| d.gpu).collect()
+}
+
+/// Positions of context the decode-group probe fills before it compares rows.
+const PROBE_DEPTH: u32 = 16;
+
+/// The largest decode group the probe compares with the pair: the most rows a decode call of
+/// generated tokens holds.
+const MAX_PROBED_GROUP: usize = 32;
+
+/// How a decoded row's logits depend on the number of rows in its decode call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowDependence {
+    /// Bit-identical at every group size probed, the lone row included.
+    None,
+    /// Every group of 2 up to this many rows gives the same row; a lone row (or a larger
+    /// group) may not.
+    SameFrom2UpTo(usize),
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 /// A token id of the loaded model's vocabulary.
@@ -121,14 +188,14 @@ fn backend(verbose: bool) -> Result<&'static LlamaBackend, EngineError> {
         .map_err(|e| EngineError::Backend(e.clone()))
 }
 
-/// With backends built as modules (the `cuda` feature), loads them.
-#[cfg(feature = "cuda")]
+/// With backends built as modules (the GPU builds), loads them.
+#[cfg(backend_modules)]
 fn load_backend_modules() -> Result<(), String> {
     backends::load()
 }
 
-#[cfg(not(feature = "cuda"))]
-#[allow(clippy::unnecessary_wraps)] // the `cuda` build's can fail
+#[cfg(not(backend_modules))]
+#[allow(clippy::unnecessary_wraps)] // the GPU builds' can fail
 fn load_backend_modules() -> Result<(), String> {
     Ok(())
 }
@@ -539,6 +606,9 @@ impl<'m> Session<'m> {
     /// [`EngineError::Decode`] when llama.cpp fails (for example, no KV cell is free).
     pub fn decode(&mut self) -> Result<(), EngineError> {
         let result = self.ctx.decode(&mut self.batch);
+        // A GPU backend queues the work and returns: wait for it here, so that the caller's
+        // clock around this call measures the computation, not its submission.
+        self.ctx.synchronize();
         self.batch.clear();
         result.map_err(|e| EngineError::Decode(e.to_string()))
     }
@@ -643,46 +713,82 @@ impl<'m> Session<'m> {
         }
     }
 
-    /// Whether a decoded row's logits are independent of how many rows share its decode call,
-    /// for every group size that decoding uses: the same token in sequence `seqs[0]`, decoded
-    /// beside 0, 1, 3, 7, 15 and 31 others (as many as `seqs` allows), must give bit-identical
-    /// logits. `seqs` must be consecutive ids, so that llama.cpp keeps each group in one call;
-    /// they are left empty. CPU kernels pass; GPU kernels pick their matrix-product and
-    /// attention kernels by row count, so they may not.
+    /// How a decoded row's logits depend on how many rows share its decode call. Every
+    /// sequence of `seqs` gets the same 16 positions of context, then the same token is decoded
+    /// in groups of 1, 2, 4, 8, 16 and 32 of them (as many as `seqs` allows), and every row of
+    /// every group is compared bit for bit with the lone row. Where one differs, groups of 2, 3,
+    /// 4, ... are compared with the pair, up to the first that differs. `seqs` must be
+    /// consecutive ids, so that llama.cpp keeps each group in one call; they are left empty.
+    /// CPU kernels are row-independent; GPU kernels pick their matrix-product and attention
+    /// kernels by row count (lavapipe: a lone row, 2 to 8 rows, and more, each differently).
     ///
     /// # Errors
     /// When a decode fails.
-    pub fn rows_are_batch_invariant(&mut self, seqs: &[SeqId]) -> Result<bool, EngineError> {
-        let token = Token(self.model.model.vocab().bos().0.max(0));
-        let mut alone: Option<Vec<f32>> = None;
-        for size in [1usize, 2, 4, 8, 16, 32] {
-            if size > seqs.len() {
+    pub fn decode_group_probe(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
+        let result = self.probe_groups(seqs);
+        for &seq in seqs {
+            self.clear_seq(seq);
+        }
+        result
+    }
+
+    fn probe_groups(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
+        let Some(&first) = seqs.first() else {
+            return Ok(RowDependence::None);
+        };
+        // Context first: at position 0 a row attends to one key, whose softmax weight is
+        // exactly 1 whatever the kernel, which would hide attention kernels that sum over the
+        // keys in an order that depends on the row count.
+        let n_vocab = u32::try_from(self.model.model.n_vocab())
+            .unwrap_or(1)
+            .max(1);
+        for p in 0..PROBE_DEPTH {
+            let token = i32::try_from((p * 7919 + 13) % n_vocab).unwrap_or(0);
+            self.push(Token(token), p, first, false)?;
+        }
+        self.decode()?;
+        for &seq in &seqs[1..] {
+            self.share_prefix(first, seq);
+        }
+        let alone = self.probe_rows(&seqs[..1])?;
+        let mut invariant = true;
+        for size in [2, 4, 8, 16, 32].into_iter().filter(|&n| n <= seqs.len()) {
+            let rows = self.probe_rows(&seqs[..size])?;
+            if !rows.iter().all(|r| same_bits(r, &alone[0])) {
+                invariant = false;
                 break;
             }
-            for &seq in &seqs[..size] {
-                self.push(token, 0, seq, seq == seqs[0])?;
-            }
-            let decoded = self.decode();
-            let row = self.logits(0);
-            for &seq in &seqs[..size] {
-                self.clear_seq(seq);
-            }
-            decoded?;
-            match &alone {
-                None => alone = Some(row),
-                Some(first) => {
-                    let same = first.len() == row.len()
-                        && first
-                            .iter()
-                            .zip(&row)
-                            .all(|(x, y)| x.to_bits() == y.to_bits());
-                    if !same {
-                        return Ok(false);
-                    }
-                }
-            }
         }
-        Ok(true)
+        if invariant {
+            return Ok(RowDependence::None);
+        }
+        // Two or more sequences, since a group of two differed.
+        let pair = self.probe_rows(&seqs[..2])?;
+        let mut up_to = 2;
+        while up_to < seqs.len().min(MAX_PROBED_GROUP) {
+            let rows = self.probe_rows(&seqs[..=up_to])?;
+            if !rows.iter().all(|r| same_bits(r, &pair[0])) {
+                break;
+            }
+            up_to += 1;
+        }
+        Ok(RowDependence::SameFrom2UpTo(up_to))
+    }
+
+    /// Decodes the probe token at [`PROBE_DEPTH`] in every sequence of `group` in one call and
+    /// returns each row's logits, then drops the token again.
+    fn probe_rows(&mut self, group: &[SeqId]) -> Result<Vec<Vec<f32>>, EngineError> {
+        for &seq in group {
+            self.push(Token(0), PROBE_DEPTH, seq, true)?;
+        }
+        let decoded = self.decode();
+        let rows = (0..group.len())
+            .map(|i| self.logits(i32::try_from(i).unwrap_or(0)))
+            .collect();
+        for &seq in group {
+            self.truncate_seq(seq, PROBE_DEPTH);
+        }
+        decoded.map(|()| rows)
     }
 
     /// The raw logits row at batch index `index` of the last decode (for tests and checks).

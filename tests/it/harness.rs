@@ -244,8 +244,17 @@ pub fn line_count(path: &Path) -> usize {
 }
 
 /// Waits until `ready` holds, for at most two minutes; false when `child` ended first.
-pub fn wait_until(child: &mut std::process::Child, mut ready: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+pub fn wait_until(child: &mut std::process::Child, ready: impl FnMut() -> bool) -> bool {
+    wait_until_secs(child, 120, ready)
+}
+
+/// [`wait_until`], for at most `secs` seconds.
+pub fn wait_until_secs(
+    child: &mut std::process::Child,
+    secs: u64,
+    mut ready: impl FnMut() -> bool,
+) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while std::time::Instant::now() < deadline {
         if ready() {
             return true;

@@ -13,3 +13,5 @@ mod resume;
 mod shards;
 mod structured;
 mod templates;
+#[cfg(feature = "vulkan")]
+mod vulkan;

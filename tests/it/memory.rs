@@ -208,7 +208,8 @@ fn offloaded_layers_are_planned_against_vram_or_said_to_be_cpu_only() {
     assert!(o.status.success(), "{o:?}");
     let plan = plan.unwrap();
     match infer_batch::memory::gpu_memory() {
-        Ok(devices) if !devices.is_empty() && cfg!(feature = "cuda") => {
+        devices if !devices.is_empty() => {
+            assert_eq!(plan["gpu_layers"], 10, "{plan}");
             assert!(
                 plan["vram"]["planned_bytes"].as_u64().unwrap() > 0,
                 "{plan}"

@@ -1,0 +1,328 @@
+//! The GPU path on a real Vulkan device: Mesa's lavapipe, which runs on the CPU (`make
+//! test-vulkan`: the `vulkan` build, with `GGML_VK_VISIBLE_DEVICES=0`). lavapipe decodes a few
+//! tokens a second, so the batch is tiny: a short system prompt, four requests, a few tokens
+//! each. Every run offloads to the device unless a test says otherwise, and every check is one
+//! the CPU suite makes too: exact outputs across `--parallel`, prefix states saved from device
+//! memory and restored, kill and resume, partial offload, and state identities that keep GPU and
+//! CPU states apart.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+/// The device the suite runs on, as ggml describes it.
+const DEVICE: &str = "llvmpipe";
+
+fn input(s: &Scratch) -> PathBuf {
+    let system = "You grade candidate profiles for a backend role. Reply with a score from 1 to 5 \
+                  and one short reason. Judge only what the profile says.";
+    let lines: Vec<String> = (0..4)
+        .map(|i| {
+            // Greedy and seeded sampling, with log probabilities: equal outputs mean equal bits.
+            let body = if i % 2 == 0 {
+                json!({"max_tokens": 4, "temperature": 0, "logprobs": true, "top_logprobs": 2})
+            } else {
+                json!({"max_tokens": 4, "temperature": 0.8, "seed": i, "logprobs": true})
+            };
+            request(&format!("c{i}"), Some(system), &short_profile(i), body)
+        })
+        .collect();
+    s.write_lines("in.jsonl", &lines)
+}
+
+fn short_profile(i: usize) -> String {
+    let langs = ["Rust", "Python", "Go", "C++"];
+    format!("{} years of {}.", 2 + i, langs[i % langs.len()])
+}
+
+/// A run's arguments on the device: the batch into `out`, with the prefix states in `cache`.
+fn args(input: &Path, out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
+    let model = model_path();
+    let mut args: Vec<String> = [
+        "--model",
+        model.to_str().unwrap(),
+        "--threads",
+        "2",
+        "--prefix-cache-dir",
+        cache.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        input.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+/// Runs to the end, with the device visible, and returns the summary.
+fn run(exe: &Path, args: &[String], visible: bool) -> Value {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args).env("INFER_BATCH_LOG", "info");
+    if visible {
+        cmd.env("GGML_VK_VISIBLE_DEVICES", "0");
+    } else {
+        cmd.env_remove("GGML_VK_VISIBLE_DEVICES");
+    }
+    let o = cmd.output().expect("run infer-batch");
+    assert!(o.status.success(), "{args:?}: {o:?}");
+    let out = Path::new(&args[args.iter().position(|a| a == "-o").unwrap() + 1]);
+    summary_of(out)
+}
+
+fn summary_of(out: &Path) -> Value {
+    let name = out.file_name().unwrap().to_string_lossy();
+    let path = out.with_file_name(format!(
+        "{}.summary.json",
+        name.strip_suffix(".jsonl").unwrap()
+    ));
+    serde_json::from_str(&std::fs::read_to_string(path).expect("a summary")).unwrap()
+}
+
+fn vulkan_exe() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_infer-batch"))
+}
+
+/// What must be equal between two runs of one request: the whole response body but its ids
+/// and clock (text, finish reason, usage, every log probability).
+fn bodies(out: &Path) -> BTreeMap<String, Value> {
+    by_key(out)
+        .into_iter()
+        .map(|(k, v)| {
+            let mut body = v["response"]["body"].clone();
+            assert!(body.is_object(), "{k} failed: {v}");
+            for volatile in ["id", "created"] {
+                body.as_object_mut().unwrap().remove(volatile);
+            }
+            (k, body)
+        })
+        .collect()
+}
+
+fn tokens(summary: &Value, field: &str) -> u64 {
+    summary["tokens"][field].as_u64().unwrap()
+}
+
+/// The first run: every layer on the device, `--parallel 1`, the prefix prefilled there and
+/// its state saved from device memory into the cache.
+struct Baseline {
+    _scratch: Scratch,
+    input: PathBuf,
+    cache: PathBuf,
+    bodies: BTreeMap<String, Value>,
+    prefix_tokens: u64,
+}
+
+fn baseline() -> &'static Baseline {
+    static BASE: OnceLock<Baseline> = OnceLock::new();
+    BASE.get_or_init(|| {
+        let s = Scratch::new();
+        let input = input(&s);
+        let cache = s.path("cache");
+        let out = s.path("base.jsonl");
+        let sum = run(
+            &vulkan_exe(),
+            &args(
+                &input,
+                &out,
+                &cache,
+                &["--gpu-layers", "all", "--parallel", "1"],
+            ),
+            true,
+        );
+        let gpu = &sum["memory"]["vram_use"][0];
+        assert!(
+            gpu["name"].as_str().unwrap().starts_with(DEVICE),
+            "the run did not see lavapipe: {sum}"
+        );
+        assert_eq!(gpu["device"], "Vulkan0", "{sum}");
+        assert_eq!(
+            sum["memory"]["gpu_layers"], 31,
+            "every layer and the output layer: {sum}"
+        );
+        // lavapipe reports its size as free whatever is allocated: no use, rather than 0.
+        assert!(
+            gpu["peak_used_bytes"].is_null() || gpu["peak_used_bytes"].as_u64().unwrap() > 0,
+            "{sum}"
+        );
+        eprintln!("lavapipe decode groups: {}", sum["decode_groups"]);
+        let prefix_tokens = tokens(&sum, "prefix_prefilled");
+        assert!(prefix_tokens > 20, "{sum}");
+        Baseline {
+            bodies: bodies(&out),
+            _scratch: s,
+            input,
+            cache,
+            prefix_tokens,
+        }
+    })
+}
+
+#[test]
+fn outputs_are_equal_across_parallel_and_a_device_state_restores_without_prefill() {
+    let _lock = model_lock();
+    let base = baseline();
+    let s = Scratch::new();
+    // In memory: the prefix computed once on the device and copied to 4 slots.
+    let out = s.path("p4.jsonl");
+    let sum = run(
+        &vulkan_exe(),
+        &args(
+            &base.input,
+            &out,
+            &s.path("own-cache"),
+            &["--parallel", "4", "--no-disk-cache"],
+        ),
+        true,
+    );
+    assert_eq!(sum["memory"]["gpu_layers"], 31, "{sum}");
+    assert_eq!(bodies(&out), base.bodies, "--parallel 4 differs from 1");
+    // From disk: the baseline's state, saved from device memory, restored onto the device.
+    let out = s.path("restored.jsonl");
+    let sum = run(
+        &vulkan_exe(),
+        &args(&base.input, &out, &base.cache, &["--parallel", "2"]),
+        true,
+    );
+    assert_eq!(tokens(&sum, "prefix_prefilled"), 0, "{sum}");
+    assert_eq!(tokens(&sum, "prefix_restored"), base.prefix_tokens, "{sum}");
+    assert_eq!(
+        bodies(&out),
+        base.bodies,
+        "a restored prefix changed outputs"
+    );
+}
+
+#[test]
+fn a_run_killed_on_the_device_resumes_to_the_uninterrupted_output() {
+    let _lock = model_lock();
+    let base = baseline();
+    let s = Scratch::new();
+    let out = s.path("killed.jsonl");
+    let a = args(&base.input, &out, &base.cache, &["--parallel", "1"]);
+    let mut child = spawn_with(&a, &[("GGML_VK_VISIBLE_DEVICES", "0")]);
+    let reached = wait_until_secs(&mut child, 600, || line_count(&out) >= 1);
+    assert!(reached, "the run ended before its first line");
+    send_signal("-KILL", i64::from(child.id()));
+    child.wait().unwrap();
+    let written = line_count(&out);
+    assert!(written < 4, "killed too late: {written} lines");
+    run(&vulkan_exe(), &a, true);
+    assert_eq!(bodies(&out), base.bodies, "the resumed output differs");
+}
+
+#[test]
+fn partial_offload_runs_and_keeps_its_own_state_identity() {
+    let _lock = model_lock();
+    let base = baseline();
+    let s = Scratch::new();
+    let out = s.path("partial.jsonl");
+    // The baseline's cache holds the full-offload state: 10 layers compute other bits, so
+    // that state must not be taken.
+    let sum = run(
+        &vulkan_exe(),
+        &args(&base.input, &out, &base.cache, &["--gpu-layers", "10"]),
+        true,
+    );
+    assert_eq!(sum["memory"]["gpu_layers"], 10, "{sum}");
+    assert_eq!(sum["requests"]["ok"], 4, "{sum}");
+    assert_eq!(
+        tokens(&sum, "prefix_prefilled"),
+        base.prefix_tokens,
+        "{sum}"
+    );
+    assert_eq!(tokens(&sum, "prefix_restored"), 0, "{sum}");
+}
+
+#[test]
+fn cache_warm_and_run_agree_on_the_state_when_layers_are_fitted_down() {
+    let _lock = model_lock();
+    let base = baseline();
+    let s = Scratch::new();
+    let cache = s.path("cache");
+    // What the plan needs on the device: the compute buffer comes with any offload, and each
+    // layer brings its share of the weights and KV cache; room for half the layers fits fewer.
+    let plan = std::process::Command::new(vulkan_exe())
+        .args(args(
+            &base.input,
+            &s.path("dry.jsonl"),
+            &cache,
+            &["--parallel", "1", "--dry-run"],
+        ))
+        .env("GGML_VK_VISIBLE_DEVICES", "0")
+        .output()
+        .unwrap();
+    assert!(plan.status.success(), "{plan:?}");
+    let plan: Value = serde_json::from_slice(&plan.stdout).unwrap();
+    assert!(
+        plan["vram"]["planned_bytes"].as_u64().unwrap() > 0,
+        "{plan}"
+    );
+    let part = |name: &str| plan["memory"][name].as_u64().unwrap();
+    let budget =
+        (part("compute_bytes") + (part("weights_bytes") + part("kv_bytes")) / 2).to_string();
+    let fitted = ["--parallel", "1", "--vram-budget", budget.as_str()];
+
+    let mut warm = vec!["cache".to_owned(), "warm".to_owned()];
+    warm.extend(args(&base.input, &s.path("warm.jsonl"), &cache, &fitted));
+    let o = std::process::Command::new(vulkan_exe())
+        .args(&warm)
+        .env("GGML_VK_VISIBLE_DEVICES", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+
+    let out = s.path("fitted.jsonl");
+    let sum = run(
+        &vulkan_exe(),
+        &args(&base.input, &out, &cache, &fitted),
+        true,
+    );
+    let layers = sum["memory"]["gpu_layers"].as_u64().unwrap();
+    assert!(layers > 0 && layers < 30, "not fitted down: {sum}");
+    assert_eq!(
+        tokens(&sum, "prefix_prefilled"),
+        0,
+        "warm's state missed: {sum}"
+    );
+    assert_eq!(tokens(&sum, "prefix_restored"), base.prefix_tokens, "{sum}");
+}
+
+#[test]
+fn a_cpu_run_never_takes_a_state_the_device_wrote() {
+    let _lock = model_lock();
+    let base = baseline();
+    let s = Scratch::new();
+    // The plain CPU build (`cargo build --release`, which `make test-vulkan` makes first), and
+    // this build with the device hidden: both prefill, beside the device's state.
+    let cpu_exe = vulkan_exe()
+        .ancestors()
+        .nth(3)
+        .map(|target| target.join("release").join("infer-batch"))
+        .unwrap();
+    assert!(
+        cpu_exe.is_file(),
+        "{} is missing: build the CPU binary first (cargo build --release)",
+        cpu_exe.display()
+    );
+    for (exe, visible) in [(cpu_exe, true), (vulkan_exe(), false)] {
+        let out = s.path("cpu.jsonl");
+        let sum = run(
+            &exe,
+            &args(&base.input, &out, &base.cache, &["--restart"]),
+            visible,
+        );
+        assert_eq!(sum["memory"]["gpu_layers"], 0, "{exe:?}: {sum}");
+        assert_eq!(
+            tokens(&sum, "prefix_prefilled"),
+            base.prefix_tokens,
+            "{exe:?}: {sum}"
+        );
+        assert_eq!(tokens(&sum, "prefix_restored"), 0, "{exe:?}: {sum}");
+    }
+}
