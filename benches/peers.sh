@@ -23,7 +23,7 @@ jobs=$(nproc)
 
 mkdir -p "$peers"
 sdist=$peers/llama_cpp_python-$version.tar.gz
-tools_src=$peers/llama-cpp-python-$version/vendor/llama.cpp
+tools_src=$peers/llama_cpp_python-$version/vendor/llama.cpp
 if [ ! -f "$sdist" ]; then
     echo "fetching the $package sdist (for the tools' sources) ..."
     python3 -m pip download --quiet --no-deps --no-binary :all: --disable-pip-version-check \

@@ -300,8 +300,8 @@ pub struct CommonArgs {
     pub chat_template: Option<String>,
 
     /// Skip request fields this version does not know instead of giving the request an error
-    /// line. Known fields that are not honoured (`n` > 1, `logprobs`, `tools`, ...) are still
-    /// refused.
+    /// line. Known fields that are not honoured (`tools`, `"stream": true`, `audio`, ...) are
+    /// still refused.
     #[arg(long)]
     pub ignore_unknown_fields: bool,
 
