@@ -210,7 +210,7 @@ run() {
     r() { "$ib" "${common[@]}" "$@" 2>>"$det/runs.log" || [ $? -eq 1 ]; }
 
     log "shared prefix against naive"
-    # The decode-group probe's verdict (fixed-shape or not) goes to runs.log.
+    # The decode-group probe's verdict (any shape, or fixed-shape and its size) goes to runs.log.
     INFER_BATCH_LOG=info,infer_batch=debug \
         r --parallel 8 --no-prefix-cache --no-disk-cache -o "$work/naive.jsonl" "$work/in.jsonl"
     r --parallel 8 --no-disk-cache -o "$work/shared.jsonl" "$work/in.jsonl"
@@ -255,7 +255,7 @@ PY
         echo "FAIL killed mid-run: the run ended before the kill" >>"$out/checks.txt"
         failed=1
     fi
-    grep -h "decode group probe\|no GPU" "$det/runs.log" | head -n 3 >>"$out/gpu-check.log" || true
+    grep -h "decode groups\|no GPU" "$det/runs.log" | head -n 3 >>"$out/gpu-check.log" || true
 
     # A dry run's CPU would take an hour over the full bench: it runs a token of it.
     local sample=64 parallel=1,8,32,64
