@@ -13,9 +13,9 @@ use common::{model, prefix_tokens, threads};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
-use infer_batch::engine::{FlashAttn, SessionSettings};
-use infer_batch::metrics::Metrics;
-use infer_batch::prefix_cache::materialize;
+use infer_batch::cache::prefix_cache::materialize;
+use infer_batch::engine::{Engine, FlashAttn, SessionSettings};
+use infer_batch::report::metrics::Metrics;
 
 const PARALLEL: [u32; 4] = [1, 2, 4, 8];
 const DEPTH: usize = 1000;
@@ -57,7 +57,7 @@ fn bench_decode(c: &mut Criterion) {
                 let mut busy = Duration::ZERO;
                 for _ in 0..iters {
                     for seq in 0..p as i32 {
-                        session.share_prefix(resident, seq);
+                        session.share_prefix(resident, seq).unwrap();
                     }
                     let t0 = Instant::now();
                     for step in 0..STEPS {
@@ -68,7 +68,7 @@ fn bench_decode(c: &mut Criterion) {
                     }
                     busy += t0.elapsed();
                     for seq in 0..p as i32 {
-                        session.clear_seq(seq);
+                        session.clear_seq(seq).unwrap();
                     }
                 }
                 busy

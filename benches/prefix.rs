@@ -10,10 +10,10 @@ mod common;
 
 use common::{model, prefix_tokens, threads};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use infer_batch::engine::{llama_build, FlashAttn, Session, SessionSettings};
-use infer_batch::metrics::Metrics;
-use infer_batch::prefix_cache::materialize;
-use infer_batch::prefix_store::{model_sha256, PrefixStore, StateIdentity};
+use infer_batch::cache::prefix_cache::materialize;
+use infer_batch::cache::prefix_store::{model_sha256, PrefixStore, StateIdentity};
+use infer_batch::engine::{llama_build, Engine, FlashAttn, Session, SessionSettings};
+use infer_batch::report::metrics::Metrics;
 
 const SIZES: [usize; 3] = [500, 1000, 2000];
 const N_BATCH: u32 = 512;
@@ -61,27 +61,27 @@ fn bench_prefix(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("cold_prefill", n), &tokens, |b, t| {
             b.iter(|| {
                 materialize(&mut session, 0, t, None, &mut metrics).unwrap();
-                session.clear_seq(0);
+                session.clear_seq(0).unwrap();
             })
         });
         // Save once, then every iteration reads, verifies and loads the file.
         materialize(&mut session, 0, &tokens, Some(&store), &mut metrics).unwrap();
-        session.clear_seq(0);
+        session.clear_seq(0).unwrap();
         group.bench_with_input(BenchmarkId::new("restore_file", n), &tokens, |b, t| {
             b.iter(|| {
                 let e = materialize(&mut session, 0, t, Some(&store), &mut metrics).unwrap();
                 assert_eq!(e.source.to_string(), "restored");
-                session.clear_seq(0);
+                session.clear_seq(0).unwrap();
             })
         });
         materialize(&mut session, 1, &tokens, None, &mut metrics).unwrap();
         group.bench_with_input(BenchmarkId::new("fork_in_memory", n), &n, |b, _| {
             b.iter(|| {
-                session.share_prefix(1, 0);
-                session.clear_seq(0);
+                session.share_prefix(1, 0).unwrap();
+                session.clear_seq(0).unwrap();
             })
         });
-        session.clear_seq(1);
+        session.clear_seq(1).unwrap();
         let bytes = std::fs::metadata(store.path_of(&tokens)).unwrap().len();
         let info = model.info();
         // f16 K and V: layers × 2 × KV heads × head dim × 2 bytes.

@@ -22,7 +22,7 @@
 #                                   ggml-base and one CUDA object; no nvidia-smi
 #
 # A device call, in this repository's root: run(command="scripts/gpu-check.sh run",
-# carry=[".gpu/bin"]) once the loads are done (see README.md, "GPU").
+# carry=[".gpu/bin"]) once the loads are done (see docs/gpu.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,25 +1,25 @@
 //! One home for hashing: SHA-256 of files and strings, the 64-bit id hashes that resume and
-//! duplicate detection keep per request, and hex.
+//! duplicate detection keep per request, the seeds requests sample with, and hex. No other
+//! module uses the `sha2` crate.
 
 use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
+
+use crate::error::{AtPath, FileError};
 
 /// SHA-256 of a file, streamed.
 ///
 /// # Errors
 /// When the file cannot be read.
-pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
-    let mut f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], FileError> {
+    let mut f = File::open(path).at("read", path)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f
-            .read(&mut buf)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f.read(&mut buf).at("read", path)?;
         if n == 0 {
             break;
         }
@@ -32,8 +32,35 @@ pub fn sha256_file(path: &Path) -> Result<[u8; 32]> {
 ///
 /// # Errors
 /// When the file cannot be read.
-pub fn sha256_file_hex(path: &Path) -> Result<String> {
+pub fn sha256_file_hex(path: &Path) -> Result<String, FileError> {
     sha256_file(path).map(hex::encode)
+}
+
+/// SHA-256 fed piece by piece, for formats that frame their own parts.
+#[derive(Default)]
+pub struct Hasher(Sha256);
+
+impl Hasher {
+    /// An empty hash.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds `bytes`, unframed.
+    pub fn update(&mut self, bytes: impl AsRef<[u8]>) -> &mut Self {
+        self.0.update(bytes.as_ref());
+        self
+    }
+
+    /// The digest.
+    pub fn finish(self) -> [u8; 32] {
+        self.0.finalize().into()
+    }
+}
+
+/// SHA-256 of bytes.
+pub fn sha256(data: impl AsRef<[u8]>) -> [u8; 32] {
+    Sha256::digest(data.as_ref()).into()
 }
 
 /// SHA-256 of length-prefixed parts, so that `["ab", "c"]` and `["a", "bc"]` differ.
@@ -51,6 +78,33 @@ pub fn sha256_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> [u8; 32] {
 pub fn hash64(data: impl AsRef<[u8]>) -> u64 {
     let digest = Sha256::digest(data.as_ref());
     u64::from_le_bytes(digest[..8].try_into().expect("sha256 has 32 bytes"))
+}
+
+/// The sampling seed of a request: its own `seed` folded to 32 bits, or one derived from the
+/// run's base seed and its `custom_id`, so a request samples the same tokens whatever its
+/// position, slot or batch-mates.
+pub fn request_seed(own: Option<u64>, base: u64, custom_id: &str) -> u32 {
+    match own {
+        Some(s) => (s ^ (s >> 32)) as u32,
+        None => {
+            let mut h = Hasher::new();
+            h.update(base.to_le_bytes()).update(custom_id);
+            seed_of(&h.finish())
+        }
+    }
+}
+
+/// The seed of choice `k` (`k` > 0) of a request seeded with `seed`: its own, so each choice
+/// draws differently and the same way every run.
+pub fn choice_seed(seed: u32, k: u32) -> u32 {
+    seed_of(&sha256_parts([
+        seed.to_le_bytes().as_slice(),
+        k.to_le_bytes().as_slice(),
+    ]))
+}
+
+fn seed_of(digest: &[u8; 32]) -> u32 {
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
 /// Lower-case hex of the first `n` bytes of `bytes` (all of them when shorter).
@@ -95,6 +149,15 @@ mod tests {
             <[u8; 32]>::from(Sha256::digest(b"weights"))
         );
         assert!(sha256_file(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn seed_comes_from_the_request_or_its_id() {
+        assert_eq!(request_seed(Some(7), 1, "a"), 7);
+        assert_eq!(request_seed(None, 1, "a"), request_seed(None, 1, "a"));
+        assert_ne!(request_seed(None, 1, "a"), request_seed(None, 1, "b"));
+        assert_ne!(request_seed(None, 1, "a"), request_seed(None, 2, "a"));
+        assert_ne!(choice_seed(5, 1), choice_seed(5, 2));
     }
 
     #[test]

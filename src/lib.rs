@@ -1,41 +1,21 @@
 //! infer-batch: offline LLM batch inference in-process on a GGUF model.
 //!
-//! A request travels one path, one module a stage:
-//! `JSONL line` ([`request`]) → prompt split into shared prefix and own suffix ([`prompt`]) →
-//! a scheduler slot ([`scheduler`], with prefixes held by [`prefix_cache`]) → llama.cpp decode
-//! ([`engine`], the only module that knows llama.cpp) → result line ([`output`], [`sink`]).
+//! A request travels one path, one folder a stage:
+//! `JSONL line` ([`input`]) → prompt split into shared prefix and own suffix ([`prompt`]) →
+//! a scheduler slot ([`schedule`], with prefixes held by [`cache`]) → llama.cpp decode
+//! ([`engine`], the only module that knows llama.cpp) → result line ([`formats`]) written
+//! durably ([`durability`]). [`plan`] sizes the context to the memory before anything runs,
+//! [`report`] measures, and [`commands`] are the entry points that tie the stages together.
 
-pub mod bench;
-pub mod checkpoint;
-pub mod cli;
-pub mod detok;
+pub mod cache;
+pub mod commands;
 pub mod digest;
-pub mod durable;
+pub mod durability;
 pub mod engine;
-pub mod fields;
-pub mod grammar;
-pub mod job;
-pub mod lock;
-pub mod manifest;
-pub mod memory;
-pub mod merge;
-pub mod metrics;
-pub mod output;
+pub mod error;
+pub mod formats;
+pub mod input;
 pub mod plan;
-pub mod prefix_cache;
-pub mod prefix_store;
-pub mod preflight;
-pub mod progress;
 pub mod prompt;
-pub mod request;
-pub mod run;
-pub mod scheduler;
-pub mod sequence;
-pub mod shard;
-pub mod sink;
-pub mod status;
-pub mod summary;
-pub mod supervise;
-pub mod template;
-pub mod warm;
-pub mod worker;
+pub mod report;
+pub mod schedule;

@@ -5,55 +5,46 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use infer_batch::cli::{CacheAction, Cli, Command};
-use infer_batch::metrics::{PrefixEvent, PrefixSource};
-use infer_batch::prefix_store;
-use infer_batch::preflight::dry_run;
-use infer_batch::run::{run, RunReport};
-use infer_batch::supervise::{attach_to_supervisor, supervise, Signals};
-use infer_batch::warm::warm;
-use infer_batch::worker::WorkerEnv;
+use infer_batch::cache::prefix_store;
+use infer_batch::commands::cli::{CacheAction, Cli, Command};
+use infer_batch::commands::outcome::RunOutcome;
+use infer_batch::commands::preflight::dry_run;
+use infer_batch::commands::run::{run, RunReport};
+use infer_batch::commands::supervise::{attach_to_supervisor, supervise, Signals};
+use infer_batch::commands::warm::warm;
+use infer_batch::commands::worker::WorkerEnv;
+use infer_batch::report::metrics::{PrefixEvent, PrefixSource};
 
-/// Every request succeeded.
-const EXIT_OK: u8 = 0;
-/// The run finished, but some requests got error lines.
-const EXIT_SOME_FAILED: u8 = 1;
-/// The run could not proceed.
-const EXIT_FATAL: u8 = 2;
-/// Stopped by SIGINT or SIGTERM; running the same command again resumes (sysexits' TEMPFAIL).
-const EXIT_INTERRUPTED: u8 = 75;
 /// Prefixes listed one by one in the summary on stderr; the rest are counted.
 const PRINTED_PREFIXES: usize = 8;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.run.common.verbose);
-    match dispatch(&cli) {
-        Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(EXIT_FATAL)
-        }
-    }
+    let outcome = dispatch(&cli).unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        RunOutcome::Fatal
+    });
+    ExitCode::from(outcome.exit_code())
 }
 
-fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
+fn dispatch(cli: &Cli) -> anyhow::Result<RunOutcome> {
     match &cli.command {
-        Some(Command::Cache { action }) => return cache(action).map(|()| EXIT_OK),
+        Some(Command::Cache { action }) => return cache(action).map(|()| RunOutcome::AllSucceeded),
         Some(Command::Status { output, json }) => {
-            println!("{}", infer_batch::status::report(output, *json)?);
-            return Ok(EXIT_OK);
+            println!("{}", infer_batch::commands::status::report(output, *json)?);
+            return Ok(RunOutcome::AllSucceeded);
         }
         Some(Command::Bench { args }) => {
             let max = args.parallel.iter().copied().max().unwrap_or(1);
             let cfg = args.common.resolve(max)?;
-            let plan = infer_batch::bench::BenchPlan {
+            let plan = infer_batch::commands::bench::BenchPlan {
                 parallel: args.parallel.clone(),
                 sample: args.sample,
                 reps: args.reps,
             };
-            let report = infer_batch::bench::bench(&cfg, &plan, &*stop_flag(true)?)?;
-            print!("{}", infer_batch::bench::table(&report));
+            let report = infer_batch::commands::bench::bench(&cfg, &plan, &*stop_flag(true)?)?;
+            print!("{}", infer_batch::commands::bench::table(&report));
             if let Some(path) = &args.json {
                 std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
                 println!("measurements: {}", path.display());
@@ -63,17 +54,17 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
                 .clone()
                 .or_else(|| args.json.as_ref().map(|j| j.with_extension("svg")));
             if let Some(path) = svg {
-                infer_batch::bench::plot(&report, &path)?;
+                infer_batch::commands::bench::plot(&report, &path)?;
                 println!("plot: {}", path.display());
             }
-            return Ok(EXIT_OK);
+            return Ok(RunOutcome::AllSucceeded);
         }
         Some(Command::Merge {
             output,
             shards,
             order,
         }) => {
-            let m = infer_batch::merge::merge(output, shards.as_deref(), *order)?;
+            let m = infer_batch::commands::merge::merge(output, shards.as_deref(), *order)?;
             eprintln!(
                 "merged {} shards: {} lines ({} failed) -> {}",
                 m.shards,
@@ -81,7 +72,7 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
                 m.failed,
                 output.display()
             );
-            return Ok(EXIT_OK);
+            return Ok(RunOutcome::AllSucceeded);
         }
         None => {}
     }
@@ -89,9 +80,9 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     if cfg.dry_run {
         println!(
             "{}",
-            serde_json::to_string_pretty(&dry_run(&cfg)?.to_json())?
+            serde_json::to_string_pretty(&dry_run(&cfg)?.dry_run())?
         );
-        return Ok(EXIT_OK);
+        return Ok(RunOutcome::AllSucceeded);
     }
     if cfg.supervise {
         let args: Vec<_> = std::env::args_os().skip(1).collect();
@@ -109,14 +100,11 @@ fn dispatch(cli: &Cli) -> anyhow::Result<u8> {
     };
     let report = run(&cfg, &stop, worker.as_ref())?;
     print_summary(&report, &cfg.output);
-    Ok(if report.interrupted {
+    let outcome = report.outcome();
+    if outcome == RunOutcome::Interrupted {
         eprintln!("interrupted: run the same command again to resume");
-        EXIT_INTERRUPTED
-    } else if report.all_ok() {
-        EXIT_OK
-    } else {
-        EXIT_SOME_FAILED
-    })
+    }
+    Ok(outcome)
 }
 
 /// SIGINT or SIGTERM asks the run to stop cleanly. With `second_kills`, a second SIGINT (a

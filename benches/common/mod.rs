@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use infer_batch::cli::physical_cores;
+use infer_batch::commands::cli::physical_cores;
 use infer_batch::engine::{Model, ModelSettings, Token};
 
 /// The default model, which `./models/fetch.sh` puts in place.

@@ -17,10 +17,13 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 
-use crate::request::Message;
+use crate::formats::message::Message;
 
 mod backends;
+mod seam;
 pub mod state;
+
+pub use seam::{Engine, Vocab};
 
 use state::{MemoryKind, SeqState};
 
@@ -170,6 +173,12 @@ pub enum EngineError {
     /// A sampler could not be built.
     #[error("could not build the sampler: {0}")]
     Sampler(String),
+    /// A KV cache operation (copy or removal of a sequence's cells) failed.
+    #[error("KV cache operation failed: {0}")]
+    Cache(String),
+    /// A sequence's state could not be serialised.
+    #[error("cannot save the sequence state: {0}")]
+    Save(String),
 }
 
 /// The llama.cpp backend initialises once per process; every model shares it.
@@ -304,10 +313,10 @@ impl Model {
     ///
     /// # Errors
     /// llama.cpp's reason.
-    pub fn check_gbnf(&self, grammar: &str) -> Result<(), String> {
+    pub fn check_gbnf(&self, grammar: &str) -> Result<(), EngineError> {
         LlamaSampler::grammar(&self.model, grammar, "root")
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(|e| EngineError::Sampler(e.to_string()))
     }
 
     /// The BOS and EOS token texts that chat templates may write.
@@ -436,26 +445,6 @@ impl Model {
             .collect()
     }
 
-    /// Whether a token ends generation.
-    pub fn is_end_of_generation(&self, token: Token) -> bool {
-        self.model.vocab().is_eog(LlamaToken(token.0))
-    }
-
-    /// The text of any token, special tokens included (`<|im_end|>`), as log probabilities
-    /// show alternatives.
-    pub fn token_piece(&self, token: Token) -> Vec<u8> {
-        self.model
-            .vocab()
-            .token_to_piece(LlamaToken(token.0), true, None)
-    }
-
-    /// Appends the bytes of a token's text to `out`; special tokens render as nothing.
-    pub fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
-        self.model
-            .vocab()
-            .token_to_piece_into(LlamaToken(token.0), out, false, None);
-    }
-
     /// Creates a context (with its KV cache) and a reusable batch.
     ///
     /// # Errors
@@ -565,101 +554,21 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
+    /// Drops the cells of `seq` from position `from` (all of them for `None`).
+    fn remove_cells(&mut self, seq: SeqId, from: Option<u32>) -> Result<(), EngineError> {
+        let seq_id = u32::try_from(seq).map_err(|e| EngineError::Cache(e.to_string()))?;
+        match self.ctx.clear_kv_cache_seq(Some(seq_id), from, None) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(EngineError::Cache(format!(
+                "sequence {seq}'s cells could not be removed"
+            ))),
+            Err(e) => Err(EngineError::Cache(e.to_string())),
+        }
+    }
+
     /// The model behind this session.
     pub fn model(&self) -> &'m Model {
         self.model
-    }
-
-    /// Tokens the batch holds at most.
-    pub fn batch_capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Tokens queued in the batch so far.
-    pub fn batch_len(&self) -> usize {
-        usize::try_from(self.batch.n_tokens()).unwrap_or(0)
-    }
-
-    /// Queues one token of sequence `seq` at position `pos`; `logits` asks for its output row.
-    /// Returns the row index that [`Session::sample`] needs when `logits` is set.
-    ///
-    /// # Errors
-    /// [`EngineError::Batch`] when the batch is full.
-    pub fn push(
-        &mut self,
-        token: Token,
-        pos: u32,
-        seq: SeqId,
-        logits: bool,
-    ) -> Result<i32, EngineError> {
-        let index = self.batch.n_tokens();
-        let pos = i32::try_from(pos).map_err(|e| EngineError::Batch(e.to_string()))?;
-        self.batch
-            .add(LlamaToken(token.0), pos, &[seq], logits)
-            .map_err(|e| EngineError::Batch(e.to_string()))?;
-        Ok(index)
-    }
-
-    /// Runs the queued batch through the model and empties it.
-    ///
-    /// # Errors
-    /// [`EngineError::Decode`] when llama.cpp fails (for example, no KV cell is free).
-    pub fn decode(&mut self) -> Result<(), EngineError> {
-        let result = self.ctx.decode(&mut self.batch);
-        // A GPU backend queues the work and returns: wait for it here, so that the caller's
-        // clock around this call measures the computation, not its submission.
-        self.ctx.synchronize();
-        self.batch.clear();
-        result.map_err(|e| EngineError::Decode(e.to_string()))
-    }
-
-    /// Empties the batch without decoding it.
-    pub fn discard_batch(&mut self) {
-        self.batch.clear();
-    }
-
-    /// Gives `dst` every cell of `src`. In a unified cache the cells are only tagged, not
-    /// copied; with a KV stream per sequence llama.cpp copies the whole stream, so `dst` gets
-    /// the same cells at the same places.
-    pub fn share_prefix(&mut self, src: SeqId, dst: SeqId) {
-        // The whole range: llama.cpp only copies whole streams.
-        let _ = self.ctx.copy_kv_cache_seq(src, dst, None, None);
-    }
-
-    /// Drops the cells of `seq` at positions `from` and after.
-    pub fn truncate_seq(&mut self, seq: SeqId, from: u32) {
-        let _ = self
-            .ctx
-            .clear_kv_cache_seq(u32::try_from(seq).ok(), Some(from), None);
-    }
-
-    /// Drops every cell of `seq`; cells still shared with another sequence stay.
-    pub fn clear_seq(&mut self, seq: SeqId) {
-        let _ = self
-            .ctx
-            .clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
-    }
-
-    /// The serialised KV state of sequence `seq`, in llama.cpp's per-sequence format as a
-    /// unified (one-stream) cache writes it, whatever this session's layout.
-    ///
-    /// # Errors
-    /// When this model's states are of an untested layout, or llama.cpp's bytes do not parse
-    /// as the layout this build knows.
-    pub fn seq_state(&self, seq: SeqId) -> Result<Vec<u8>, String> {
-        let sections = self.state_sections()?;
-        let flags = LlamaStateSeqFlags::empty();
-        let size = self.ctx.state_seq_get_size_ext(seq, flags);
-        let mut bytes = vec![0u8; size];
-        // SAFETY: the buffer holds the `size` bytes llama.cpp just said the state needs.
-        let written = unsafe {
-            self.ctx
-                .state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags)
-        };
-        bytes.truncate(written);
-        SeqState::parse(&bytes, sections)
-            .and_then(|s| s.to_one_stream())
-            .map_err(|e| e.to_string())
     }
 
     /// KV sections in this model's states; an error for layouts no test has covered.
@@ -670,66 +579,6 @@ impl<'m> Session<'m> {
                 self.memory
             )
         })
-    }
-
-    /// Loads a state produced by [`Self::seq_state`] into sequence `seq`.
-    ///
-    /// The caller must only pass bytes that this build wrote for this model and layout:
-    /// llama.cpp's loader trusts its input and may abort on malformed state.
-    ///
-    /// # Errors
-    /// [`EngineError::Restore`] when the bytes do not parse as a one-stream state of this
-    /// model's layout, or llama.cpp rejects them.
-    pub fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
-        let flags = LlamaStateSeqFlags::empty();
-        let refused = |why: String| EngineError::Restore(state.len(), why);
-        let parsed = SeqState::parse(state, self.state_sections().map_err(refused)?)
-            .map_err(|e| refused(e.to_string()))?;
-        if parsed.streams() != 1 {
-            return Err(refused("not in one-stream form".into()));
-        }
-        // A unified cache reads the one-stream form as it is; only streams need a new layout.
-        let state: std::borrow::Cow<'_, [u8]> = if self.streams > 1 {
-            let stream = u32::try_from(seq).map_err(|e| refused(e.to_string()))?;
-            parsed
-                .to_streams(self.streams, stream)
-                .map_err(|e| refused(e.to_string()))?
-                .into()
-        } else {
-            state.into()
-        };
-        // SAFETY: `state` passed the prefix store's checksum and identity checks and parses
-        // whole as a state of this model's layout and KV types, so it is what `seq_state`
-        // produced under this build, model and KV layout (with the stream count adapted).
-        let ok = unsafe { self.ctx.state_seq_set_data_ext(&state, seq, flags) };
-        if ok {
-            Ok(())
-        } else {
-            self.clear_seq(seq);
-            Err(EngineError::Restore(
-                state.len(),
-                "llama.cpp's loader refused it".into(),
-            ))
-        }
-    }
-
-    /// How a decoded row's logits depend on how many rows share its decode call. Every
-    /// sequence of `seqs` gets the same 16 positions of context, then the same token is decoded
-    /// in groups of 1, 2, 4, 8, 16 and 32 of them (as many as `seqs` allows), and every row of
-    /// every group is compared bit for bit with the lone row. Where one differs, groups of 2, 3,
-    /// 4, ... are compared with the pair, up to the first that differs. `seqs` must be
-    /// consecutive ids, so that llama.cpp keeps each group in one call; they are left empty.
-    /// CPU kernels are row-independent; GPU kernels pick their matrix-product and attention
-    /// kernels by row count (lavapipe: a lone row, 2 to 8 rows, and more, each differently).
-    ///
-    /// # Errors
-    /// When a decode fails.
-    pub fn decode_group_probe(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
-        let result = self.probe_groups(seqs);
-        for &seq in seqs {
-            self.clear_seq(seq);
-        }
-        result
     }
 
     fn probe_groups(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
@@ -748,7 +597,7 @@ impl<'m> Session<'m> {
         }
         self.decode()?;
         for &seq in &seqs[1..] {
-            self.share_prefix(first, seq);
+            self.share_prefix(first, seq)?;
         }
         let alone = self.probe_rows(&seqs[..1])?;
         let mut invariant = true;
@@ -786,7 +635,7 @@ impl<'m> Session<'m> {
             .map(|i| self.logits(i32::try_from(i).unwrap_or(0)))
             .collect();
         for &seq in group {
-            self.truncate_seq(seq, PROBE_DEPTH);
+            self.truncate_seq(seq, PROBE_DEPTH)?;
         }
         decoded.map(|()| rows)
     }
@@ -795,13 +644,195 @@ impl<'m> Session<'m> {
     pub fn logits(&self, index: i32) -> Vec<f32> {
         self.ctx.get_logits_ith(index).to_vec()
     }
+}
+
+impl Vocab for Model {
+    /// Whether a token ends generation.
+    fn is_end_of_generation(&self, token: Token) -> bool {
+        self.model.vocab().is_eog(LlamaToken(token.0))
+    }
+
+    /// The text of any token, special tokens included (`<|im_end|>`), as log probabilities
+    /// show alternatives.
+    fn token_piece(&self, token: Token) -> Vec<u8> {
+        self.model
+            .vocab()
+            .token_to_piece(LlamaToken(token.0), true, None)
+    }
+
+    /// Appends the bytes of a token's text to `out`; special tokens render as nothing.
+    fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+        self.model
+            .vocab()
+            .token_to_piece_into(LlamaToken(token.0), out, false, None);
+    }
+}
+
+impl<'m> Engine for Session<'m> {
+    type Sampler = Sampler;
+    type Vocab = Model;
+
+    fn vocab(&self) -> &Model {
+        self.model
+    }
+
+    /// Tokens the batch holds at most.
+    fn batch_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Tokens queued in the batch so far.
+    fn batch_len(&self) -> usize {
+        usize::try_from(self.batch.n_tokens()).unwrap_or(0)
+    }
+
+    /// Queues one token of sequence `seq` at position `pos`; `logits` asks for its output row.
+    /// Returns the row index that [`Session::sample`] needs when `logits` is set.
+    ///
+    /// # Errors
+    /// [`EngineError::Batch`] when the batch is full.
+    fn push(
+        &mut self,
+        token: Token,
+        pos: u32,
+        seq: SeqId,
+        logits: bool,
+    ) -> Result<i32, EngineError> {
+        let index = self.batch.n_tokens();
+        let pos = i32::try_from(pos).map_err(|e| EngineError::Batch(e.to_string()))?;
+        self.batch
+            .add(LlamaToken(token.0), pos, &[seq], logits)
+            .map_err(|e| EngineError::Batch(e.to_string()))?;
+        Ok(index)
+    }
+
+    /// Runs the queued batch through the model and empties it.
+    ///
+    /// # Errors
+    /// [`EngineError::Decode`] when llama.cpp fails (for example, no KV cell is free).
+    fn decode(&mut self) -> Result<(), EngineError> {
+        let result = self.ctx.decode(&mut self.batch);
+        // A GPU backend queues the work and returns: wait for it here, so that the caller's
+        // clock around this call measures the computation, not its submission.
+        self.ctx.synchronize();
+        self.batch.clear();
+        result.map_err(|e| EngineError::Decode(e.to_string()))
+    }
+
+    /// Empties the batch without decoding it.
+    fn discard_batch(&mut self) {
+        self.batch.clear();
+    }
+
+    /// Gives `dst` every cell of `src`. In a unified cache the cells are only tagged, not
+    /// copied; with a KV stream per sequence llama.cpp copies the whole stream, so `dst` gets
+    /// the same cells at the same places.
+    fn share_prefix(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+        // The whole range: llama.cpp only copies whole streams.
+        self.ctx
+            .copy_kv_cache_seq(src, dst, None, None)
+            .map_err(|e| EngineError::Cache(e.to_string()))
+    }
+
+    /// Drops the cells of `seq` at positions `from` and after.
+    fn truncate_seq(&mut self, seq: SeqId, from: u32) -> Result<(), EngineError> {
+        self.remove_cells(seq, Some(from))
+    }
+
+    /// Drops every cell of `seq`; cells still shared with another sequence stay.
+    fn clear_seq(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.remove_cells(seq, None)
+    }
+
+    /// The serialised KV state of sequence `seq`, in llama.cpp's per-sequence format as a
+    /// unified (one-stream) cache writes it, whatever this session's layout.
+    ///
+    /// # Errors
+    /// When this model's states are of an untested layout, or llama.cpp's bytes do not parse
+    /// as the layout this build knows.
+    fn seq_state(&self, seq: SeqId) -> Result<Vec<u8>, EngineError> {
+        let sections = self.state_sections().map_err(EngineError::Save)?;
+        let flags = LlamaStateSeqFlags::empty();
+        let size = self.ctx.state_seq_get_size_ext(seq, flags);
+        let mut bytes = vec![0u8; size];
+        // SAFETY: the buffer holds the `size` bytes llama.cpp just said the state needs.
+        let written = unsafe {
+            self.ctx
+                .state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags)
+        };
+        bytes.truncate(written);
+        SeqState::parse(&bytes, sections)
+            .and_then(|s| s.to_one_stream())
+            .map_err(|e| EngineError::Save(e.to_string()))
+    }
+
+    /// Loads a state produced by [`Self::seq_state`] into sequence `seq`.
+    ///
+    /// The caller must only pass bytes that this build wrote for this model and layout:
+    /// llama.cpp's loader trusts its input and may abort on malformed state.
+    ///
+    /// # Errors
+    /// [`EngineError::Restore`] when the bytes do not parse as a one-stream state of this
+    /// model's layout, or llama.cpp rejects them.
+    fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
+        let flags = LlamaStateSeqFlags::empty();
+        let refused = |why: String| EngineError::Restore(state.len(), why);
+        let parsed = SeqState::parse(state, self.state_sections().map_err(refused)?)
+            .map_err(|e| refused(e.to_string()))?;
+        if parsed.streams() != 1 {
+            return Err(refused("not in one-stream form".into()));
+        }
+        // A unified cache reads the one-stream form as it is; only streams need a new layout.
+        let state: std::borrow::Cow<'_, [u8]> = if self.streams > 1 {
+            let stream = u32::try_from(seq).map_err(|e| refused(e.to_string()))?;
+            parsed
+                .to_streams(self.streams, stream)
+                .map_err(|e| refused(e.to_string()))?
+                .into()
+        } else {
+            state.into()
+        };
+        // SAFETY: `state` passed the prefix store's checksum and identity checks and parses
+        // whole as a state of this model's layout and KV types, so it is what `seq_state`
+        // produced under this build, model and KV layout (with the stream count adapted).
+        let ok = unsafe { self.ctx.state_seq_set_data_ext(&state, seq, flags) };
+        if ok {
+            Ok(())
+        } else {
+            // The refusal is the error to report; a failed clear would only repeat it.
+            self.clear_seq(seq).ok();
+            Err(EngineError::Restore(
+                state.len(),
+                "llama.cpp's loader refused it".into(),
+            ))
+        }
+    }
+
+    /// How a decoded row's logits depend on how many rows share its decode call. Every
+    /// sequence of `seqs` gets the same 16 positions of context, then the same token is decoded
+    /// in groups of 1, 2, 4, 8, 16 and 32 of them (as many as `seqs` allows), and every row of
+    /// every group is compared bit for bit with the lone row. Where one differs, groups of 2, 3,
+    /// 4, ... are compared with the pair, up to the first that differs. `seqs` must be
+    /// consecutive ids, so that llama.cpp keeps each group in one call; they are left empty.
+    /// CPU kernels are row-independent; GPU kernels pick their matrix-product and attention
+    /// kernels by row count (lavapipe: a lone row, 2 to 8 rows, and more, each differently).
+    ///
+    /// # Errors
+    /// When a decode fails.
+    fn decode_group_probe(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
+        let result = self.probe_groups(seqs);
+        for &seq in seqs {
+            self.clear_seq(seq)?;
+        }
+        result
+    }
 
     /// A sampler for one choice of a request, constrained by `constraint` when it has one.
     ///
     /// # Errors
     /// [`EngineError::Sampler`] when llama.cpp refuses the grammar (it was checked before, so
     /// only a failure inside llama.cpp).
-    pub fn sampler(
+    fn sampler(
         &self,
         spec: &SamplerSpec,
         constraint: Option<&Constraint>,
@@ -812,12 +843,12 @@ impl<'m> Session<'m> {
     /// The log probability of `token` at batch row `index` of the last decode under the
     /// model's own distribution (a log-softmax of the raw logits: before temperature,
     /// truncation or grammar masks), and the `top` most likely tokens with theirs.
-    pub fn logprobs(&self, index: i32, token: Token, top: usize) -> TokenLogprobs {
+    fn logprobs(&self, index: i32, token: Token, top: usize) -> TokenLogprobs {
         log_softmax_top(self.ctx.get_logits_ith(index), token, top)
     }
 
     /// Draws the next token for the row `index` of the last decode.
-    pub fn sample(&self, sampler: &mut Sampler, index: i32) -> Token {
+    fn sample(&self, sampler: &mut Sampler, index: i32) -> Token {
         Token(sampler.inner.sample(&self.ctx, index).0)
     }
 }
@@ -905,11 +936,7 @@ impl SamplerSpec {
     pub fn for_choice(&self, k: u32) -> Self {
         let mut spec = self.clone();
         if k > 0 {
-            let d = crate::digest::sha256_parts([
-                self.seed.to_le_bytes().as_slice(),
-                k.to_le_bytes().as_slice(),
-            ]);
-            spec.seed = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            spec.seed = crate::digest::choice_seed(self.seed, k);
         }
         spec
     }

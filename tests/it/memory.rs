@@ -207,7 +207,7 @@ fn offloaded_layers_are_planned_against_vram_or_said_to_be_cpu_only() {
     let (o, plan) = dry_run(&input, &["--gpu-layers", "10"]);
     assert!(o.status.success(), "{o:?}");
     let plan = plan.unwrap();
-    match infer_batch::memory::gpu_memory() {
+    match infer_batch::plan::memory::gpu_memory() {
         devices if !devices.is_empty() => {
             assert_eq!(plan["gpu_layers"], 10, "{plan}");
             assert!(

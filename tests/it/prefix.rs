@@ -7,11 +7,11 @@
 use std::path::Path;
 
 use infer_batch::engine::state::MemoryKind;
-use infer_batch::engine::{Model, ModelSettings, Session, SessionSettings, Token};
+use infer_batch::engine::{Engine, Model, ModelSettings, Session, SessionSettings, Token};
+use infer_batch::formats::message::Message;
+use infer_batch::prompt::template::TemplateChoice;
 use infer_batch::prompt::{shared_len, PromptBuilder, Renderer};
-use infer_batch::request::Message;
-use infer_batch::scheduler::chunk_end;
-use infer_batch::template::TemplateChoice;
+use infer_batch::schedule::scheduler::chunk_end;
 
 use crate::harness::{gemma_path, model_lock, model_path, profile, rubric};
 
@@ -86,15 +86,15 @@ fn fork_and_restore_match_own_prefix(model: &Model, tokens: &[Token], split: usi
         let state = shared
             .seq_state(3)
             .expect("the state of this layout is saved");
-        shared.share_prefix(3, 0);
+        shared.share_prefix(3, 0).unwrap();
         let got = feed(&mut shared, tokens, split, split, tokens.len(), 0);
         assert!(
             same_bits(&expected, &got),
             "{layout}: fork changed the logits"
         );
 
-        shared.clear_seq(0);
-        shared.share_prefix(3, 1);
+        shared.clear_seq(0).unwrap();
+        shared.share_prefix(3, 1).unwrap();
         let again = feed(&mut shared, tokens, split, split, tokens.len(), 1);
         assert!(
             same_bits(&expected, &again),
@@ -105,7 +105,7 @@ fn fork_and_restore_match_own_prefix(model: &Model, tokens: &[Token], split: usi
         // sequence 2, then forked to a slot as a run does.
         let mut restored = session(model, kv_unified);
         restored.restore_seq_state(2, &state).unwrap();
-        restored.share_prefix(2, 1);
+        restored.share_prefix(2, 1).unwrap();
         let back = feed(&mut restored, tokens, split, split, tokens.len(), 1);
         assert!(
             same_bits(&expected, &back),

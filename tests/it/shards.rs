@@ -185,7 +185,7 @@ fn merge_refuses_duplicates_disagreement_and_missing_shards() {
                 .to_owned()
         })
         .collect();
-    let shard_of = |id: &str| infer_batch::shard::shard_of(id.as_bytes(), 2);
+    let shard_of = |id: &str| infer_batch::formats::shard::shard_of(id.as_bytes(), 2);
     let write_shard = |k: u32, seed: u64, lines: &[&String]| {
         let out = shard_out(&s, k);
         let body: String = lines

@@ -1,0 +1,369 @@
+//! Before the first decode: load the model, scan the input, plan the context and its memory,
+//! and open the prefix state store.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::BufReader;
+
+use anyhow::{Context, Result};
+
+use crate::cache::prefix_store::{PrefixStore, StateIdentity};
+use crate::commands::cli::RunConfig;
+use crate::engine::{
+    gpu_available, llama_build, FlashAttn, Model, ModelInfo, ModelSettings, SessionSettings, Token,
+};
+use crate::formats::summary::{DryRun, VramPlan};
+use crate::input::request::RequestReader;
+use crate::plan::memory::{
+    compute_bytes, fit, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Fitted,
+    Footprint, NoFit, PROCESS_ALLOWANCE,
+};
+use crate::plan::{plan, Demand, KvLayout, Plan};
+use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
+use crate::schedule::job::fits_trained_context;
+
+/// Loads the model of a run, with `gpu_layers` offloaded, and the chat template its prompts
+/// are rendered with.
+///
+/// # Errors
+/// When the model cannot be loaded, or no chat template can render its prompts: then no
+/// request could run, so the run stops before any of them gets an error line.
+pub fn load_model(cfg: &RunConfig, gpu_layers: u32) -> Result<(Model, Renderer)> {
+    let model = Model::load(&ModelSettings {
+        path: cfg.model.clone(),
+        gpu_layers,
+        verbose: cfg.verbose,
+    })?;
+    let renderer = Renderer::for_model(&model, &cfg.chat_template)
+        .map_err(|e| anyhow::anyhow!("model {}: {e}", cfg.model.display()))?;
+    tracing::debug!(template = renderer.identity(), "chat template");
+    Ok((model, renderer))
+}
+
+/// Cells one query attends over: the whole cache when unified, one stream otherwise.
+fn attention_span(plan: &Plan) -> u32 {
+    match plan.layout {
+        KvLayout::Unified => plan.n_ctx,
+        KvLayout::Streams => plan.n_ctx / plan.n_seq_max.max(1),
+    }
+}
+
+/// The plan a run uses, with its memory footprint.
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    /// What the input needs.
+    pub demand: Demand,
+    /// The context plan.
+    pub plan: Plan,
+    /// Memory the plan needs.
+    pub footprint: Footprint,
+    /// Memory it may use.
+    pub budget: u64,
+    /// Slots, possibly fewer than asked for so the plan fits.
+    pub parallel: usize,
+    /// Layers to offload, possibly fewer than asked for so the plan fits the GPU.
+    pub gpu_layers: u32,
+    /// With offloaded layers and a VRAM budget: (VRAM the plan needs, VRAM it may use).
+    pub vram: Option<(u64, u64)>,
+}
+
+impl Preflight {
+    /// The VRAM part of the plan, as the dry run and the summary report it.
+    pub fn vram_plan(&self) -> Option<VramPlan> {
+        self.vram.map(|(planned_bytes, budget_bytes)| VramPlan {
+            planned_bytes,
+            budget_bytes,
+        })
+    }
+
+    /// What `--dry-run` prints.
+    pub fn dry_run(&self) -> DryRun {
+        DryRun {
+            requests: self.demand.lines,
+            valid_requests: self.demand.requests,
+            distinct_prefixes: self.demand.distinct_prefixes,
+            parallel: self.parallel,
+            n_ctx: self.plan.n_ctx,
+            slot_budget: self.plan.slot_budget,
+            kv_layout: self.plan.layout.name().to_owned(),
+            memory: self.footprint.record(),
+            budget_bytes: self.budget,
+            gpu_layers: self.gpu_layers,
+            vram: self.vram_plan(),
+            peak_rss_bytes: peak_rss(),
+        }
+    }
+}
+
+/// Scans the input and plans the context; lowers `--parallel` until the plan fits the memory
+/// budget (`--memory-budget`, else 90% of the RAM free now).
+///
+/// # Errors
+/// When even one slot does not fit: the message gives the numbers and what to change.
+pub fn preflight(
+    cfg: &RunConfig,
+    model: &Model,
+    prompts: &mut PromptBuilder<'_>,
+    on_new_prefix: impl FnMut(PrefixKey, &[Token]),
+) -> Result<Preflight> {
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+    let info = model.info();
+    let demand = scan(
+        RequestReader::new(BufReader::new(file), cfg.fields)
+            .shard(cfg.shard)
+            .log_ignored_fields(),
+        prompts,
+        cfg,
+        info.n_ctx_train as usize,
+        on_new_prefix,
+    )?;
+    let budget = memory_budget(cfg);
+    let flash_attn = cfg.flash_attn != FlashAttn::Off;
+    // llama.cpp counts the output layer as one more: n_layer + 1 offloads everything.
+    let gpu_layers = offloadable_layers(cfg.gpu_layers).min(info.n_layer + 1);
+    let vram = if gpu_layers > 0 {
+        vram_budget(cfg)
+    } else {
+        None
+    };
+    let layout = if cfg.deterministic {
+        KvLayout::Streams
+    } else {
+        KvLayout::Unified
+    };
+    let plan_at = |parallel: usize| {
+        plan(
+            &demand,
+            parallel,
+            cfg.max_prefixes as usize,
+            cfg.prefix_cache,
+            cfg.ctx_size.map(|c| c as usize),
+            layout,
+        )
+    };
+    let fitted = fit(
+        cfg.parallel as usize,
+        gpu_layers,
+        info.n_layer,
+        budget,
+        vram,
+        |parallel| {
+            plan_at(parallel).map(|plan| Footprint {
+                weights: info.size,
+                kv: kv_bytes(&info, plan.n_ctx),
+                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
+                process: PROCESS_ALLOWANCE,
+            })
+        },
+    )?;
+    let fitted = match fitted {
+        Ok(f) => f,
+        Err(NoFit { footprint }) => anyhow::bail!(
+            "not enough memory even for one slot: the plan needs {} (weights {}, KV cache {}, \
+             compute {}, process {}) but the budget is {}. Lower max_tokens or --ctx-size, \
+             shorten the prompts, use a smaller model, free memory, or raise --memory-budget",
+            mib(footprint.total()),
+            mib(footprint.weights),
+            mib(footprint.kv),
+            mib(footprint.compute),
+            mib(footprint.process),
+            mib(budget)
+        ),
+    };
+    warn_if_lowered(cfg, &info, &fitted, budget, vram, gpu_layers);
+    let Fitted {
+        parallel,
+        gpu_layers: fitted_layers,
+        footprint,
+    } = fitted;
+    let plan = plan_at(parallel)?;
+    Ok(Preflight {
+        demand,
+        plan,
+        footprint,
+        budget,
+        parallel,
+        gpu_layers: fitted_layers,
+        vram: vram.map(|free| (gpu_share(&footprint, fitted_layers, info.n_layer), free)),
+    })
+}
+
+/// Memory the plan may use: `--memory-budget`, else 90% of the RAM free now.
+fn memory_budget(cfg: &RunConfig) -> u64 {
+    match (cfg.memory_budget, system_memory()) {
+        (Some(b), _) => b,
+        (None, Some(mem)) => mem.available / 10 * 9,
+        (None, None) => {
+            tracing::warn!("the OS does not report free memory; planning without a budget");
+            u64::MAX
+        }
+    }
+}
+
+/// Says when the plan lowered `--parallel` or the offloaded layers (from `gpu_layers`) to
+/// fit the `budget` and the free `vram`.
+fn warn_if_lowered(
+    cfg: &RunConfig,
+    info: &ModelInfo,
+    fitted: &Fitted,
+    budget: u64,
+    vram: Option<u64>,
+    gpu_layers: u32,
+) {
+    let Fitted {
+        parallel,
+        gpu_layers: fitted_layers,
+        footprint,
+    } = *fitted;
+    if parallel < cfg.parallel as usize {
+        tracing::warn!(
+            "lowered --parallel from {} to {parallel} so the plan ({}) fits the memory budget ({}){}",
+            cfg.parallel,
+            mib(footprint.total()),
+            mib(budget),
+            vram.map_or(String::new(), |free| format!(" and {} of VRAM", mib(free)))
+        );
+    }
+    if fitted_layers < gpu_layers.min(info.n_layer) {
+        tracing::warn!(
+            "offloading {fitted_layers} of {} layers so the plan fits the {} of VRAM free{}",
+            info.n_layer,
+            mib(vram.unwrap_or(0)),
+            if fitted_layers == 0 {
+                ": the run goes on the CPU"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
+/// VRAM the plan may use on the first GPU: `--vram-budget`, else 90% of what the GPU has free
+/// (as its backend, or NVML, reports it).
+fn vram_budget(cfg: &RunConfig) -> Option<u64> {
+    if cfg.vram_budget.is_some() {
+        return cfg.vram_budget;
+    }
+    match gpu_memory().first() {
+        Some(gpu) => Some(gpu.free / 10 * 9),
+        None => {
+            tracing::warn!("no GPU reports its free memory; planning VRAM is left to llama.cpp");
+            None
+        }
+    }
+}
+
+/// The layers a run can offload: `requested`, or none where no GPU backend has a device (a
+/// CPU build, or a GPU build on a machine without a GPU or driver), which it says once.
+pub fn offloadable_layers(requested: u32) -> u32 {
+    if requested == 0 || gpu_available() {
+        return requested;
+    }
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        let why = match env!("INFER_BATCH_GPU_BACKEND") {
+            "" => "this build has no GPU backend (build with --features cuda or vulkan)",
+            "vulkan" => {
+                "the Vulkan backend found no GPU (a CPU-type device such as lavapipe is used \
+                 only when GGML_VK_VISIBLE_DEVICES names it)"
+            }
+            _ => "the GPU backend found no device or driver",
+        };
+        tracing::warn!("no GPU: {why}; running on the CPU");
+    });
+    0
+}
+
+/// The model with `gpu_layers` offloaded, loaded once the plan has fitted them; `None` when
+/// nothing is offloaded and the planning model (loaded on the CPU) serves.
+///
+/// # Errors
+/// When the model cannot be loaded with its layers on the GPU.
+pub fn load_offloaded(cfg: &RunConfig, gpu_layers: u32) -> Result<Option<Model>> {
+    if gpu_layers == 0 {
+        return Ok(None);
+    }
+    Ok(Some(load_model(cfg, gpu_layers)?.0))
+}
+
+/// `--dry-run`: loads the model, scans the input and returns the plan, touching no output.
+///
+/// # Errors
+/// As [`preflight`], and when the model cannot be loaded.
+pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
+    let (model, renderer) = load_model(cfg, 0)?;
+    let mut prompts = PromptBuilder::new(&model, &renderer);
+    preflight(cfg, &model, &mut prompts, |_, _| {})
+}
+
+/// The prefix state store of `--prefix-cache-dir`, keyed for this model, build and layout.
+///
+/// # Errors
+/// When the model's memory layout is one whose states no test covers (they are never saved
+/// or restored), or the directory cannot be created.
+pub fn prefix_store(
+    cfg: &RunConfig,
+    model: &Model,
+    settings: &SessionSettings,
+    gpu_layers: u32,
+    model_sha256: [u8; 32],
+) -> Result<PrefixStore> {
+    let memory = model.memory_kind();
+    if memory.sections().is_none() {
+        anyhow::bail!(
+            "prefix states of this model's memory layout, {memory}, are not saved or restored"
+        );
+    }
+    let identity = StateIdentity {
+        model_sha256,
+        llama_build: llama_build(),
+        layout: settings.state_layout(memory, gpu_layers),
+    };
+    Ok(PrefixStore::open(
+        &cfg.prefix_cache_dir,
+        cfg.prefix_cache_max_bytes,
+        identity,
+    )?)
+}
+
+/// First pass: how many requests, which prefixes, and the largest per-request need.
+/// `on_new_prefix` sees each distinct shared prefix once.
+pub fn scan(
+    input: RequestReader<BufReader<File>>,
+    prompts: &mut PromptBuilder<'_>,
+    cfg: &RunConfig,
+    n_ctx_train: usize,
+    mut on_new_prefix: impl FnMut(PrefixKey, &[Token]),
+) -> Result<Demand> {
+    let mut demand = Demand::default();
+    // 8 bytes per distinct prefix: enough to tell them apart, small for a million.
+    let mut seen: HashSet<u64> = HashSet::new();
+    for item in input {
+        let item = item.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+        demand.lines += 1;
+        let Ok(request) = item else { continue };
+        let Ok(prompt) = prompts.build(&request.messages) else {
+            continue;
+        };
+        let max_tokens = cfg.defaults().max_tokens_for(&request);
+        if !fits_trained_context(prompt.tokens.len(), max_tokens, n_ctx_train) {
+            continue; // it gets its error in the second pass
+        }
+        demand.requests += 1;
+        let shared = match prompt.prefix_key() {
+            Some(key) if cfg.prefix_cache => {
+                if seen.insert(key.hash64()) {
+                    demand.add_prefix(prompt.shared_len, cfg.max_prefixes as usize);
+                    on_new_prefix(key, prompt.prefix());
+                }
+                prompt.shared_len
+            }
+            _ => 0,
+        };
+        demand.max_need = demand
+            .max_need
+            .max(prompt.tokens.len() - shared + max_tokens as usize);
+    }
+    Ok(demand)
+}

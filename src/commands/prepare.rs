@@ -1,0 +1,169 @@
+//! The one prepare step of `run` and `cache warm` (and so of `bench`, which runs both): check
+//! the files, load the model, plan the context, and derive from that one plan the session
+//! settings and the prefix states' identity. Both commands build them here, so a state `cache
+//! warm` writes is one the run restores.
+
+use std::fs::File;
+use std::io::BufReader;
+
+use anyhow::{Context, Result};
+
+use crate::cache::prefix_store::{model_sha256, PrefixStore};
+use crate::commands::cli::RunConfig;
+use crate::commands::preflight::{load_model, load_offloaded, prefix_store, preflight, Preflight};
+use crate::digest::sha256_file_hex;
+use crate::engine::{Model, SessionSettings, Token};
+use crate::formats::manifest::{
+    InputRecord, Manifest, ModelRecord, OutputParams, RunState, MANIFEST_VERSION,
+};
+use crate::input::request::RequestReader;
+use crate::plan::KvLayout;
+use crate::prompt::{PrefixKey, Renderer};
+
+/// The input, read request by request (the run's shard only).
+pub type Input = RequestReader<BufReader<File>>;
+
+/// Opens the input of `cfg`.
+///
+/// # Errors
+/// When the file cannot be read.
+pub fn open_input(cfg: &RunConfig) -> Result<Input> {
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+    Ok(RequestReader::new(BufReader::new(file), cfg.fields).shard(cfg.shard))
+}
+
+/// Checks that the input can be read and the model exists, and returns the model's SHA-256
+/// (memoised beside the prefix states, so a large model is not hashed at every start).
+///
+/// # Errors
+/// When the input cannot be read or the model is missing.
+pub fn check_files(cfg: &RunConfig) -> Result<[u8; 32]> {
+    open_input(cfg)?;
+    if !cfg.model.is_file() {
+        anyhow::bail!(
+            "model {} not found: run ./models/fetch.sh to fetch the default model, or pass \
+             --model with the path of a GGUF file",
+            cfg.model.display()
+        );
+    }
+    Ok(model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?)
+}
+
+/// The manifest a run of `cfg` writes beside its output, before any run is recorded.
+///
+/// # Errors
+/// When the input cannot be hashed.
+pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest> {
+    let params = OutputParams {
+        max_tokens: cfg.max_tokens,
+        temperature: cfg.temperature,
+        seed: cfg.seed,
+        batch_size: cfg.batch_size,
+        flash_attn: format!("{:?}", cfg.flash_attn).to_lowercase(),
+        gpu_layers: cfg.gpu_layers,
+        no_prefix_cache: !cfg.prefix_cache,
+        ctx_size: cfg.ctx_size,
+        deterministic: cfg.deterministic,
+        chat_template: cfg.chat_template.identity(),
+        ignore_unknown_fields: cfg.fields.ignore_unknown,
+    };
+    Ok(Manifest {
+        version: MANIFEST_VERSION,
+        input: InputRecord {
+            path: cfg.input.clone(),
+            sha256: sha256_file_hex(&cfg.input)?,
+            total: 0,
+        },
+        model: ModelRecord {
+            path: cfg.model.clone(),
+            sha256: hex::encode(model_sha256),
+        },
+        params: params.to_map(),
+        runs: Vec::new(),
+        state: RunState::Running,
+        shard: cfg.shard,
+        finished_unix: None,
+        merged_shards: None,
+    })
+}
+
+/// A model loaded and a plan fitted to the memory.
+pub struct Prepared {
+    /// The model on the CPU, loaded to plan (and to render prompts with).
+    pub planning: Model,
+    /// The model with the plan's layers offloaded, when there are any.
+    offloaded: Option<Model>,
+    /// How conversations become prompt text.
+    pub renderer: Renderer,
+    /// The plan.
+    pub preflight: Preflight,
+    /// The model file's SHA-256.
+    pub model_sha256: [u8; 32],
+}
+
+impl Prepared {
+    /// Loads the model, scans the input and plans; `on_new_prefix` sees each distinct shared
+    /// prefix once. Planned on the CPU: the layers to offload are known only once the plan
+    /// fits the GPU, and then the model is loaded again with them.
+    ///
+    /// # Errors
+    /// When the model cannot be loaded, no template renders its prompts, or even one slot
+    /// does not fit the memory.
+    pub fn load(
+        cfg: &RunConfig,
+        model_sha256: [u8; 32],
+        on_new_prefix: impl FnMut(PrefixKey, &[Token]),
+    ) -> Result<Self> {
+        let (planning, renderer) = load_model(cfg, 0)?;
+        let mut prompts = crate::prompt::PromptBuilder::new(&planning, &renderer);
+        let preflight = preflight(cfg, &planning, &mut prompts, on_new_prefix)?;
+        let offloaded = load_offloaded(cfg, preflight.gpu_layers)?;
+        Ok(Self {
+            planning,
+            offloaded,
+            renderer,
+            preflight,
+            model_sha256,
+        })
+    }
+
+    /// The model sessions run on.
+    pub fn model(&self) -> &Model {
+        self.offloaded.as_ref().unwrap_or(&self.planning)
+    }
+
+    /// The settings of a session of `n_ctx` cells for `n_seq_max` sequences, laid out as the
+    /// plan says.
+    pub fn settings(&self, cfg: &RunConfig, n_ctx: u32, n_seq_max: u32) -> SessionSettings {
+        SessionSettings {
+            n_ctx,
+            n_batch: cfg.batch_size,
+            n_seq_max,
+            threads: cfg.threads,
+            flash_attn: cfg.flash_attn,
+            kv_unified: self.preflight.plan.layout == KvLayout::Unified,
+        }
+    }
+
+    /// The settings of the run's own session: the plan's context and sequences.
+    pub fn run_settings(&self, cfg: &RunConfig) -> SessionSettings {
+        let plan = &self.preflight.plan;
+        self.settings(cfg, plan.n_ctx, plan.n_seq_max)
+    }
+
+    /// The prefix state store for states of sessions with `settings`: its identity is the
+    /// model's hash, llama.cpp's build and the layout, offloaded layers included.
+    ///
+    /// # Errors
+    /// When the model's states are of an untested layout or the directory cannot be created.
+    pub fn store(&self, cfg: &RunConfig, settings: &SessionSettings) -> Result<PrefixStore> {
+        prefix_store(
+            cfg,
+            self.model(),
+            settings,
+            self.preflight.gpu_layers,
+            self.model_sha256,
+        )
+    }
+}

@@ -1,0 +1,330 @@
+//! One batch run: lock the output, plan, then stream every request through the scheduler into
+//! the output, resuming where an earlier run of the same computation stopped.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+use crate::commands::cli::RunConfig;
+use crate::commands::outcome::RunOutcome;
+use crate::commands::preflight::Preflight;
+use crate::commands::prepare::{check_files, new_manifest, open_input, Input, Prepared};
+use crate::commands::worker::{abort_if_poisoned, Event, Reporter, WorkerEnv};
+use crate::durability::checkpoint::{self, Done};
+use crate::durability::lock::OutputLock;
+use crate::durability::sink::Sink;
+use crate::formats::line_error::LineError;
+use crate::formats::manifest::RunRecord;
+use crate::formats::result::{model_name, ResultLine};
+use crate::formats::summary::{GpuUse, MemoryRecord};
+use crate::input::request::Request;
+use crate::plan::memory::{mib, peak_rss, Pressure, VramMonitor};
+use crate::plan::KvLayout;
+use crate::prompt::grammar::Grammars;
+use crate::prompt::PromptBuilder;
+use crate::report::metrics::Metrics;
+use crate::report::progress::Progress;
+use crate::report::summary;
+use crate::schedule::admission::{admit_all, Apart, Feed, LoopEnd};
+use crate::schedule::job::{prepare, Job, Limits};
+use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// Measured counters of this run (a resumed run counts only its own work).
+    pub metrics: Metrics,
+    /// The context plan used.
+    pub plan: crate::plan::Plan,
+    /// Wall time of the whole run.
+    pub wall: Duration,
+    /// Requests already done by an earlier run and skipped.
+    pub resumed: u64,
+    /// Of those, the ones with error lines.
+    pub resumed_failed: u64,
+    /// Stopped by a signal before the end; running the same command again resumes.
+    pub interrupted: bool,
+}
+
+impl RunReport {
+    /// Whether every request in the output succeeded, earlier runs' included.
+    pub fn all_ok(&self) -> bool {
+        self.metrics.requests_failed == 0 && self.resumed_failed == 0
+    }
+
+    /// How the run ended.
+    pub fn outcome(&self) -> RunOutcome {
+        if self.interrupted {
+            RunOutcome::Interrupted
+        } else if self.all_ok() {
+            RunOutcome::AllSucceeded
+        } else {
+            RunOutcome::SomeFailed
+        }
+    }
+}
+
+/// Runs a batch end to end, resuming into an existing output of the same computation.
+/// `stop` is polled between decode steps: once set, no request is admitted, in-flight ones
+/// are dropped (a resumed run redoes them) and the run returns as interrupted. `worker` is the
+/// supervisor's context when this process is a supervised worker.
+///
+/// # Errors
+/// When the run cannot proceed: another run holds the output, unreadable input, missing model,
+/// an output that holds results of another computation, a context that cannot be allocated. A
+/// bad request is never an error here: it gets its error line and the batch goes on.
+pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Result<RunReport> {
+    let started = Instant::now();
+    let _lock = match worker {
+        Some(w) => OutputLock::inherit(&cfg.output, w.lock_fd)?,
+        None => OutputLock::acquire(&cfg.output)?,
+    };
+    let model_hash = check_files(cfg)?;
+    let mut manifest = new_manifest(cfg, model_hash)?;
+    let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
+    let prepared = Prepared::load(cfg, model_hash, |_, _| {})?;
+    let pf = &prepared.preflight;
+    manifest.input.total = pf.demand.lines;
+    manifest.record_run(RunRecord {
+        started_unix: unix_now(),
+        parallel: u32::try_from(pf.parallel)?,
+    });
+    manifest.write(&cfg.output)?;
+    log_plan(pf, done.len());
+    let settings = prepared.run_settings(cfg);
+    let store = (cfg.prefix_cache && cfg.disk_cache && pf.demand.distinct_prefixes > 0)
+        .then(|| prepared.store(cfg, &settings))
+        .and_then(|store| {
+            store
+                .map_err(|e| tracing::warn!("{e:#}; prefix states stay in memory for this run"))
+                .ok()
+        });
+    let model = prepared.model();
+    let mut session = model.new_session(&settings)?;
+    let exact = match pf.plan.layout {
+        KvLayout::Unified => None,
+        KvLayout::Streams => Some(Exact::probe(
+            &mut session,
+            pf.parallel,
+            std::env::var_os(FIXED_SHAPE_ENV).is_some(),
+        )?),
+    };
+    log_decode_groups(exact);
+    let mut scheduler = Scheduler::new(
+        &mut session,
+        pf.parallel,
+        pf.plan.resident_prefixes,
+        cfg.prefix_cache,
+        store.as_ref(),
+        exact,
+    );
+    let mut feed = RunFeed {
+        cfg,
+        input: open_input(cfg)?,
+        done: &done,
+        prompts: PromptBuilder::new(&prepared.planning, &prepared.renderer),
+        grammars: Grammars::new(model),
+        limits: Limits {
+            n_ctx_train: prepared.planning.info().n_ctx_train as usize,
+            slot_budget: pf.plan.slot_budget,
+            ctx_overridden: cfg.ctx_size.is_some(),
+            slots: pf.parallel,
+        },
+        results: Results {
+            sink: Sink::open(&cfg.output, cfg.fsync_every)?,
+            reporter: Reporter::new(worker.is_some()),
+            model_name: model_name(&cfg.model),
+            created: unix_now(),
+        },
+        progress: Progress::new(pf.demand.lines.saturating_sub(done.len()), cfg.progress),
+        pressure: Pressure::new(),
+        vram: VramMonitor::new(pf.gpu_layers > 0),
+        stop,
+        started,
+    };
+    let apart = Apart {
+        isolate: worker.map(|w| &w.isolate),
+        quarantine: worker.map(|w| &w.quarantine),
+    };
+    let end = admit_all(&mut scheduler, &mut feed, apart)?;
+    feed.progress.finish();
+    feed.results.sink.finish()?;
+    manifest.finish(end == LoopEnd::Interrupted, unix_now());
+    manifest.write(&cfg.output)?;
+    let report = RunReport {
+        metrics: scheduler.metrics.clone(),
+        plan: pf.plan,
+        wall: started.elapsed(),
+        resumed: done.len(),
+        resumed_failed: done.failed.len() as u64,
+        interrupted: end == LoopEnd::Interrupted,
+    };
+    write_summary(cfg, &report, pf, feed.vram.gpus(), exact)?;
+    Ok(report)
+}
+
+fn log_plan(pf: &Preflight, already_done: u64) {
+    tracing::info!(
+        requests = pf.demand.lines,
+        already_done,
+        prefixes = pf.demand.distinct_prefixes,
+        n_ctx = pf.plan.n_ctx,
+        slot_budget = pf.plan.slot_budget,
+        parallel = pf.parallel,
+        memory = %mib(pf.footprint.total()),
+        budget = %mib(pf.budget),
+        "planned"
+    );
+}
+
+fn log_decode_groups(exact: Option<Exact>) {
+    tracing::info!(
+        "decode groups: {}{}",
+        Exact::describe(exact),
+        match exact.map(|e| e.fixed_block) {
+            Some(None) => " (the probe found rows independent of their batch-mates)",
+            Some(Some(_)) => " (fixed-shape blocks: the probe found rows that depend on how many share a call, or the test hook asked for them)",
+            None => "",
+        }
+    );
+}
+
+/// Writes the run's summary file beside its output.
+fn write_summary(
+    cfg: &RunConfig,
+    report: &RunReport,
+    pf: &Preflight,
+    gpus: &[GpuUse],
+    exact: Option<Exact>,
+) -> Result<()> {
+    let memory = MemoryRecord {
+        peak_rss_bytes: peak_rss(),
+        planned: pf.footprint.record(),
+        budget_bytes: pf.budget,
+        parallel: pf.parallel,
+        gpu_layers: pf.gpu_layers,
+        vram: pf.vram_plan(),
+        // Sampled while the run went (NVML, else the backend's query): each GPU's last reading
+        // and peak.
+        vram_use: gpus.to_vec(),
+    };
+    let summary = summary::run_summary(
+        &report.metrics,
+        &report.plan,
+        report.wall,
+        memory,
+        Exact::describe(exact),
+    );
+    summary::write(&summary::summary_path(&cfg.output), &summary)?;
+    Ok(())
+}
+
+/// What the admission loop reads from and writes to in a run.
+struct RunFeed<'a, 'm> {
+    cfg: &'a RunConfig,
+    input: Input,
+    done: &'a Done,
+    prompts: PromptBuilder<'m>,
+    grammars: Grammars<'m>,
+    limits: Limits,
+    results: Results,
+    progress: Progress,
+    pressure: Pressure,
+    vram: VramMonitor,
+    stop: &'a AtomicBool,
+    started: Instant,
+}
+
+impl Feed for RunFeed<'_, '_> {
+    type Error = anyhow::Error;
+
+    fn next_request(&mut self) -> Result<Option<Result<Request, LineError>>> {
+        for item in self.input.by_ref() {
+            let item =
+                item.with_context(|| format!("cannot read input {}", self.cfg.input.display()))?;
+            let (id, line) = match &item {
+                Ok(r) => (Some(r.custom_id.as_str()), r.line),
+                Err(e) => (None, e.line),
+            };
+            if !self.done.contains(id, line) {
+                return Ok(Some(item));
+            }
+        }
+        Ok(None)
+    }
+
+    fn prepare(&mut self, request: Request) -> Result<Job, LineError> {
+        prepare(
+            request,
+            &mut self.prompts,
+            &mut self.grammars,
+            &self.cfg.defaults(),
+            &self.limits,
+        )
+    }
+
+    fn admitted(&mut self, job: &Job) {
+        self.results.reporter.report(Event::Admitted(job.line));
+        abort_if_poisoned(&job.custom_id);
+    }
+
+    fn write(&mut self, metrics: &mut Metrics, outcome: Outcome) -> Result<()> {
+        self.results.write(metrics, outcome)
+    }
+
+    fn memory_short(&mut self) -> bool {
+        self.pressure.high()
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn stepped(&mut self, metrics: &Metrics) {
+        self.progress
+            .update(metrics, self.started.elapsed(), self.vram.sample());
+    }
+}
+
+/// Test hook: with this environment variable set, deterministic runs decode generated tokens
+/// in fixed-shape blocks even where the probe finds it unneeded (the path GPU kernels take).
+pub const FIXED_SHAPE_ENV: &str = "INFER_BATCH_TEST_FIXED_SHAPE";
+
+/// Result lines on their way to the output, counted, and reported to a supervisor.
+struct Results {
+    sink: Sink,
+    reporter: Reporter,
+    model_name: String,
+    created: u64,
+}
+
+impl Results {
+    fn write(&mut self, metrics: &mut Metrics, outcome: Outcome) -> Result<()> {
+        let line = match &outcome {
+            Ok(c) => {
+                metrics.requests_ok += 1;
+                self.sink
+                    .write(&ResultLine::success(c, &self.model_name, self.created))?;
+                c.line
+            }
+            Err(e) => {
+                metrics.requests_failed += 1;
+                *metrics
+                    .errors_by_code
+                    .entry(e.code.as_str().to_owned())
+                    .or_default() += 1;
+                self.sink.write(&ResultLine::failure(e))?;
+                e.line
+            }
+        };
+        self.reporter.report(Event::Written(line));
+        Ok(())
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,4 @@
+//! Input: the OpenAI Batch request lines and the fields they may carry.
+
+pub mod fields;
+pub mod request;

@@ -1,0 +1,820 @@
+//! The OpenAI Batch input line and a line-numbered JSONL reader.
+//!
+//! A line is either the full batch form (`custom_id`, `method`, `url`, `body`) or the short form
+//! (`custom_id`, `messages` and the sampling fields at the top level). Parsing never panics:
+//! every fault becomes a [`LineError`] that names the line, the field and what to do, so one bad
+//! line yields one error line and the batch goes on.
+
+use std::io::BufRead;
+
+use serde_json::{Map, Value};
+
+use crate::digest::hash64;
+use crate::formats::line_error::{ErrorCode, LineError};
+use crate::formats::message::Message;
+use crate::formats::shard::Shard;
+use crate::input::fields::{check_body, check_object, FieldPolicy, Refusal, ENVELOPE, MESSAGE};
+
+/// The only endpoint a batch line may target.
+pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
+
+/// Roles a chat message may carry.
+const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
+/// Sampling settings a request may carry; `None` falls back to the run's defaults.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplingParams {
+    /// Upper bound on generated tokens (`max_tokens` or `max_completion_tokens`).
+    pub max_tokens: Option<u32>,
+    /// 0 selects greedy decoding.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Keep only the k most likely tokens (0 disables).
+    pub top_k: Option<i32>,
+    /// Minimum probability relative to the most likely token.
+    pub min_p: Option<f32>,
+    /// The request's own sampling seed.
+    pub seed: Option<u64>,
+    /// Strings that end generation; they are not part of the output.
+    pub stop: Vec<String>,
+    /// OpenAI's frequency penalty, in [-2, 2].
+    pub frequency_penalty: Option<f32>,
+    /// OpenAI's presence penalty, in [-2, 2].
+    pub presence_penalty: Option<f32>,
+    /// Choices to sample from the one prompt, 1 to [`MAX_CHOICES`].
+    pub n: u32,
+    /// Log probabilities to return: `Some(k)` with the `k` most likely alternatives per token.
+    pub logprobs: Option<u8>,
+    /// The constraint the answer must follow.
+    pub constraint: Option<ConstraintSpec>,
+}
+
+/// Most choices one request may ask for (`n`); a run also needs as many slots (`--parallel`).
+pub const MAX_CHOICES: u32 = 32;
+
+/// Most alternatives per token that `top_logprobs` may ask for, as in OpenAI's API.
+pub const MAX_TOP_LOGPROBS: u64 = 20;
+
+/// What a request constrains its answer to, as it asked.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConstraintSpec {
+    /// A JSON schema (`response_format` `json_schema` or `json_object`, or `json_schema`).
+    JsonSchema {
+        /// The schema.
+        schema: Value,
+        /// The field it came from, for error messages.
+        field: &'static str,
+    },
+    /// A GBNF grammar (llama.cpp's `grammar` field).
+    Gbnf(String),
+}
+
+/// A valid chat-completion request from one input line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// 1-based line number in the input file.
+    pub line: u64,
+    /// The caller's identifier, unique within the file.
+    pub custom_id: String,
+    /// The conversation, at least one message.
+    pub messages: Vec<Message>,
+    /// Sampling settings given by the request.
+    pub sampling: SamplingParams,
+    /// Unknown fields skipped under `--ignore-unknown-fields`, by path.
+    pub ignored_fields: Vec<String>,
+}
+
+/// Parses one non-blank input line.
+///
+/// # Errors
+/// A [`LineError`] naming the field at fault. Duplicate ids are the reader's concern, not this.
+pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Request, LineError> {
+    let obj =
+        parse_object(text).map_err(|m| LineError::new(line_no, None, ErrorCode::InvalidJson, m))?;
+    let custom_id = read_custom_id(&obj)
+        .map_err(|m| LineError::new(line_no, None, ErrorCode::MissingCustomId, m))?;
+    let fail = |(code, message): (ErrorCode, String)| {
+        LineError::new(line_no, Some(&custom_id), code, message)
+    };
+    let mut ignored_fields = Vec::new();
+    let mut ignore = |f: &str| ignored_fields.push(f.to_owned());
+    let body = request_body(&obj, policy, &mut ignore).map_err(fail)?;
+    check_stream(body).map_err(fail)?;
+    check_body_fields(&obj, body, policy, &mut ignore).map_err(fail)?;
+    let messages = parse_messages(body).map_err(fail)?;
+    check_message_fields(body, policy, &mut ignore).map_err(fail)?;
+    let sampling =
+        parse_sampling(body).map_err(|message| fail((ErrorCode::InvalidParameter, message)))?;
+    Ok(Request {
+        line: line_no,
+        custom_id,
+        messages,
+        sampling,
+        ignored_fields,
+    })
+}
+
+/// A fault of one line: its code and what to do.
+type Fault = (ErrorCode, String);
+
+fn refused(r: Refusal) -> Fault {
+    (ErrorCode::InvalidParameter, r.to_string())
+}
+
+fn parse_object(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err("expected a JSON object per line".into()),
+        Err(e) => Err(format!(
+            "not valid JSON ({e}); each line must hold one JSON object"
+        )),
+    }
+}
+
+fn read_custom_id(obj: &Map<String, Value>) -> Result<String, String> {
+    match obj.get("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => {
+            Err("field `custom_id` is empty; give each request a unique non-empty id".into())
+        }
+        Some(_) => Err("field `custom_id` must be a string".into()),
+        None => Err("field `custom_id` is missing; give each request a unique id".into()),
+    }
+}
+
+/// The request's fields: under `body` in the full batch form (whose envelope is checked
+/// here), the line itself in the short form.
+fn request_body<'a>(
+    obj: &'a Map<String, Value>,
+    policy: FieldPolicy,
+    ignore: &mut impl FnMut(&str),
+) -> Result<&'a Map<String, Value>, Fault> {
+    if !(obj.contains_key("body") || obj.contains_key("url") || obj.contains_key("method")) {
+        return Ok(obj);
+    }
+    if let Some(method) = obj.get("method") {
+        if method.as_str() != Some("POST") {
+            return Err((
+                ErrorCode::InvalidUrl,
+                format!("field `method` is {method}; only \"POST\" is supported"),
+            ));
+        }
+    }
+    match obj.get("url") {
+        Some(Value::String(u)) if u == CHAT_COMPLETIONS_URL => {}
+        Some(u) => {
+            return Err((
+                ErrorCode::InvalidUrl,
+                format!("field `url` is {u}; only \"{CHAT_COMPLETIONS_URL}\" is supported"),
+            ))
+        }
+        None => {
+            return Err((
+                ErrorCode::InvalidUrl,
+                format!("field `url` is missing; set it to \"{CHAT_COMPLETIONS_URL}\""),
+            ))
+        }
+    }
+    check_object(obj, &ENVELOPE, None, policy, ignore).map_err(refused)?;
+    match obj.get("body") {
+        Some(Value::Object(b)) => Ok(b),
+        _ => Err((
+            ErrorCode::InvalidMessages,
+            "field `body` must be an object holding `messages`".into(),
+        )),
+    }
+}
+
+fn check_stream(body: &Map<String, Value>) -> Result<(), Fault> {
+    match body.get("stream") {
+        None | Some(Value::Null | Value::Bool(false)) => Ok(()),
+        Some(Value::Bool(true)) => Err((
+            ErrorCode::StreamUnsupported,
+            "field `stream` is true; batch requests cannot stream, remove it".into(),
+        )),
+        Some(v) => Err((
+            ErrorCode::InvalidParameter,
+            format!("field `stream` is {v}; expected false (or leave it out)"),
+        )),
+    }
+}
+
+/// Refuses body fields the tool does not honour; under `--ignore-unknown-fields` unknown ones
+/// go to `ignore` instead.
+fn check_body_fields(
+    obj: &Map<String, Value>,
+    body: &Map<String, Value>,
+    policy: FieldPolicy,
+    ignore: &mut impl FnMut(&str),
+) -> Result<(), Fault> {
+    // In the short form the body is the line itself, envelope included.
+    if std::ptr::eq(body, obj) {
+        let fields: Map<String, Value> = obj
+            .iter()
+            .filter(|(k, _)| k.as_str() != "custom_id")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        check_body(&fields, policy, ignore).map_err(refused)
+    } else {
+        check_body(body, policy, ignore).map_err(refused)
+    }
+}
+
+/// The same for each message's fields.
+fn check_message_fields(
+    body: &Map<String, Value>,
+    policy: FieldPolicy,
+    ignore: &mut impl FnMut(&str),
+) -> Result<(), Fault> {
+    if let Some(Value::Array(list)) = body.get("messages") {
+        for (i, m) in list.iter().enumerate() {
+            if let Value::Object(m) = m {
+                let path = format!("messages[{i}]");
+                check_object(m, &MESSAGE, Some(&path), policy, &mut *ignore).map_err(refused)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_messages(body: &Map<String, Value>) -> Result<Vec<Message>, (ErrorCode, String)> {
+    let list = match body.get("messages") {
+        Some(Value::Array(list)) if !list.is_empty() => list,
+        Some(Value::Array(_)) => {
+            return Err((
+                ErrorCode::InvalidMessages,
+                "field `messages` is empty; give at least one message".into(),
+            ))
+        }
+        Some(_) => {
+            return Err((
+                ErrorCode::InvalidMessages,
+                "field `messages` must be an array of {role, content} objects".into(),
+            ))
+        }
+        None => {
+            return Err((
+                ErrorCode::InvalidMessages,
+                "field `messages` is missing".into(),
+            ))
+        }
+    };
+    let mut messages = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let Value::Object(m) = item else {
+            return Err((
+                ErrorCode::InvalidMessages,
+                format!("`messages[{i}]` must be an object with `role` and `content`"),
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {
+                if r == "developer" {
+                    "system".to_owned()
+                } else {
+                    r.clone()
+                }
+            }
+            Some(r) => {
+                return Err((
+                    ErrorCode::InvalidRole,
+                    format!("`messages[{i}].role` is {r}; use one of system, user, assistant"),
+                ))
+            }
+            None => {
+                return Err((
+                    ErrorCode::InvalidRole,
+                    format!("`messages[{i}].role` is missing"),
+                ))
+            }
+        };
+        let content = match m.get("content") {
+            Some(Value::String(c)) => c.clone(),
+            Some(Value::Array(parts)) => text_parts(parts).ok_or_else(|| {
+                (
+                    ErrorCode::InvalidContent,
+                    format!(
+                        "`messages[{i}].content` must be a string or a list of {{\"type\":\"text\"}} parts"
+                    ),
+                )
+            })?,
+            _ => {
+                return Err((
+                    ErrorCode::InvalidContent,
+                    format!("`messages[{i}].content` must be a string"),
+                ))
+            }
+        };
+        if content.contains('\0') {
+            return Err((
+                ErrorCode::InvalidContent,
+                format!("`messages[{i}].content` contains a NUL character"),
+            ));
+        }
+        messages.push(Message { role, content });
+    }
+    Ok(messages)
+}
+
+/// Joins OpenAI content parts when all of them are text.
+fn text_parts(parts: &[Value]) -> Option<String> {
+    let mut out = String::new();
+    for p in parts {
+        if p.get("type")?.as_str()? != "text" {
+            return None;
+        }
+        out.push_str(p.get("text")?.as_str()?);
+    }
+    Some(out)
+}
+
+fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
+    let float = |name: &str, lo: f64, hi: f64| -> Result<Option<f32>, String> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_f64() {
+                Some(x) if (lo..=hi).contains(&x) => Ok(Some(x as f32)),
+                _ => Err(format!(
+                    "field `{name}` is {v}; expected a number in [{lo}, {hi}]"
+                )),
+            },
+        }
+    };
+    let uint = |name: &str, hi: u64| -> Result<Option<u64>, String> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(x) if x <= hi => Ok(Some(x)),
+                _ => Err(format!(
+                    "field `{name}` is {v}; expected an integer in [0, {hi}]"
+                )),
+            },
+        }
+    };
+    let max_tokens = match uint("max_completion_tokens", u64::from(u32::MAX))? {
+        Some(n) => Some(n),
+        None => uint("max_tokens", u64::from(u32::MAX))?,
+    };
+    if max_tokens == Some(0) {
+        return Err("field `max_tokens` is 0; ask for at least one token".into());
+    }
+    let stop = match body.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| s.as_str().map(str::to_owned))
+            .collect::<Option<Vec<_>>>()
+            .ok_or("field `stop` must be a string or an array of strings")?,
+        Some(v) => return Err(format!("field `stop` is {v}; expected a string or array")),
+    };
+    if stop.iter().any(String::is_empty) {
+        return Err("field `stop` holds an empty string".into());
+    }
+    let n = match body.get("n") {
+        None | Some(Value::Null) => 1,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=u64::from(MAX_CHOICES)).contains(&n) => n as u32,
+            _ => {
+                return Err(format!(
+                    "field `n` is {v}; expected an integer in [1, {MAX_CHOICES}]"
+                ))
+            }
+        },
+    };
+    let logprobs = match body.get("logprobs") {
+        None | Some(Value::Null | Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(v) => return Err(format!("field `logprobs` is {v}; expected true or false")),
+    };
+    let top = uint("top_logprobs", MAX_TOP_LOGPROBS)?;
+    if top.is_some() && !logprobs {
+        return Err("field `top_logprobs` needs `logprobs`: true".into());
+    }
+    Ok(SamplingParams {
+        n,
+        logprobs: logprobs.then(|| top.unwrap_or(0) as u8),
+        constraint: parse_constraint(body)?,
+        max_tokens: max_tokens.map(|n| n as u32),
+        temperature: float("temperature", 0.0, 2.0)?,
+        top_p: float("top_p", 0.0, 1.0)?,
+        top_k: uint("top_k", i32::MAX as u64)?.map(|k| k as i32),
+        min_p: float("min_p", 0.0, 1.0)?,
+        seed: uint("seed", u64::MAX)?,
+        stop,
+        frequency_penalty: float("frequency_penalty", -2.0, 2.0)?,
+        presence_penalty: float("presence_penalty", -2.0, 2.0)?,
+    })
+}
+
+/// The constraint a body asks for: `response_format` (OpenAI), or llama.cpp's `json_schema`
+/// or `grammar`; at most one of them.
+fn parse_constraint(body: &Map<String, Value>) -> Result<Option<ConstraintSpec>, String> {
+    let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
+    let format = match body.get("response_format") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(ConstraintSpec::JsonSchema {
+                schema: serde_json::json!({"type": "object"}),
+                field: "response_format",
+            }),
+            Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
+                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
+                    Some(ConstraintSpec::JsonSchema {
+                        schema: schema.clone(),
+                        field: "response_format.json_schema.schema",
+                    })
+                }
+                _ => {
+                    return Err(
+                        "field `response_format.json_schema.schema` is missing or not \
+                                a JSON schema object"
+                            .into(),
+                    )
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "field `response_format.type` is {}; expected text, json_object or json_schema",
+                    f.get("type").unwrap_or(&Value::Null)
+                ))
+            }
+        },
+        Some(v) => {
+            return Err(format!(
+                "field `response_format` is {v}; expected an object"
+            ))
+        }
+    };
+    let schema = match body.get("json_schema") {
+        None | Some(Value::Null) => None,
+        Some(schema @ (Value::Object(_) | Value::Bool(_))) => Some(ConstraintSpec::JsonSchema {
+            schema: schema.clone(),
+            field: "json_schema",
+        }),
+        Some(v) => {
+            return Err(format!(
+                "field `json_schema` is {v}; expected a JSON schema object"
+            ))
+        }
+    };
+    let grammar = match body.get("grammar") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(g)) if !g.trim().is_empty() => Some(ConstraintSpec::Gbnf(g.clone())),
+        Some(v) => {
+            return Err(format!(
+                "field `grammar` is {v}; expected a GBNF grammar string"
+            ))
+        }
+    };
+    let chosen: Vec<ConstraintSpec> = [format, schema, grammar].into_iter().flatten().collect();
+    if chosen.len() > 1 {
+        let names: Vec<&str> = ["response_format", "json_schema", "grammar"]
+            .into_iter()
+            .filter(|k| given(k))
+            .collect();
+        return Err(format!(
+            "fields {} each constrain the answer; give one of them",
+            names.join(" and ")
+        ));
+    }
+    Ok(chosen.into_iter().next())
+}
+
+/// One item read from the input: a request, or the error its line gets.
+pub type Item = Result<Request, LineError>;
+
+/// Streams requests from JSONL input, one line at a time, with 1-based line numbers.
+///
+/// Blank lines are skipped. Duplicate `custom_id`s are detected with a set of 64-bit hashes,
+/// so memory stays small on a million-line file.
+pub struct RequestReader<R> {
+    input: R,
+    line_no: u64,
+    buf: Vec<u8>,
+    seen: std::collections::HashSet<u64>,
+    policy: FieldPolicy,
+    /// Only the lines of this shard are read; the others are skipped.
+    shard: Option<Shard>,
+    /// Unknown fields already logged as skipped, so each is logged once; `None` logs nothing.
+    warned: Option<std::collections::BTreeSet<String>>,
+}
+
+impl<R: BufRead> RequestReader<R> {
+    /// Wraps a buffered input; `policy` says what unknown fields get.
+    pub fn new(input: R, policy: FieldPolicy) -> Self {
+        Self {
+            policy,
+            warned: None,
+            shard: None,
+            input,
+            line_no: 0,
+            buf: Vec::new(),
+            seen: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Reads only the requests of `shard` (all when `None`).
+    #[must_use]
+    pub fn shard(mut self, shard: Option<Shard>) -> Self {
+        self.shard = shard;
+        self
+    }
+
+    /// Logs each unknown field skipped under `--ignore-unknown-fields`, once.
+    #[must_use]
+    pub fn log_ignored_fields(mut self) -> Self {
+        self.warned = Some(std::collections::BTreeSet::new());
+        self
+    }
+
+    fn log_ignored(&mut self, line: u64, fields: &[String]) {
+        let Some(warned) = self.warned.as_mut() else {
+            return;
+        };
+        for f in fields {
+            // Paths hold message indexes; the set is bounded by what a typo can produce.
+            if warned.len() < 64 && warned.insert(f.clone()) {
+                tracing::warn!(
+                    "ignoring unknown field `{f}` (first on line {line}): --ignore-unknown-fields"
+                );
+            }
+        }
+    }
+}
+
+impl<R: BufRead> Iterator for RequestReader<R> {
+    type Item = std::io::Result<Item>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            self.buf.clear();
+            self.line_no += 1;
+            match self.input.read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            // A line that is not UTF-8 is the line's fault, not the run's.
+            let Ok(text) = std::str::from_utf8(&self.buf) else {
+                if self.shard.is_some_and(|s| !s.holds(&self.buf)) {
+                    continue;
+                }
+                return Some(Ok(Err(LineError::new(
+                    self.line_no,
+                    None,
+                    ErrorCode::InvalidJson,
+                    "line is not valid UTF-8".into(),
+                ))));
+            };
+            let text = text.trim();
+            if text.is_empty() {
+                continue;
+            }
+            let parsed = parse_line(self.line_no, text, self.policy);
+            if let Some(shard) = self.shard {
+                // The id decides; a line without a readable one goes by its bytes.
+                let key = match &parsed {
+                    Ok(r) => r.custom_id.as_bytes(),
+                    Err(e) => e.custom_id.as_deref().unwrap_or(text).as_bytes(),
+                };
+                if !shard.holds(key) {
+                    continue;
+                }
+            }
+            let item = parsed.and_then(|req| {
+                if self.seen.insert(hash64(&req.custom_id)) {
+                    Ok(req)
+                } else {
+                    Err(LineError::new(
+                        req.line,
+                        Some(&req.custom_id),
+                        ErrorCode::DuplicateCustomId,
+                        format!(
+                            "`custom_id` {:?} was used by an earlier line; ids must be unique",
+                            req.custom_id
+                        ),
+                    ))
+                }
+            });
+            if let Ok(req) = &item {
+                let (line, fields) = (req.line, req.ignored_fields.clone());
+                self.log_ignored(line, &fields);
+            }
+            return Some(Ok(item));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> ErrorCode {
+        parse_line(7, text, FieldPolicy::default())
+            .unwrap_err()
+            .code
+    }
+
+    #[test]
+    fn full_batch_form_parses() {
+        let r = parse_line(
+            3,
+            r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"system","content":"S"},{"role":"user","content":"U"}],"max_tokens":5,"temperature":0,"stop":"\n"}}"#,
+            FieldPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(r.line, 3);
+        assert_eq!(r.custom_id, "a");
+        assert_eq!(r.messages.len(), 2);
+        assert_eq!(r.messages[1].content, "U");
+        assert_eq!(r.sampling.max_tokens, Some(5));
+        assert_eq!(r.sampling.temperature, Some(0.0));
+        assert_eq!(r.sampling.stop, vec!["\n".to_owned()]);
+    }
+
+    #[test]
+    fn short_form_and_max_completion_tokens() {
+        let r = parse_line(
+            1,
+            r#"{"custom_id":"b","messages":[{"role":"developer","content":[{"type":"text","text":"x"},{"type":"text","text":"y"}]}],"max_completion_tokens":9,"max_tokens":3,"seed":42}"#,
+            FieldPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(r.messages[0].role, "system");
+        assert_eq!(r.messages[0].content, "xy");
+        assert_eq!(r.sampling.max_tokens, Some(9));
+        assert_eq!(r.sampling.seed, Some(42));
+    }
+
+    #[test]
+    fn each_fault_gets_its_code() {
+        assert_eq!(code("{not json"), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::InvalidJson);
+        assert_eq!(code(r#"{"messages":[]}"#), ErrorCode::MissingCustomId);
+        assert_eq!(code(r#"{"custom_id":5}"#), ErrorCode::MissingCustomId);
+        assert_eq!(
+            code(r#"{"custom_id":"a","url":"/v1/embeddings","body":{}}"#),
+            ErrorCode::InvalidUrl
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{}}"#),
+            ErrorCode::InvalidUrl
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","stream":true,"messages":[{"role":"user","content":"x"}]}"#),
+            ErrorCode::StreamUnsupported
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[]}"#),
+            ErrorCode::InvalidMessages
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":"hi"}"#),
+            ErrorCode::InvalidMessages
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[{"role":"robot","content":"x"}]}"#),
+            ErrorCode::InvalidRole
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[{"role":"user","content":7}]}"#),
+            ErrorCode::InvalidContent
+        );
+        assert_eq!(
+            code(
+                r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}],"temperature":"hot"}"#
+            ),
+            ErrorCode::InvalidParameter
+        );
+        assert_eq!(
+            code(r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#),
+            ErrorCode::InvalidParameter
+        );
+    }
+
+    #[test]
+    fn unhonoured_fields_are_refused_by_name() {
+        let base = r#""custom_id":"a","messages":[{"role":"user","content":"x"}]"#;
+        let err = |extra: &str| {
+            parse_line(4, &format!("{{{base},{extra}}}"), FieldPolicy::default()).unwrap_err()
+        };
+        for (extra, field) in [
+            (r#""n":0"#, "`n`"),
+            (r#""n":33"#, "`n`"),
+            (r#""logprobs":"yes""#, "`logprobs`"),
+            (r#""top_logprobs":3"#, "`top_logprobs`"),
+            (r#""logprobs":true,"top_logprobs":21"#, "`top_logprobs`"),
+            (
+                r#""response_format":{"type":"xml"}"#,
+                "`response_format.type`",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"name":"x"}}"#,
+                "`response_format.json_schema.schema`",
+            ),
+            (
+                r#""response_format":{"type":"json_object"},"grammar":"root ::= \"a\"""#,
+                "grammar",
+            ),
+            (r#""tools":[{"type":"function"}]"#, "`tools`"),
+            (r#""stream":"True""#, "`stream`"),
+            (r#""temprature":0"#, "`temprature`"),
+        ] {
+            let e = err(extra);
+            assert_eq!(e.code, ErrorCode::InvalidParameter, "{extra}");
+            assert!(e.message.contains(field), "{extra}: {}", e.message);
+        }
+        let full = |body: &str, top: &str| {
+            format!(
+                r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{{"messages":[{{"role":"user","content":"x"{body}}}]}}{top}}}"#
+            )
+        };
+        let e = parse_line(1, &full(r#","name":"bob""#, ""), FieldPolicy::default()).unwrap_err();
+        assert!(e.message.contains("messages[0].name"), "{}", e.message);
+        let e = parse_line(1, &full("", r#","extra":1"#), FieldPolicy::default()).unwrap_err();
+        assert!(e.message.contains("`extra`"), "{}", e.message);
+        // Accepted: no-effect fields, defaults, and unknown fields when told to skip them.
+        let ok = format!(
+            r#"{{{base},"model":"m","user":"u","metadata":{{}},"store":false,"n":1,"logprobs":false,"stream":false,"presence_penalty":0.5}}"#
+        );
+        let r = parse_line(1, &ok, FieldPolicy::default()).unwrap();
+        assert_eq!(r.sampling.presence_penalty, Some(0.5));
+        assert_eq!((r.sampling.n, r.sampling.logprobs), (1, None));
+        let graded = format!(
+            r#"{{{base},"n":4,"logprobs":true,"top_logprobs":5,"response_format":{{"type":"json_object"}}}}"#
+        );
+        let r = parse_line(1, &graded, FieldPolicy::default()).unwrap();
+        assert_eq!((r.sampling.n, r.sampling.logprobs), (4, Some(5)));
+        assert!(matches!(
+            r.sampling.constraint,
+            Some(ConstraintSpec::JsonSchema {
+                field: "response_format",
+                ..
+            })
+        ));
+        let r = parse_line(
+            1,
+            &format!(r#"{{{base},"grammar":"root ::= \"a\""}}"#),
+            FieldPolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            r.sampling.constraint,
+            Some(ConstraintSpec::Gbnf("root ::= \"a\"".into()))
+        );
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        let r = parse_line(1, &format!(r#"{{{base},"temprature":0}}"#), lax).unwrap();
+        assert_eq!(r.ignored_fields, ["temprature"]);
+        assert!(parse_line(1, &format!(r#"{{{base},"tools":[1]}}"#), lax).is_err());
+    }
+
+    #[test]
+    fn errors_name_line_id_and_field() {
+        let e = parse_line(
+            12,
+            r#"{"custom_id":"c9","messages":[{"role":"user","content":null}]}"#,
+            FieldPolicy::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 12);
+        assert_eq!(e.custom_id.as_deref(), Some("c9"));
+        assert!(e.message.contains("messages[0].content"), "{}", e.message);
+    }
+
+    #[test]
+    fn reader_numbers_lines_skips_blanks_and_flags_duplicates() {
+        let input = concat!(
+            r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#,
+            "\n\n   \n",
+            r#"{"custom_id":"b","messages":[{"role":"user","content":"y"}]}"#,
+            "\n",
+            r#"{"custom_id":"a","messages":[{"role":"user","content":"z"}]}"#,
+            "\n",
+        );
+        let items: Vec<Item> = RequestReader::new(input.as_bytes(), FieldPolicy::default())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().unwrap().line, 1);
+        assert_eq!(items[1].as_ref().unwrap().line, 4);
+        let dup = items[2].as_ref().unwrap_err();
+        assert_eq!((dup.line, dup.code), (5, ErrorCode::DuplicateCustomId));
+    }
+
+    #[test]
+    fn reader_survives_invalid_utf8() {
+        let mut input = b"\xff\xfe garbage\n".to_vec();
+        input.extend_from_slice(br#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#);
+        let items: Vec<Item> = RequestReader::new(&input[..], FieldPolicy::default())
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].as_ref().unwrap_err().code, ErrorCode::InvalidJson);
+        assert_eq!(items[1].as_ref().unwrap().line, 2);
+    }
+}

@@ -1,0 +1,274 @@
+//! A scripted engine for the scheduler's unit tests: no model, deterministic tokens, failures
+//! on cue, and a record of every decode call.
+//!
+//! It keeps each sequence's tokens as its "KV cells" and checks that every queued token lands
+//! at the next free position, as llama.cpp's per-sequence streams require: a dummy row left
+//! behind, or a fork that lost its prompt, shows up as a failed decode or a different answer.
+//! A sampled token is a function of the sequence's whole context and the sampler's seed, so
+//! an answer changes exactly when what the request saw changes.
+
+use std::collections::HashMap;
+
+use crate::engine::{
+    Constraint, Engine, EngineError, RowDependence, SamplerSpec, SeqId, Token, TokenLogprobs, Vocab,
+};
+
+/// The end-of-generation token.
+pub const EOS: Token = Token(0);
+
+/// Token texts by id: 0 ends generation.
+const PIECES: [&str; 10] = ["", "a", "b", "c", " ", "ST", "OP", "x", ".", "!"];
+
+/// One queued token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Row {
+    /// The token.
+    pub token: Token,
+    /// Its position in its sequence.
+    pub pos: u32,
+    /// Its sequence.
+    pub seq: SeqId,
+    /// Whether it asked for logits.
+    pub logits: bool,
+}
+
+/// Chooses the token a row samples, from the row's context and a seed.
+pub type Pick = Box<dyn Fn(&[Token], u32) -> Token>;
+
+/// Decides, from a call's rows, whether that decode fails.
+pub type FailWhen = Box<dyn FnMut(&[Row]) -> bool>;
+
+/// The fake's sampler: a seed.
+pub struct FakeSampler {
+    seed: u32,
+}
+
+/// The fake's vocabulary.
+pub struct FakeVocab;
+
+impl Vocab for FakeVocab {
+    fn is_end_of_generation(&self, token: Token) -> bool {
+        token == EOS
+    }
+
+    fn token_bytes(&self, token: Token, out: &mut Vec<u8>) {
+        out.extend_from_slice(piece(token).as_bytes());
+    }
+
+    fn token_piece(&self, token: Token) -> Vec<u8> {
+        piece(token).as_bytes().to_vec()
+    }
+}
+
+fn piece(token: Token) -> &'static str {
+    usize::try_from(token.0)
+        .ok()
+        .and_then(|i| PIECES.get(i))
+        .copied()
+        .unwrap_or("?")
+}
+
+/// A row's logits, as the fake keeps them: the context through the row, and a salt that
+/// stands for kernels that depend on the call's row count.
+struct Logits {
+    context: Vec<Token>,
+    salt: u32,
+}
+
+/// The scripted engine.
+pub struct FakeEngine {
+    n_batch: usize,
+    cells: HashMap<SeqId, Vec<Token>>,
+    queued: Vec<Row>,
+    rows: Vec<Option<Logits>>,
+    /// Every decode call, failed ones included, in order.
+    pub calls: Vec<Vec<Row>>,
+    /// Every `share_prefix(src, dst)`.
+    pub shares: Vec<(SeqId, SeqId)>,
+    /// When set, a call these rows make fails.
+    pub fail_when: Option<FailWhen>,
+    /// What the start-up probe reports; a row-count dependence also changes the sampled
+    /// tokens by the call's row class (1 row, 2 to n rows, more).
+    pub dependence: RowDependence,
+    /// How tokens are chosen.
+    pub pick: Pick,
+}
+
+impl FakeEngine {
+    /// A fake whose batch holds `n_batch` tokens, picking tokens by [`hash_pick`].
+    pub fn new(n_batch: usize) -> Self {
+        Self {
+            n_batch,
+            cells: HashMap::new(),
+            queued: Vec::new(),
+            rows: Vec::new(),
+            calls: Vec::new(),
+            shares: Vec::new(),
+            fail_when: None,
+            dependence: RowDependence::None,
+            pick: Box::new(hash_pick),
+        }
+    }
+
+    /// The tokens sequence `seq` holds.
+    pub fn cells(&self, seq: SeqId) -> &[Token] {
+        self.cells.get(&seq).map_or(&[], Vec::as_slice)
+    }
+
+    fn salt(&self, rows: usize) -> u32 {
+        match self.dependence {
+            RowDependence::None => 0,
+            RowDependence::SameFrom2UpTo(n) if rows == 1 => 1 + u32::from(n == 0),
+            RowDependence::SameFrom2UpTo(n) if rows <= n => 2,
+            RowDependence::SameFrom2UpTo(_) => 3,
+        }
+    }
+}
+
+/// A token from a hash of the context and the seed: an end of generation about one time in
+/// ten, otherwise a letter or punctuation.
+pub fn hash_pick(context: &[Token], seed: u32) -> Token {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(seed);
+    for t in context {
+        h = (h ^ u64::from(t.0.unsigned_abs())).wrapping_mul(0x0100_0000_01b3);
+    }
+    let n = PIECES.len() as u64;
+    Token(i32::try_from(h % n).unwrap_or(1))
+}
+
+impl Engine for FakeEngine {
+    type Sampler = FakeSampler;
+    type Vocab = FakeVocab;
+
+    fn vocab(&self) -> &FakeVocab {
+        &FakeVocab
+    }
+
+    fn batch_capacity(&self) -> usize {
+        self.n_batch
+    }
+
+    fn batch_len(&self) -> usize {
+        self.queued.len()
+    }
+
+    fn push(
+        &mut self,
+        token: Token,
+        pos: u32,
+        seq: SeqId,
+        logits: bool,
+    ) -> Result<i32, EngineError> {
+        if self.queued.len() >= self.n_batch {
+            return Err(EngineError::Batch("the fake's batch is full".into()));
+        }
+        self.queued.push(Row {
+            token,
+            pos,
+            seq,
+            logits,
+        });
+        Ok(i32::try_from(self.queued.len() - 1).unwrap_or(i32::MAX))
+    }
+
+    fn decode(&mut self) -> Result<(), EngineError> {
+        let rows = std::mem::take(&mut self.queued);
+        self.calls.push(rows.clone());
+        self.rows.clear();
+        if self.fail_when.as_mut().is_some_and(|f| f(&rows)) {
+            return Err(EngineError::Decode("scripted failure".into()));
+        }
+        let salt = self.salt(rows.len());
+        for row in &rows {
+            let cells = self.cells.entry(row.seq).or_default();
+            if row.pos as usize != cells.len() {
+                return Err(EngineError::Decode(format!(
+                    "sequence {} holds {} tokens, a token came at position {}",
+                    row.seq,
+                    cells.len(),
+                    row.pos
+                )));
+            }
+            cells.push(row.token);
+            self.rows.push(row.logits.then(|| Logits {
+                context: cells.clone(),
+                salt,
+            }));
+        }
+        Ok(())
+    }
+
+    fn discard_batch(&mut self) {
+        self.queued.clear();
+    }
+
+    fn share_prefix(&mut self, src: SeqId, dst: SeqId) -> Result<(), EngineError> {
+        self.shares.push((src, dst));
+        let cells = self.cells(src).to_vec();
+        self.cells.insert(dst, cells);
+        Ok(())
+    }
+
+    fn truncate_seq(&mut self, seq: SeqId, from: u32) -> Result<(), EngineError> {
+        if let Some(cells) = self.cells.get_mut(&seq) {
+            cells.truncate(from as usize);
+        }
+        Ok(())
+    }
+
+    fn clear_seq(&mut self, seq: SeqId) -> Result<(), EngineError> {
+        self.cells.remove(&seq);
+        Ok(())
+    }
+
+    fn seq_state(&self, seq: SeqId) -> Result<Vec<u8>, EngineError> {
+        Ok(self
+            .cells(seq)
+            .iter()
+            .flat_map(|t| t.0.to_le_bytes())
+            .collect())
+    }
+
+    fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
+        if !state.len().is_multiple_of(4) {
+            return Err(EngineError::Restore(state.len(), "not whole tokens".into()));
+        }
+        let tokens = state
+            .chunks_exact(4)
+            .map(|b| Token(i32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect();
+        self.cells.insert(seq, tokens);
+        Ok(())
+    }
+
+    fn decode_group_probe(&mut self, _seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
+        Ok(self.dependence)
+    }
+
+    fn sampler(
+        &self,
+        spec: &SamplerSpec,
+        _constraint: Option<&Constraint>,
+    ) -> Result<FakeSampler, EngineError> {
+        Ok(FakeSampler { seed: spec.seed })
+    }
+
+    fn sample(&self, sampler: &mut FakeSampler, row: i32) -> Token {
+        let logits = usize::try_from(row)
+            .ok()
+            .and_then(|r| self.rows.get(r))
+            .and_then(Option::as_ref)
+            .expect("the scheduler samples only rows that asked for logits");
+        (self.pick)(
+            &logits.context,
+            sampler.seed.wrapping_add(logits.salt * 7919),
+        )
+    }
+
+    fn logprobs(&self, _row: i32, token: Token, top: usize) -> TokenLogprobs {
+        TokenLogprobs {
+            logprob: -f32::from(u8::try_from(token.0).unwrap_or(0)) / 10.0,
+            top: vec![(token, -0.1); top.min(1)],
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! A parsed request turned into a job the scheduler can run: its prompt tokens, its resolved
+//! sampling settings, and a check that it fits the context.
+
+use crate::digest::request_seed;
+use crate::engine::{Constraint, SamplerSpec};
+use crate::formats::line_error::{ErrorCode, LineError};
+use crate::input::request::Request;
+use crate::prompt::grammar::Grammars;
+use crate::prompt::{PromptBuilder, SplitPrompt};
+
+/// Resolved generation settings of one request.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Sampling chain and seed (of choice 0; the others derive theirs).
+    pub sampler: SamplerSpec,
+    /// Most tokens to sample, per choice.
+    pub max_tokens: u32,
+    /// Strings that end generation.
+    pub stop: Vec<String>,
+    /// Choices to sample from the one prompt.
+    pub n: u32,
+    /// `Some(k)`: return log probabilities, with the `k` most likely alternatives.
+    pub logprobs: Option<u8>,
+    /// What the answer must follow.
+    pub constraint: Option<Constraint>,
+}
+
+/// A request ready to run.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Input line number.
+    pub line: u64,
+    /// The caller's id.
+    pub custom_id: String,
+    /// Tokens, split into shared prefix and own part.
+    pub prompt: SplitPrompt,
+    /// How to generate.
+    pub params: GenParams,
+}
+
+/// The run's defaults for what a request leaves out.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    /// `max_tokens` of a request that gives none.
+    pub max_tokens: u32,
+    /// `temperature` of a request that gives none.
+    pub temperature: f32,
+    /// The base seed a request without its own derives its seed from.
+    pub seed: u64,
+    /// Whether shared prefixes are computed once (else every request computes its whole
+    /// prompt, and needs the cells for it).
+    pub prefix_cache: bool,
+}
+
+impl Defaults {
+    /// The `max_tokens` a request runs with: its own, else the run's.
+    pub fn max_tokens_for(&self, request: &Request) -> u32 {
+        request.sampling.max_tokens.unwrap_or(self.max_tokens)
+    }
+}
+
+/// Whether a prompt of `len` tokens and `max_tokens` more fit the model's trained context.
+/// The planner and [`prepare`] both ask this, so that a request the plan left out is the one
+/// that gets the error line.
+pub fn fits_trained_context(len: usize, max_tokens: u32, n_ctx_train: usize) -> bool {
+    len + max_tokens as usize <= n_ctx_train
+}
+
+/// Bounds a request must fit.
+pub struct Limits {
+    /// The model's trained context.
+    pub n_ctx_train: usize,
+    /// Most cells one request may use beyond its shared prefix, per choice.
+    pub slot_budget: usize,
+    /// Whether `--ctx-size` set the context.
+    pub ctx_overridden: bool,
+    /// Slots of the run: a request's choices decode side by side, one slot each.
+    pub slots: usize,
+}
+
+impl Limits {
+    /// Whether `prompt` with `max_tokens` fits the model's trained context and a slot (beyond
+    /// the shared prefix, when `share`d).
+    ///
+    /// # Errors
+    /// Why it does not fit, with what to change.
+    pub fn check_fit(
+        &self,
+        prompt: &SplitPrompt,
+        max_tokens: u32,
+        share: bool,
+    ) -> Result<(), String> {
+        let len = prompt.tokens.len();
+        if !fits_trained_context(len, max_tokens, self.n_ctx_train) {
+            return Err(format!(
+                "prompt of {len} tokens plus max_tokens {max_tokens} exceeds the model's context \
+                 of {} tokens; shorten the messages or lower max_tokens",
+                self.n_ctx_train
+            ));
+        }
+        let shared = if share { prompt.shared_len } else { 0 };
+        let need = len - shared + max_tokens as usize;
+        if need > self.slot_budget {
+            let fix = if self.ctx_overridden {
+                "raise --ctx-size or lower --parallel"
+            } else {
+                "lower max_tokens"
+            };
+            return Err(format!(
+                "request needs {need} KV cells ({} own prompt tokens + max_tokens {max_tokens}) \
+                 but each slot has {}; {fix}",
+                len - shared,
+                self.slot_budget
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Turns a parsed request into a job: prompt tokens, resolved sampling, its constraint
+/// compiled, and a fit check.
+///
+/// # Errors
+/// The request's error line: a template that cannot render it, a constraint that does not
+/// compile, a prompt or `n` that does not fit.
+pub fn prepare(
+    request: Request,
+    prompts: &mut PromptBuilder<'_>,
+    grammars: &mut Grammars<'_>,
+    cfg: &Defaults,
+    limits: &Limits,
+) -> Result<Job, LineError> {
+    let fail = |code, message: String| {
+        Err(LineError::new(
+            request.line,
+            Some(&request.custom_id),
+            code,
+            message,
+        ))
+    };
+    let prompt = match prompts.build(&request.messages) {
+        Ok(p) => p,
+        Err(e) => {
+            return fail(
+                ErrorCode::InvalidMessages,
+                format!("the chat template cannot render these messages: {e}"),
+            )
+        }
+    };
+    let s = &request.sampling;
+    if s.n as usize > limits.slots {
+        return fail(
+            ErrorCode::InvalidParameter,
+            format!(
+                "field `n` is {} but the run has {} slots: a request's choices decode side by \
+                 side, one slot each; raise --parallel to at least {} or lower n",
+                s.n, limits.slots, s.n
+            ),
+        );
+    }
+    let constraint = match &s.constraint {
+        None => None,
+        Some(spec) => match grammars.compile(spec) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(ErrorCode::InvalidParameter, e.to_string()),
+        },
+    };
+    let max_tokens = cfg.max_tokens_for(&request);
+    if let Err(message) = limits.check_fit(&prompt, max_tokens, cfg.prefix_cache) {
+        return fail(ErrorCode::ContextLengthExceeded, message);
+    }
+    let sampler = SamplerSpec {
+        temperature: s.temperature.unwrap_or(cfg.temperature),
+        top_p: s.top_p.unwrap_or(1.0),
+        top_k: s.top_k.unwrap_or(0),
+        min_p: s.min_p.unwrap_or(0.0),
+        seed: request_seed(s.seed, cfg.seed, &request.custom_id),
+        frequency_penalty: s.frequency_penalty.unwrap_or(0.0),
+        presence_penalty: s.presence_penalty.unwrap_or(0.0),
+        penalty_window: max_tokens,
+    };
+    Ok(Job {
+        line: request.line,
+        custom_id: request.custom_id,
+        prompt,
+        params: GenParams {
+            sampler,
+            max_tokens,
+            stop: request.sampling.stop,
+            n: request.sampling.n,
+            logprobs: request.sampling.logprobs,
+            constraint,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Token;
+
+    fn prompt(len: usize, shared_len: usize) -> SplitPrompt {
+        SplitPrompt {
+            tokens: vec![Token(1); len],
+            shared_len,
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        n_ctx_train: 100,
+        slot_budget: 30,
+        ctx_overridden: false,
+        slots: 2,
+    };
+
+    #[test]
+    fn a_request_fits_the_trained_context_and_its_slot_beyond_the_shared_prefix() {
+        // 60 prompt tokens, 50 shared: 10 own + 20 generated fill the slot exactly.
+        assert_eq!(LIMITS.check_fit(&prompt(60, 50), 20, true), Ok(()));
+        // Without sharing the whole prompt needs cells.
+        let e = LIMITS.check_fit(&prompt(60, 50), 20, false).unwrap_err();
+        assert!(
+            e.contains("needs 80 KV cells") && e.contains("lower max_tokens"),
+            "{e}"
+        );
+        // The trained context bounds prompt and answer together, shared or not.
+        let e = LIMITS.check_fit(&prompt(90, 89), 11, true).unwrap_err();
+        assert!(e.contains("exceeds the model's context of 100"), "{e}");
+        assert_eq!(LIMITS.check_fit(&prompt(90, 89), 10, true), Ok(()));
+        let fixed = Limits {
+            ctx_overridden: true,
+            ..LIMITS
+        };
+        let e = fixed.check_fit(&prompt(40, 0), 1, true).unwrap_err();
+        assert!(e.contains("raise --ctx-size"), "{e}");
+    }
+}

@@ -1,0 +1,13 @@
+//! Scheduling: a parsed request becomes a job, jobs take slots, and the continuous-batching
+//! loop decodes them through the [`crate::engine::Engine`] seam.
+
+pub mod admission;
+pub mod detok;
+pub mod job;
+pub mod scheduler;
+pub mod sequence;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;

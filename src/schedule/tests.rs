@@ -1,0 +1,633 @@
+//! The scheduler's decisions, driven through the engine seam by [`FakeEngine`]: no model file.
+//! Each answer is checked against [`expected`], which computes it from the prompt alone, so a
+//! request that saw a batch-mate's cells, lost its prefix, or kept a dummy row shows up as a
+//! different answer or a failed decode.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use super::admission::{admit_all, Apart, Feed, LoopEnd};
+use super::fake::{hash_pick, FakeEngine, Pick, Row, EOS};
+use super::job::{GenParams, Job};
+use super::scheduler::{Admission, Exact, Outcome, Scheduler};
+use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
+use crate::formats::line_error::{ErrorCode, LineError};
+use crate::formats::result::StopReason;
+use crate::input::request::{Request, SamplingParams};
+use crate::prompt::SplitPrompt;
+use crate::report::metrics::Metrics;
+
+fn job(line: u64, prefix: &[i32], own: &[i32], n: u32, max_tokens: u32) -> Job {
+    let tokens: Vec<Token> = prefix.iter().chain(own).map(|&t| Token(t)).collect();
+    Job {
+        line,
+        custom_id: format!("req-{line}"),
+        prompt: SplitPrompt {
+            tokens,
+            shared_len: prefix.len(),
+        },
+        params: GenParams {
+            sampler: SamplerSpec {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+                min_p: 0.0,
+                seed: u32::try_from(line).unwrap() * 17,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
+                penalty_window: max_tokens,
+            },
+            max_tokens,
+            stop: Vec::new(),
+            n,
+            logprobs: None,
+            constraint: None,
+        },
+    }
+}
+
+/// What each choice of `job` must say when its answer depends on its own prompt alone.
+fn expected(job: &Job, pick: &dyn Fn(&[Token], u32) -> Token) -> Vec<(String, StopReason)> {
+    (0..job.params.n)
+        .map(|k| {
+            let seed = job.params.sampler.for_choice(k).seed;
+            let mut context = job.prompt.tokens.clone();
+            let mut text = Vec::new();
+            for g in 1..=job.params.max_tokens {
+                let t = pick(&context, seed);
+                if t == EOS {
+                    return (String::from_utf8(text).unwrap(), StopReason::Stop);
+                }
+                super::fake::FakeVocab.token_bytes(t, &mut text);
+                context.push(t);
+                let s = String::from_utf8(text.clone()).unwrap();
+                if let Some(at) = job.params.stop.iter().filter_map(|p| s.find(p)).min() {
+                    return (s[..at].to_owned(), StopReason::Stop);
+                }
+                if g == job.params.max_tokens {
+                    return (s, StopReason::Length);
+                }
+            }
+            (String::new(), StopReason::Length)
+        })
+        .collect()
+}
+
+/// The answers of a run, by line: each choice's text and finish reason, or the error code.
+type Answers = Vec<(u64, Result<Vec<(String, StopReason)>, ErrorCode>)>;
+
+fn answers(outcomes: &[Outcome]) -> Answers {
+    let mut out: Answers = outcomes
+        .iter()
+        .map(|o| match o {
+            Ok(c) => (
+                c.line,
+                Ok(c.choices
+                    .iter()
+                    .map(|ch| (ch.content.clone(), ch.reason))
+                    .collect()),
+            ),
+            Err(e) => (e.line, Err(e.code)),
+        })
+        .collect();
+    out.sort_by_key(|a| a.0);
+    out
+}
+
+struct Setup {
+    parallel: usize,
+    prefixes: usize,
+    share: bool,
+    exact: Option<Exact>,
+}
+
+impl Setup {
+    fn scheduler<'s>(&self, engine: &'s mut FakeEngine) -> Scheduler<'s, FakeEngine> {
+        Scheduler::new(
+            engine,
+            self.parallel,
+            self.prefixes,
+            self.share,
+            None,
+            self.exact,
+        )
+    }
+}
+
+const EXACT_ANY: Setup = Setup {
+    parallel: 2,
+    prefixes: 1,
+    share: true,
+    exact: Some(Exact {
+        pad_seq: 2,
+        fixed_block: None,
+    }),
+};
+
+/// Exact mode with rows independent of their batch-mates, at `parallel` slots.
+fn exact_any(parallel: usize) -> Setup {
+    Setup {
+        parallel,
+        exact: Some(Exact {
+            pad_seq: i32::try_from(parallel).unwrap(),
+            fixed_block: None,
+        }),
+        ..EXACT_ANY
+    }
+}
+
+/// Runs `jobs` to the end as the run loop does: admit while a slot is free, then step.
+fn run_all(engine: &mut FakeEngine, setup: &Setup, jobs: Vec<Job>) -> (Vec<Outcome>, Metrics) {
+    let mut s = setup.scheduler(engine);
+    let mut queue: VecDeque<Job> = jobs.into();
+    let mut done = Vec::new();
+    for _ in 0..10_000 {
+        while s.has_idle_slot() {
+            let Some(job) = queue.pop_front() else { break };
+            match s.admit(job) {
+                Ok(Admission::Started) => {}
+                Ok(Admission::Wait(job)) => {
+                    queue.push_front(job);
+                    break;
+                }
+                Err(e) => done.push(Err(e)),
+            }
+        }
+        if s.is_idle() && queue.is_empty() {
+            return (done, s.metrics.clone());
+        }
+        s.step(&mut done);
+    }
+    panic!("the scheduler did not finish");
+}
+
+fn expected_all(jobs: &[Job]) -> Answers {
+    jobs.iter()
+        .map(|j| (j.line, Ok(expected(j, &hash_pick))))
+        .collect()
+}
+
+fn sample_jobs() -> Vec<Job> {
+    vec![
+        job(1, &[11, 12, 13, 14], &[21, 22], 1, 12),
+        job(2, &[11, 12, 13, 14], &[31, 32, 33], 1, 9),
+        job(3, &[], &[41, 42], 1, 15),
+        job(4, &[11, 12, 13, 14], &[51, 52, 53, 54, 55], 1, 12),
+    ]
+}
+
+#[test]
+fn admission_waits_for_a_free_slot_and_returns_the_job() {
+    let mut engine = FakeEngine::new(64);
+    let mut s = Scheduler::new(&mut engine, 1, 1, true, None, EXACT_ANY.exact);
+    assert!(matches!(
+        s.admit(job(1, &[], &[5, 6], 1, 4)),
+        Ok(Admission::Started)
+    ));
+    assert!(!s.has_idle_slot());
+    match s.admit(job(2, &[], &[7], 1, 4)) {
+        Ok(Admission::Wait(back)) => assert_eq!((back.line, back.custom_id.as_str()), (2, "req-2")),
+        _ => panic!("a second job must wait while the only slot is busy"),
+    }
+    let mut done = Vec::new();
+    while !s.is_idle() {
+        s.step(&mut done);
+    }
+    assert_eq!(done.len(), 1);
+    assert!(matches!(
+        s.admit(job(2, &[], &[7], 1, 4)),
+        Ok(Admission::Started)
+    ));
+}
+
+#[test]
+fn every_answer_depends_on_its_own_prompt_only() {
+    let jobs = sample_jobs();
+    let want = expected_all(&jobs);
+    for parallel in [1, 2, 4] {
+        let setup = exact_any(parallel);
+        let (done, _) = run_all(&mut FakeEngine::new(64), &setup, jobs.clone());
+        assert_eq!(answers(&done), want, "--parallel {parallel}");
+    }
+    // Mixed batches (no exact mode) share calls, never cells.
+    let mixed = Setup {
+        exact: None,
+        ..EXACT_ANY
+    };
+    let (done, _) = run_all(&mut FakeEngine::new(64), &mixed, jobs);
+    assert_eq!(answers(&done), want);
+}
+
+#[test]
+fn a_shared_prefix_is_computed_once_and_counted_as_cached() {
+    let jobs = sample_jobs();
+    let (done, metrics) = run_all(&mut FakeEngine::new(64), &EXACT_ANY, jobs.clone());
+    // The 4-token prefix once, then each request's own tokens.
+    assert_eq!(metrics.prompt_tokens_computed, 4 + 2 + 3 + 2 + 5);
+    for c in done.iter().flatten() {
+        let cached = if c.line == 3 { 0 } else { 4 };
+        assert_eq!(c.usage.cached_tokens, cached, "line {}", c.line);
+    }
+    let naive = Setup {
+        share: false,
+        ..EXACT_ANY
+    };
+    let (alone, metrics) = run_all(&mut FakeEngine::new(64), &naive, jobs);
+    assert_eq!(metrics.prompt_tokens_computed, 6 + 7 + 2 + 9);
+    assert_eq!(answers(&alone), answers(&done));
+}
+
+#[test]
+fn choices_fork_from_one_prompt_into_reserved_slots() {
+    let mut engine = FakeEngine::new(64);
+    let three = job(1, &[], &[5, 6, 7, 8, 9], 3, 10);
+    let mut s = Scheduler::new(&mut engine, 3, 1, true, None, EXACT_ANY.exact);
+    assert!(matches!(s.admit(three.clone()), Ok(Admission::Started)));
+    // The other two slots are reserved for the forks, not free for another request.
+    assert!(!s.has_idle_slot());
+    let mut done = Vec::new();
+    while !s.is_idle() {
+        s.step(&mut done);
+    }
+    assert_eq!(
+        s.metrics.prompt_tokens_computed, 5,
+        "the prompt is computed once"
+    );
+    drop(s);
+    assert_eq!(engine.shares, vec![(0, 1), (0, 2)]);
+    assert_eq!(answers(&done), vec![(1, Ok(expected(&three, &hash_pick)))]);
+    let texts: Vec<_> = expected(&three, &hash_pick);
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "choices draw with their own seeds"
+    );
+}
+
+#[test]
+fn a_request_with_more_choices_than_free_slots_waits() {
+    let jobs = vec![job(1, &[], &[5, 6], 1, 6), job(2, &[], &[7, 8], 2, 6)];
+    let mut engine = FakeEngine::new(64);
+    let mut s = Scheduler::new(&mut engine, 2, 1, true, None, EXACT_ANY.exact);
+    assert!(matches!(s.admit(jobs[0].clone()), Ok(Admission::Started)));
+    assert!(s.has_idle_slot());
+    assert!(matches!(s.admit(jobs[1].clone()), Ok(Admission::Wait(_))));
+    drop(s);
+    let (done, _) = run_all(&mut FakeEngine::new(64), &EXACT_ANY, jobs.clone());
+    assert_eq!(answers(&done), expected_all(&jobs));
+}
+
+/// A fake whose rows depend on how many share a call: alike from 2 to 4 rows.
+fn row_dependent() -> FakeEngine {
+    let mut engine = FakeEngine::new(64);
+    engine.dependence = RowDependence::SameFrom2UpTo(4);
+    engine
+}
+
+#[test]
+fn the_probe_chooses_fixed_shape_groups_through_the_seam() {
+    let exact = Exact::probe(&mut row_dependent(), 3, false).unwrap();
+    assert_eq!(exact.pad_seq, 3);
+    assert_eq!(exact.fixed_block, Some(4));
+    let exact = Exact::probe(&mut FakeEngine::new(8), 3, false).unwrap();
+    assert_eq!(exact.fixed_block, None);
+    let forced = Exact::probe(&mut FakeEngine::new(8), 3, true).unwrap();
+    assert_eq!(forced.fixed_block, Some(super::scheduler::EXACT_MAX_ROWS));
+}
+
+#[test]
+fn fixed_shape_groups_pad_with_dummy_rows_and_give_the_same_answers_at_any_parallel() {
+    let jobs = sample_jobs();
+    let mut results = Vec::new();
+    for parallel in [1, 3] {
+        let mut engine = row_dependent();
+        let exact = Exact::probe(&mut engine, parallel, false).unwrap();
+        let setup = Setup {
+            parallel,
+            exact: Some(exact),
+            ..EXACT_ANY
+        };
+        let (done, _) = run_all(&mut engine, &setup, jobs.clone());
+        assert!(done.iter().all(Result::is_ok), "{done:?}");
+        // Calls of generated tokens (every row asks for logits; the prompts are longer than one
+        // token, so no prompt chunk does) hold 2 to 4 rows; at
+        // --parallel 1 the lone slot is padded with the pad sequence's dummy row.
+        let generated: Vec<&Vec<Row>> = engine
+            .calls
+            .iter()
+            .filter(|c| c.iter().all(|r| r.logits) && !c.is_empty())
+            .collect();
+        assert!(!generated.is_empty());
+        for call in &generated {
+            assert!((2..=4).contains(&call.len()), "{call:?}");
+        }
+        if parallel == 1 {
+            assert!(generated.iter().all(|c| c.iter().any(|r| r.seq == 1)));
+        }
+        // Dummy rows leave nothing behind in the pad stream.
+        assert!(engine.cells(i32::try_from(parallel).unwrap()).is_empty());
+        results.push(answers(&done));
+    }
+    assert_eq!(results[0], results[1]);
+    // Without the fixed shape, the same fake gives different answers at 1 and 3 slots: the
+    // check above can fail.
+    let any = |parallel: usize| {
+        let setup = exact_any(parallel);
+        answers(&run_all(&mut row_dependent(), &setup, jobs.clone()).0)
+    };
+    assert_ne!(any(1), any(3));
+}
+
+/// Picks the `g`-th token of `script` for the `g`-th generated token of a 2-token prompt.
+fn scripted(script: &'static [i32]) -> Pick {
+    Box::new(move |context: &[Token], _| {
+        let g = context.len() - 2;
+        Token(script.get(g).copied().unwrap_or(0))
+    })
+}
+
+#[test]
+fn stop_strings_match_across_token_boundaries() {
+    // "x" "ST" "OP" "a": the stop string spans two tokens and is cut from the answer.
+    const SCRIPT: &[i32] = &[7, 5, 6, 1, 1];
+    for (stop, want) in [("STOP", "x"), ("TO", "xS"), ("xS", ""), ("zz", "xSTOPaa")] {
+        let mut engine = FakeEngine::new(64);
+        engine.pick = scripted(SCRIPT);
+        let mut j = job(1, &[], &[3, 4], 1, 5);
+        j.params.stop = vec![stop.to_owned()];
+        let (done, _) = run_all(&mut engine, &EXACT_ANY, vec![j]);
+        let reason = if stop == "zz" {
+            StopReason::Length
+        } else {
+            StopReason::Stop
+        };
+        assert_eq!(
+            answers(&done),
+            vec![(1, Ok(vec![(want.to_owned(), reason)]))],
+            "stop {stop:?}"
+        );
+    }
+}
+
+#[test]
+fn a_failing_decode_fails_only_the_requests_in_that_call() {
+    let jobs = vec![
+        job(1, &[], &[5, 6], 1, 8),
+        job(2, &[], &[7, 8, 9], 1, 8),
+        job(3, &[], &[10, 11], 1, 8),
+    ];
+    // Request 2's prompt is decoded alone in exact mode: failing it fails request 2 only, and
+    // its slot serves request 3.
+    let mut engine = FakeEngine::new(64);
+    engine.fail_when = Some(Box::new(|rows: &[Row]| {
+        rows.iter().any(|r| r.token == Token(9))
+    }));
+    let (done, metrics) = run_all(&mut engine, &EXACT_ANY, jobs.clone());
+    let mut want = expected_all(&jobs);
+    want[1].1 = Err(ErrorCode::EngineError);
+    assert_eq!(answers(&done), want);
+    assert_eq!(
+        metrics.prompt_tokens_computed,
+        2 + 2,
+        "the failed chunk is not counted"
+    );
+    let failed = done.iter().find_map(|o| o.as_ref().err()).unwrap();
+    assert_eq!(failed.custom_id.as_deref(), Some("req-2"));
+
+    // In mixed batches the failing call holds both running requests: both fail, once each.
+    let mut engine = FakeEngine::new(64);
+    let mut failed_once = false;
+    engine.fail_when = Some(Box::new(move |rows: &[Row]| {
+        let hit = !failed_once && rows.iter().any(|r| r.token == Token(9));
+        failed_once |= hit;
+        hit
+    }));
+    let mixed = Setup {
+        exact: None,
+        ..EXACT_ANY
+    };
+    let (done, _) = run_all(&mut engine, &mixed, jobs.clone());
+    let got = answers(&done);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(got[0].1, Err(ErrorCode::EngineError));
+    assert_eq!(got[1].1, Err(ErrorCode::EngineError));
+    assert_eq!(got[2], want[2]);
+}
+
+#[test]
+fn a_failed_prefix_prefill_fails_its_request_and_the_next_one_prefills_again() {
+    let jobs = vec![
+        job(1, &[11, 12, 13], &[5], 1, 6),
+        job(2, &[11, 12, 13], &[6], 1, 6),
+    ];
+    let mut engine = FakeEngine::new(64);
+    let mut calls = 0;
+    // The first call is the prefix's prefill into its own sequence.
+    engine.fail_when = Some(Box::new(move |_: &[Row]| {
+        calls += 1;
+        calls == 1
+    }));
+    let (done, metrics) = run_all(&mut engine, &exact_any(1), jobs.clone());
+    let mut want = expected_all(&jobs);
+    want[0].1 = Err(ErrorCode::EngineError);
+    assert_eq!(answers(&done), want);
+    assert_eq!(metrics.prompt_tokens_computed, 3 + 1);
+    assert_eq!(metrics.prefix_count(), 1);
+}
+
+#[test]
+fn end_of_generation_and_max_tokens_set_the_finish_reason() {
+    // "a" then the end token; and "a" "b" "c" cut by max_tokens 3.
+    for (script, want) in [
+        (&[1, 0][..], ("a", StopReason::Stop, 2)),
+        (&[1, 2, 3, 1][..], ("abc", StopReason::Length, 3)),
+    ] {
+        let mut engine = FakeEngine::new(64);
+        let script: &'static [i32] = Box::leak(script.to_vec().into_boxed_slice());
+        engine.pick = scripted(script);
+        let (done, metrics) = run_all(&mut engine, &EXACT_ANY, vec![job(1, &[], &[3, 4], 1, 3)]);
+        let c = done[0].as_ref().unwrap();
+        assert_eq!(
+            (c.choices[0].content.as_str(), c.choices[0].reason),
+            (want.0, want.1)
+        );
+        assert_eq!(c.usage.completion_tokens, want.2);
+        assert_eq!(metrics.completion_tokens, want.2);
+    }
+}
+
+/// What the admission loop did, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seen {
+    Admitted(u64),
+    Written(u64, Result<(), ErrorCode>),
+}
+
+/// An in-memory feed: requests by line (an `Err` stands for a line that failed to parse), and
+/// a log of what the loop did with them.
+struct TestFeed {
+    requests: VecDeque<Result<u64, u64>>,
+    prepared: Vec<u64>,
+    seen: Vec<Seen>,
+    /// Stop once this many outcomes are written.
+    stop_after: Option<usize>,
+    /// Report memory short for this many polls first.
+    short_polls: usize,
+}
+
+impl TestFeed {
+    fn new(lines: &[Result<u64, u64>]) -> Self {
+        Self {
+            requests: lines.iter().copied().collect(),
+            prepared: Vec::new(),
+            seen: Vec::new(),
+            stop_after: None,
+            short_polls: 0,
+        }
+    }
+
+    fn written(&self) -> Vec<(u64, Result<(), ErrorCode>)> {
+        self.seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Written(line, r) => Some((*line, *r)),
+                Seen::Admitted(_) => None,
+            })
+            .collect()
+    }
+}
+
+impl Feed for TestFeed {
+    type Error = std::convert::Infallible;
+
+    fn next_request(&mut self) -> Result<Option<Result<Request, LineError>>, Self::Error> {
+        Ok(self.requests.pop_front().map(|r| match r {
+            Ok(line) => Ok(Request {
+                line,
+                custom_id: format!("req-{line}"),
+                messages: Vec::new(),
+                sampling: SamplingParams::default(),
+                ignored_fields: Vec::new(),
+            }),
+            Err(line) => Err(LineError::new(
+                line,
+                None,
+                ErrorCode::InvalidJson,
+                "not JSON".into(),
+            )),
+        }))
+    }
+
+    fn prepare(&mut self, request: Request) -> Result<Job, LineError> {
+        self.prepared.push(request.line);
+        let own = [i32::try_from(request.line).unwrap() + 100, 7];
+        Ok(job(request.line, &[11, 12, 13], &own, 1, 6))
+    }
+
+    fn admitted(&mut self, job: &Job) {
+        self.seen.push(Seen::Admitted(job.line));
+    }
+
+    fn write(&mut self, _metrics: &mut Metrics, outcome: Outcome) -> Result<(), Self::Error> {
+        self.seen.push(match outcome {
+            Ok(c) => Seen::Written(c.line, Ok(())),
+            Err(e) => Seen::Written(e.line, Err(e.code)),
+        });
+        Ok(())
+    }
+
+    fn memory_short(&mut self) -> bool {
+        let short = self.short_polls > 0;
+        self.short_polls = self.short_polls.saturating_sub(1);
+        short
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop_after.is_some_and(|n| self.written().len() >= n)
+    }
+
+    fn stepped(&mut self, _metrics: &Metrics) {}
+}
+
+fn admit_feed(feed: &mut TestFeed, parallel: usize, apart: Apart<'_>) -> LoopEnd {
+    let mut engine = FakeEngine::new(64);
+    let mut s = exact_any(parallel).scheduler(&mut engine);
+    admit_all(&mut s, feed, apart).unwrap()
+}
+
+#[test]
+fn a_quarantined_request_gets_its_error_line_without_running() {
+    let quarantine: BTreeSet<u64> = [2].into();
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Err(3), Ok(4)]);
+    let apart = Apart {
+        isolate: None,
+        quarantine: Some(&quarantine),
+    };
+    assert_eq!(admit_feed(&mut feed, 2, apart), LoopEnd::Finished);
+    let mut written = feed.written();
+    written.sort_by_key(|w| w.0);
+    assert_eq!(
+        written,
+        vec![
+            (1, Ok(())),
+            (2, Err(ErrorCode::EngineError)),
+            (3, Err(ErrorCode::InvalidJson)),
+            (4, Ok(())),
+        ]
+    );
+    // Never prepared, never admitted: a request that crashed the worker twice is not touched.
+    assert_eq!(feed.prepared, vec![1, 4]);
+    assert!(!feed.seen.contains(&Seen::Admitted(2)));
+}
+
+#[test]
+fn an_isolated_request_runs_alone() {
+    let isolate: BTreeSet<u64> = [2].into();
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4)]);
+    let apart = Apart {
+        isolate: Some(&isolate),
+        quarantine: None,
+    };
+    assert_eq!(admit_feed(&mut feed, 3, apart), LoopEnd::Finished);
+    let at = |s: Seen| feed.seen.iter().position(|x| *x == s).unwrap();
+    let (start, end) = (at(Seen::Admitted(2)), at(Seen::Written(2, Ok(()))));
+    // Everything admitted before it was written before it started; nothing started beside it.
+    assert_eq!(
+        feed.seen[..start],
+        [Seen::Admitted(1), Seen::Written(1, Ok(()))]
+    );
+    assert!(feed.seen[start + 1..end].is_empty());
+    assert_eq!(feed.written().len(), 4);
+    // Without isolation, 1, 2 and 3 share the three slots.
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4)]);
+    admit_feed(&mut feed, 3, Apart::default());
+    assert_eq!(
+        feed.seen[..3],
+        [Seen::Admitted(1), Seen::Admitted(2), Seen::Admitted(3)]
+    );
+}
+
+#[test]
+fn a_stop_request_ends_the_loop_and_admits_nothing_more() {
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4), Ok(5)]);
+    feed.stop_after = Some(1);
+    assert_eq!(
+        admit_feed(&mut feed, 1, Apart::default()),
+        LoopEnd::Interrupted
+    );
+    assert_eq!(feed.written(), vec![(1, Ok(()))]);
+    assert_eq!(feed.requests.len(), 4, "requests 2 to 5 were never read");
+}
+
+#[test]
+fn admission_pauses_while_memory_is_short() {
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2)]);
+    feed.short_polls = 2;
+    assert_eq!(
+        admit_feed(&mut feed, 2, Apart::default()),
+        LoopEnd::Finished
+    );
+    assert_eq!(
+        feed.short_polls, 0,
+        "the loop asked again until memory freed up"
+    );
+    assert_eq!(feed.written().len(), 2);
+}
