@@ -129,7 +129,6 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
             n_ctx_train: prepared.planning.info().n_ctx_train as usize,
             slot_budget: pf.plan.slot_budget,
             ctx_overridden: cfg.ctx_size.is_some(),
-            slots: pf.parallel,
         },
         results: Results {
             sink: Sink::open(&cfg.output, cfg.fsync_every)?,

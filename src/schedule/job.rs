@@ -74,8 +74,6 @@ pub struct Limits {
     pub slot_budget: usize,
     /// Whether `--ctx-size` set the context.
     pub ctx_overridden: bool,
-    /// Slots of the run: a request's choices decode side by side, one slot each.
-    pub slots: usize,
 }
 
 impl Limits {
@@ -122,7 +120,7 @@ impl Limits {
 ///
 /// # Errors
 /// The request's error line: a template that cannot render it, a constraint that does not
-/// compile, a prompt or `n` that does not fit.
+/// compile, a prompt that does not fit.
 pub fn prepare(
     request: Request,
     prompts: &mut PromptBuilder<'_>,
@@ -148,16 +146,6 @@ pub fn prepare(
         }
     };
     let s = &request.sampling;
-    if s.n as usize > limits.slots {
-        return fail(
-            ErrorCode::InvalidParameter,
-            format!(
-                "field `n` is {} but the run has {} slots: a request's choices decode side by \
-                 side, one slot each; raise --parallel to at least {} or lower n",
-                s.n, limits.slots, s.n
-            ),
-        );
-    }
     let constraint = match &s.constraint {
         None => None,
         Some(spec) => match grammars.compile(spec) {
@@ -210,7 +198,6 @@ mod tests {
         n_ctx_train: 100,
         slot_budget: 30,
         ctx_overridden: false,
-        slots: 2,
     };
 
     #[test]

@@ -11,6 +11,7 @@
 //! prefilled with exactly the same cuts, so with `--no-prefix-cache` a request computes the same
 //! chunks that the shared path computes once.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -117,6 +118,12 @@ struct Batch {
     failure: Option<EngineError>,
 }
 
+/// Choices of a started request still to run, from `first` on, once slots free up.
+struct Wave {
+    job: Rc<Job>,
+    first: u32,
+}
+
 /// Whether admission took the job.
 pub enum Admission {
     /// A slot runs it.
@@ -136,6 +143,7 @@ pub struct Scheduler<'s, E: Engine> {
     next_prompt_slot: usize,
     n_batch: usize,
     gather: Gather,
+    waves: VecDeque<Wave>,
     /// Counters of the run.
     pub metrics: Metrics,
 }
@@ -175,92 +183,158 @@ impl<'s, E: Engine> Scheduler<'s, E> {
             next_prompt_slot: 0,
             n_batch,
             gather: Gather::default(),
+            waves: VecDeque::new(),
             metrics: Metrics::default(),
         }
     }
 
-    /// Whether a slot is free for [`Self::admit`].
+    /// Whether a slot is free for [`Self::admit`] (and no request's later wave waits for it).
     pub fn has_idle_slot(&self) -> bool {
-        self.slots
-            .iter()
-            .any(|s| matches!(s.state, SlotState::Idle))
+        self.waves.is_empty()
+            && self
+                .slots
+                .iter()
+                .any(|s| matches!(s.state, SlotState::Idle))
     }
 
     /// Whether no request is in flight.
     pub fn is_idle(&self) -> bool {
-        self.slots
-            .iter()
-            .all(|s| matches!(s.state, SlotState::Idle))
+        self.waves.is_empty()
+            && self
+                .slots
+                .iter()
+                .all(|s| matches!(s.state, SlotState::Idle))
     }
 
     /// Puts a job into free slots (one per choice), prefilling its shared prefix first if it
-    /// is not resident.
+    /// is not resident. A job with more choices than the run has slots runs them in waves of
+    /// at most that many, each wave computing the prompt again: a choice's tokens depend only
+    /// on its prompt and its own seed, so they are the same as at a wider `--parallel`.
     ///
     /// # Errors
     /// A [`LineError`] for this job alone when its prefix cannot be prefilled.
     pub fn admit(&mut self, job: Job) -> Result<Admission, LineError> {
+        if !self.waves.is_empty() {
+            // A started request's later waves go first.
+            return Ok(Admission::Wait(job));
+        }
+        let job = Rc::new(job);
+        match self.start_wave(&job, 0)? {
+            true => Ok(Admission::Started),
+            false => Ok(Admission::Wait(
+                Rc::try_unwrap(job).expect("a job that did not start is not shared"),
+            )),
+        }
+    }
+
+    /// Starts the choices of `job` from `first` on, as many as the slots allow at once, when
+    /// that many slots (and its prefix's sequence) are free; false when they are not. Queues
+    /// the choices after them as the next wave.
+    fn start_wave(&mut self, job: &Rc<Job>, first: u32) -> Result<bool, LineError> {
+        let size = (job.params.n - first).min(u32::try_from(self.slots.len()).unwrap_or(u32::MAX));
         let idle: Vec<usize> = (0..self.slots.len())
             .filter(|&i| matches!(self.slots[i].state, SlotState::Idle))
-            .take(job.params.n as usize)
+            .take(size as usize)
             .collect();
-        if idle.len() < job.params.n as usize {
-            return Ok(Admission::Wait(job));
+        if idle.len() < size as usize {
+            return Ok(false);
         }
         let (index, forks) = (idle[0], idle[1..].to_vec());
         let sampler = self
             .session
-            .sampler(&job.params.sampler, job.params.constraint.as_ref())
-            .map_err(|e| engine_failure(&job, &e))?;
-        let seq = self.slots[index].seq;
+            .sampler(
+                &job.params.sampler.for_choice(first),
+                job.params.constraint.as_ref(),
+            )
+            .map_err(|e| engine_failure(job, &e))?;
         let shared = self.share.then(|| job.prompt.prefix_key()).flatten();
-        let mut pos = 0;
-        if let Some(key) = shared {
-            let len = job.prompt.shared_len;
-            let prefix_seq = match self.prefixes.acquire(key, len) {
-                None => return Ok(Admission::Wait(job)),
-                Some(Lease::Resident(prefix_seq)) => prefix_seq,
-                Some(Lease::Prefill {
-                    seq: prefix_seq, ..
-                }) => {
-                    let made = self.session.clear_seq(prefix_seq).and_then(|()| {
-                        materialize(
-                            self.session,
-                            prefix_seq,
-                            job.prompt.prefix(),
-                            self.store,
-                            &mut self.metrics,
-                        )
-                    });
-                    if let Err(e) = made {
-                        self.prefixes.forget(&key);
-                        return Err(engine_failure(&job, &e));
-                    }
-                    prefix_seq
-                }
-            };
-            if let Err(e) = self.session.share_prefix(prefix_seq, seq) {
-                self.prefixes.release(&key);
-                self.session.clear_seq(seq).ok();
-                return Err(engine_failure(&job, &e));
-            }
-            pos = len;
-        }
-        let job = Rc::new(job);
+        let pos = match shared {
+            Some(key) => match self.lease_prefix(job, key, self.slots[index].seq)? {
+                Some(pos) => pos,
+                None => return Ok(false),
+            },
+            None => 0,
+        };
         for &f in &forks {
             self.slots[f].state = SlotState::Reserved { line: job.line };
         }
-        self.gather
-            .start(&job, if shared.is_some() { pos as u64 } else { 0 });
+        if first == 0 {
+            self.gather.start(job, pos as u64);
+        }
+        if first + size < job.params.n {
+            self.waves.push_back(Wave {
+                job: Rc::clone(job),
+                first: first + size,
+            });
+        }
         self.slots[index].state = SlotState::Prompt {
-            seq: Sequence::new(job, 0, sampler, shared, pos),
+            seq: Sequence::new(Rc::clone(job), first, sampler, shared, pos),
             forks,
         };
-        Ok(Admission::Started)
+        Ok(true)
+    }
+
+    /// Gives sequence `seq` the cells of `job`'s shared prefix `key`, prefilling it first when
+    /// it is not resident. Returns the prefix's length, or `None` when every prefix sequence
+    /// holds a prefix still in use.
+    fn lease_prefix(
+        &mut self,
+        job: &Job,
+        key: PrefixKey,
+        seq: SeqId,
+    ) -> Result<Option<usize>, LineError> {
+        let len = job.prompt.shared_len;
+        let prefix_seq = match self.prefixes.acquire(key, len) {
+            None => return Ok(None),
+            Some(Lease::Resident(prefix_seq)) => prefix_seq,
+            Some(Lease::Prefill {
+                seq: prefix_seq, ..
+            }) => {
+                let made = self.session.clear_seq(prefix_seq).and_then(|()| {
+                    materialize(
+                        self.session,
+                        prefix_seq,
+                        job.prompt.prefix(),
+                        self.store,
+                        &mut self.metrics,
+                    )
+                });
+                if let Err(e) = made {
+                    self.prefixes.forget(&key);
+                    return Err(engine_failure(job, &e));
+                }
+                prefix_seq
+            }
+        };
+        if let Err(e) = self.session.share_prefix(prefix_seq, seq) {
+            self.prefixes.release(&key);
+            self.session.clear_seq(seq).ok();
+            return Err(engine_failure(job, &e));
+        }
+        Ok(Some(len))
+    }
+
+    /// Starts the queued waves that now find their slots, in order.
+    fn start_waves(&mut self, done: &mut Vec<Outcome>) {
+        while let Some(wave) = self.waves.front() {
+            let (job, first) = (Rc::clone(&wave.job), wave.first);
+            match self.start_wave(&job, first) {
+                Ok(false) => break,
+                Ok(true) => {
+                    self.waves.pop_front();
+                }
+                Err(e) => {
+                    self.waves.pop_front();
+                    self.fail_line(job.line, e, done);
+                }
+            }
+        }
     }
 
     /// Runs one step over all busy slots; finished requests are appended to `done`. A failed
     /// decode becomes an error outcome for the requests in that batch.
     pub fn step(&mut self, done: &mut Vec<Outcome>) {
+        self.start_waves(done);
         if self.exact.is_some() {
             self.step_exact(done);
         } else {
@@ -453,7 +527,7 @@ impl<'s, E: Engine> Scheduler<'s, E> {
             return;
         };
         for (k, &f) in forks.iter().enumerate() {
-            let choice = u32::try_from(k + 1).unwrap_or(u32::MAX);
+            let choice = seq.choice + u32::try_from(k + 1).unwrap_or(u32::MAX);
             let params = &seq.job.params;
             match self.session.sampler(
                 &params.sampler.for_choice(choice),
@@ -520,14 +594,29 @@ impl<'s, E: Engine> Scheduler<'s, E> {
         }
     }
 
-    /// Ends slot `i`'s request with an engine error: every slot of the request goes idle, and
-    /// the error is reported once.
+    /// Ends slot `i`'s request with an engine error: every slot of the request goes idle, its
+    /// later waves are dropped, and the error is reported once.
     fn fail(&mut self, i: usize, e: &EngineError, done: &mut Vec<Outcome>) {
         let line = match &self.slots[i].state {
             SlotState::Prompt { seq, .. } | SlotState::Generating { seq, .. } => seq.job.line,
             SlotState::Reserved { line } => *line,
             SlotState::Idle => return,
         };
+        if let Some(job) = self.drop_line(line) {
+            self.fail_line(line, engine_failure(&job, e), done);
+        }
+    }
+
+    /// Ends the request on `line` with `error`, reported once.
+    fn fail_line(&mut self, line: u64, error: LineError, done: &mut Vec<Outcome>) {
+        self.drop_line(line);
+        if self.gather.abandon(line) {
+            done.push(Err(error));
+        }
+    }
+
+    /// Frees every slot of the request on `line` and drops its waves; returns its job.
+    fn drop_line(&mut self, line: u64) -> Option<Rc<Job>> {
         let mut job = None;
         for j in 0..self.slots.len() {
             let state = std::mem::replace(&mut self.slots[j].state, SlotState::Idle);
@@ -542,9 +631,13 @@ impl<'s, E: Engine> Scheduler<'s, E> {
                 other => self.slots[j].state = other,
             }
         }
-        if let Some(job) = job.filter(|_| self.gather.abandon(line)) {
-            done.push(Err(engine_failure(&job, e)));
-        }
+        let waiting = self
+            .waves
+            .iter()
+            .find(|w| w.job.line == line)
+            .map(|w| Rc::clone(&w.job));
+        self.waves.retain(|w| w.job.line != line);
+        job.or(waiting)
     }
 
     /// Ends with an engine error the request whose slot uses sequence `seq`, if any.

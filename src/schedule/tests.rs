@@ -275,6 +275,53 @@ fn a_request_with_more_choices_than_free_slots_waits() {
     assert_eq!(answers(&done), expected_all(&jobs));
 }
 
+#[test]
+fn choices_beyond_the_slots_run_in_waves_with_the_same_answers() {
+    let jobs = vec![
+        job(1, &[11, 12, 13], &[5, 6], 5, 7),
+        job(2, &[11, 12, 13], &[7, 8, 9], 1, 7),
+        job(3, &[], &[10, 11], 3, 5),
+    ];
+    let want = expected_all(&jobs);
+    for parallel in [1, 2, 3, 5] {
+        let mut engine = FakeEngine::new(64);
+        let (done, metrics) = run_all(&mut engine, &exact_any(parallel), jobs.clone());
+        assert_eq!(answers(&done), want, "--parallel {parallel}");
+        // The prefix once; each request's own part once per wave.
+        let waves = |n: usize| n.div_ceil(parallel) as u64;
+        assert_eq!(
+            metrics.prompt_tokens_computed,
+            3 + 2 * waves(5) + 3 + 2 * waves(3),
+            "--parallel {parallel}"
+        );
+        for c in done.iter().flatten() {
+            let own = c.usage.prompt_tokens - c.usage.cached_tokens;
+            assert_eq!(c.usage.prompt_tokens, own + if c.line == 3 { 0 } else { 3 });
+        }
+    }
+}
+
+#[test]
+fn a_failure_in_a_later_wave_fails_the_request_once_and_frees_its_slots() {
+    let jobs = vec![job(1, &[], &[5, 6], 4, 6), job(2, &[], &[7, 8], 1, 6)];
+    let mut engine = FakeEngine::new(64);
+    // The second wave's prompt: the second time request 1's last prompt token is decoded.
+    let mut prompts = 0;
+    engine.fail_when = Some(Box::new(move |rows: &[Row]| {
+        let hit = rows.iter().any(|r| r.token == Token(6) && r.pos == 1);
+        prompts += usize::from(hit);
+        hit && prompts == 2
+    }));
+    let (done, _) = run_all(&mut engine, &exact_any(2), jobs.clone());
+    let mut want = expected_all(&jobs);
+    want[0].1 = Err(ErrorCode::EngineError);
+    assert_eq!(answers(&done), want);
+    assert_eq!(done.len(), 2, "one line per request");
+    for seq in 0..3 {
+        assert!(engine.cells(seq).is_empty(), "sequence {seq} was freed");
+    }
+}
+
 /// A fake whose rows depend on how many share a call: alike from 2 to 4 rows.
 fn row_dependent() -> FakeEngine {
     let mut engine = FakeEngine::new(64);

@@ -342,7 +342,7 @@ fn fields_that_are_not_honoured_get_an_error_line_naming_them() {
         ),
         request("stream", None, "Hi", with(json!({"stream": "True"}))),
         request("typo", None, "Hi", with(json!({"temprature": 0.2}))),
-        request("too-many", None, "Hi", with(json!({"n": 9}))),
+        request("too-many", None, "Hi", with(json!({"n": 33}))),
         request(
             "audio",
             None,
@@ -363,7 +363,7 @@ fn fields_that_are_not_honoured_get_an_error_line_naming_them() {
         ("tools", "`tools`"),
         ("stream", "`stream`"),
         ("typo", "`temprature`"),
-        ("too-many", "--parallel"),
+        ("too-many", "`n`"),
         ("audio", "`modalities`"),
     ] {
         let e = &results[id]["error"];

@@ -226,6 +226,62 @@ fn several_choices_compute_the_prompt_once() {
 }
 
 #[test]
+fn choices_beyond_parallel_run_in_waves_with_the_outputs_of_a_wider_run() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let system = "Answer in one short sentence.";
+    let lines = vec![
+        request(
+            "three",
+            Some(system),
+            &profile(1),
+            json!({"max_tokens": 6, "temperature": 0.9, "seed": 4, "n": 3}),
+        ),
+        request(
+            "five",
+            Some(system),
+            &profile(3),
+            json!({"max_tokens": 5, "temperature": 1.0, "seed": 8, "n": 5, "logprobs": true}),
+        ),
+        request("one", Some(system), &profile(4), json!({"max_tokens": 4})),
+    ];
+    let input = s.write_lines("in.jsonl", &lines);
+    let mut outputs = Vec::new();
+    for parallel in ["1", "2", "5"] {
+        let out = format!("p{parallel}.jsonl");
+        let (o, results) = run_batch(&s, &input, &out, &["--parallel", parallel]);
+        assert_eq!(o.status.code(), Some(0), "--parallel {parallel}: {o:?}");
+        let five = &results["five"]["response"]["body"];
+        assert_eq!(five["choices"].as_array().unwrap().len(), 5);
+        // Usage counts the prompt once; the summary counts what was computed: the shared
+        // prefix when it was prefilled (not when restored from an earlier run's state file),
+        // and each request's own part once per wave of at most --parallel choices.
+        let slots: u64 = parallel.parse().unwrap();
+        let prefix = usage(&results["one"], "cached_tokens");
+        assert!(prefix > 0);
+        let own: u64 = [("three", 3), ("five", 5), ("one", 1)]
+            .iter()
+            .map(|&(id, n): &(&str, u64)| {
+                let v = &results[id];
+                assert_eq!(usage(v, "cached_tokens"), prefix, "{id}");
+                (usage(v, "prompt_tokens") - prefix) * n.div_ceil(slots)
+            })
+            .sum();
+        let sum = summary(&s, &out);
+        let prefilled = sum["tokens"]["prefix_prefilled"].as_u64().unwrap();
+        assert!(prefilled == 0 || prefilled == prefix, "{sum}");
+        assert_eq!(
+            sum["tokens"]["prompt_computed"].as_u64(),
+            Some(prefilled + own),
+            "--parallel {parallel}: {sum}"
+        );
+        outputs.push(everything(&s.path(&out)));
+    }
+    assert_eq!(outputs[0], outputs[2], "--parallel 1 and 5 differ");
+    assert_eq!(outputs[1], outputs[2], "--parallel 2 and 5 differ");
+}
+
+#[test]
 fn bad_grading_fields_get_error_lines_that_name_them() {
     let _lock = model_lock();
     let s = Scratch::new();
@@ -240,7 +296,6 @@ fn bad_grading_fields_get_error_lines_that_name_them() {
             json!({"logprobs": true, "top_logprobs": 21}),
         ),
         request("n-max", None, "x", json!({"n": 33})),
-        request("n-slots", None, "x", json!({"n": 3})),
         request("context", None, "x", json!({"n": 2, "max_tokens": 9000})),
         request(
             "ok",
@@ -261,7 +316,6 @@ fn bad_grading_fields_get_error_lines_that_name_them() {
         ("grammar", "invalid_parameter", "`grammar`"),
         ("top", "invalid_parameter", "`top_logprobs`"),
         ("n-max", "invalid_parameter", "`n`"),
-        ("n-slots", "invalid_parameter", "--parallel"),
         ("context", "context_length_exceeded", "max_tokens"),
     ] {
         let e = &results[id]["error"];
