@@ -19,7 +19,7 @@ use serde_json::Value;
 
 use crate::digest::hash64;
 use crate::durability::checkpoint::scan_output;
-use crate::durability::durable::write_atomic_with;
+use crate::durability::durable::{write_atomic_with, write_json_atomic};
 use crate::durability::lock::OutputLock;
 use crate::formats::manifest::{Manifest, RunState, IGNORE_UNKNOWN_FIELDS};
 use crate::formats::result::LineHead;
@@ -452,6 +452,6 @@ fn write_summary(main: &Path, shards: &[(PathBuf, Manifest)], t: &Totals) -> Res
         tokens: t.tokens.clone(),
         shards: per_shard,
     };
-    crate::report::summary::write(&summary_path(main), &summary)?;
+    write_json_atomic(&summary_path(main), &summary)?;
     Ok(())
 }

@@ -12,6 +12,7 @@ use crate::commands::preflight::Preflight;
 use crate::commands::prepare::{check_files, new_manifest, open_input, Input, Prepared};
 use crate::commands::worker::{abort_if_poisoned, Event, Reporter, WorkerEnv};
 use crate::durability::checkpoint::{self, Done};
+use crate::durability::durable::write_json_atomic;
 use crate::durability::lock::OutputLock;
 use crate::durability::sink::Sink;
 use crate::formats::line_error::LineError;
@@ -215,7 +216,7 @@ fn write_summary(
         memory,
         Exact::describe(exact),
     );
-    summary::write(&summary::summary_path(&cfg.output), &summary)?;
+    write_json_atomic(&summary::summary_path(&cfg.output), &summary)?;
     Ok(())
 }
 

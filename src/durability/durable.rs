@@ -23,6 +23,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }
 
+/// Replaces `path` with `value` as pretty JSON, atomically and durably: the manifest and the
+/// summaries.
+///
+/// # Errors
+/// When the directory cannot be written or synced.
+pub fn write_json_atomic(path: &Path, value: &impl serde::Serialize) -> Result<(), FileError> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(std::io::Error::other)
+        .at("write", path)?;
+    write_atomic(path, &bytes)
+}
+
 /// Replaces `path` atomically and durably with what `fill` writes.
 ///
 /// # Errors

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::durability::durable::write_atomic;
+use crate::durability::durable::write_json_atomic;
 use crate::durability::StateError;
-use crate::error::{AtPath, FileError};
+use crate::error::FileError;
 use crate::formats::manifest::{manifest_path, Manifest, MANIFEST_VERSION};
 
 impl Manifest {
@@ -16,11 +16,7 @@ impl Manifest {
     /// # Errors
     /// When the file cannot be written.
     pub fn write(&self, output: &Path) -> Result<(), FileError> {
-        let path = manifest_path(output);
-        let bytes = serde_json::to_vec_pretty(self)
-            .map_err(std::io::Error::other)
-            .at("write", &path)?;
-        write_atomic(&path, &bytes)
+        write_json_atomic(&manifest_path(output), self)
     }
 
     /// Reads a manifest, if one is there.

@@ -5,10 +5,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Serialize;
-
-use crate::durability::durable::write_atomic;
-use crate::error::{AtPath, FileError};
 use crate::formats::summary::{
     MemoryRecord, Percentiles, PrefixRecord, Rates, RequestCounts, RunSummary, RunTokens, Seconds,
     SummaryKind,
@@ -85,17 +81,6 @@ pub fn run_summary(
         memory,
         decode_groups,
     }
-}
-
-/// Writes a summary atomically and durably.
-///
-/// # Errors
-/// When the file cannot be written.
-pub fn write(path: &Path, summary: &impl Serialize) -> Result<(), FileError> {
-    let bytes = serde_json::to_vec_pretty(summary)
-        .map_err(std::io::Error::other)
-        .at("write summary", path)?;
-    write_atomic(path, &bytes)
 }
 
 #[cfg(test)]
