@@ -185,6 +185,9 @@ pub fn bench(cfg: &RunConfig, plan: &BenchPlan, stop: &AtomicBool) -> Result<Ben
         prefix_cache_dir: scratch.path().join("cache"),
         restart: true,
         retry_failed: false,
+        // Every request is computed: the benchmark measures the engine, not the copies.
+        reuse: Vec::new(),
+        dedup: false,
         supervise: false,
         shard: None,
         progress: false,

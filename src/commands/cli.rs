@@ -265,6 +265,18 @@ pub struct CommonArgs {
     #[arg(long)]
     pub retry_failed: bool,
 
+    /// An earlier output (repeatable): a request whose computation matches one of its results
+    /// (same model and engine settings, prompt tokens, sampling, seed, constraint, endpoint)
+    /// takes a copy, with its own ids, instead of running. Its manifest must show the same
+    /// model and engine settings, in deterministic mode.
+    #[arg(long, value_name = "PREVIOUS.jsonl")]
+    pub reuse: Vec<PathBuf>,
+
+    /// Compute every request, even one identical to another in the file (by default, in
+    /// deterministic mode, identical requests are computed once and the others take a copy).
+    #[arg(long)]
+    pub no_dedup: bool,
+
     /// Sync the output to disk at least this often (0: after every line).
     #[arg(long, default_value_t = DEFAULT_FSYNC_MS, value_name = "MS")]
     pub fsync_interval_ms: u64,
@@ -354,6 +366,10 @@ pub struct RunConfig {
     pub restart: bool,
     /// Rerun requests that have error lines.
     pub retry_failed: bool,
+    /// Earlier outputs whose results may be copied.
+    pub reuse: Vec<PathBuf>,
+    /// Copy results between identical requests of the file (deterministic mode only).
+    pub dedup: bool,
     /// Longest time a written line may wait for a sync.
     pub fsync_every: std::time::Duration,
     /// Restart a dying worker.
@@ -434,6 +450,13 @@ impl CommonArgs {
             .map(|s| Shard::resolve(s, &std::env::vars().collect()))
             .transpose()
             .map_err(|e| UsageError(e.to_string()))?;
+        if self.no_deterministic && !self.reuse.is_empty() {
+            return Err(UsageError(
+                "--reuse copies results only into a deterministic run, where a copy is what the \
+                 computation would give; drop --no-deterministic"
+                    .into(),
+            ));
+        }
         let output = self
             .output
             .clone()
@@ -475,6 +498,8 @@ impl CommonArgs {
             prefix_cache_max_bytes: self.prefix_cache_max_bytes,
             restart: self.restart,
             retry_failed: self.retry_failed,
+            reuse: self.reuse.clone(),
+            dedup: !self.no_dedup && !self.no_deterministic,
             fsync_every: std::time::Duration::from_millis(self.fsync_interval_ms),
             supervise: self.supervise,
             memory_budget: self.memory_budget,

@@ -447,6 +447,8 @@ fn write_summary(main: &Path, shards: &[(PathBuf, Manifest)], t: &Totals) -> Res
         requests: RequestCounts {
             ok: t.ok,
             failed: t.failed(),
+            reused: None,
+            deduplicated: None,
             failed_by_code: t.by_code.clone(),
         },
         tokens: t.tokens.clone(),

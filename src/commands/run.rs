@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+use crate::cache::result_reuse::{Origin, ResultIndex};
 use crate::commands::cli::RunConfig;
 use crate::commands::outcome::RunOutcome;
 use crate::commands::preflight::Preflight;
@@ -14,10 +15,11 @@ use crate::commands::worker::{abort_if_poisoned, Event, Reporter, WorkerEnv};
 use crate::durability::checkpoint::{self, Done};
 use crate::durability::durable::write_json_atomic;
 use crate::durability::lock::OutputLock;
+use crate::durability::sink::Placed;
 use crate::durability::sink::Sink;
 use crate::formats::line_error::LineError;
-use crate::formats::manifest::RunRecord;
-use crate::formats::result::{model_name, ResultLine};
+use crate::formats::manifest::{Manifest, RunRecord};
+use crate::formats::result::{model_name, Completion, ComputationKey, ResultLine};
 use crate::formats::summary::{GpuUse, MemoryRecord};
 use crate::input::request::Request;
 use crate::plan::memory::{mib, peak_rss, Pressure, VramMonitor};
@@ -27,9 +29,10 @@ use crate::prompt::PromptBuilder;
 use crate::report::metrics::Metrics;
 use crate::report::progress::Progress;
 use crate::report::summary;
-use crate::schedule::admission::{admit_all, Apart, Feed, LoopEnd};
+use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd};
 use crate::schedule::job::{prepare, Job, Limits};
 use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
+use crate::schedule::twins::Twins;
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -120,9 +123,12 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         store.as_ref(),
         exact,
     );
+    let sink = Sink::open(&cfg.output, cfg.fsync_every)?;
+    let reuse = open_reuse(cfg, &manifest)?;
     let mut feed = RunFeed {
         cfg,
         input: open_input(cfg)?,
+        reuse,
         done: &done,
         prompts: PromptBuilder::new(&prepared.planning, &prepared.renderer),
         grammars: Grammars::new(model),
@@ -132,7 +138,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
             ctx_overridden: cfg.ctx_size.is_some(),
         },
         results: Results {
-            sink: Sink::open(&cfg.output, cfg.fsync_every)?,
+            sink,
             reporter: Reporter::new(worker.is_some()),
             model_name: model_name(&cfg.model),
             created: unix_now(),
@@ -220,10 +226,46 @@ fn write_summary(
     Ok(())
 }
 
+/// Copies instead of computations, in deterministic mode: earlier results by key (`--reuse`,
+/// and this output's own lines under dedup), and the keys of the requests in flight.
+struct Reuse {
+    index: ResultIndex,
+    twins: Twins,
+}
+
+/// The run's [`Reuse`]; `None` without deterministic mode, where a copy could differ from what
+/// the computation would give.
+fn open_reuse(cfg: &RunConfig, manifest: &Manifest) -> Result<Option<Reuse>> {
+    if !cfg.deterministic {
+        return Ok(None);
+    }
+    let mut index = ResultIndex::new();
+    let own = std::fs::canonicalize(&cfg.output).ok();
+    for earlier in &cfg.reuse {
+        if own.is_some() && std::fs::canonicalize(earlier).ok() == own {
+            tracing::info!(
+                "--reuse {}: the output itself, whose done requests are skipped anyway",
+                earlier.display()
+            );
+            continue;
+        }
+        let added = index.add_earlier(earlier, manifest)?;
+        tracing::info!("--reuse {}: {added} results to copy", earlier.display());
+    }
+    if cfg.dedup {
+        index.add_own(&cfg.output)?;
+    }
+    Ok(Some(Reuse {
+        index,
+        twins: Twins::new(cfg.dedup),
+    }))
+}
+
 /// What the admission loop reads from and writes to in a run.
 struct RunFeed<'a, 'm> {
     cfg: &'a RunConfig,
     input: Input,
+    reuse: Option<Reuse>,
     done: &'a Done,
     prompts: PromptBuilder<'m>,
     grammars: Grammars<'m>,
@@ -254,14 +296,30 @@ impl Feed for RunFeed<'_, '_> {
         Ok(None)
     }
 
-    fn prepare(&mut self, request: Request) -> Result<Job, LineError> {
-        prepare(
+    fn prepare(&mut self, request: Request, metrics: &mut Metrics) -> Result<Intake> {
+        let job = match prepare(
             request,
             &mut self.prompts,
             &mut self.grammars,
             &self.cfg.defaults(),
             &self.limits,
-        )
+        ) {
+            Ok(job) => job,
+            Err(e) => return Ok(Intake::Failed(e)),
+        };
+        let Some(reuse) = &mut self.reuse else {
+            return Ok(Intake::Run(job));
+        };
+        if let Some((line, origin)) = reuse.index.find(&job.key) {
+            let r = &mut self.results;
+            let line = line.reissue(&job.custom_id, &r.model_name, r.created);
+            r.write_copy(metrics, &line, job.line, origin)?;
+            return Ok(Intake::Settled);
+        }
+        if reuse.twins.hold(&job) {
+            return Ok(Intake::Settled);
+        }
+        Ok(Intake::Run(job))
     }
 
     fn admitted(&mut self, job: &Job) {
@@ -270,7 +328,42 @@ impl Feed for RunFeed<'_, '_> {
     }
 
     fn write(&mut self, metrics: &mut Metrics, outcome: Outcome) -> Result<()> {
-        self.results.write(metrics, outcome)
+        let line = outcome.as_ref().map_or_else(|e| e.line, |c| c.line);
+        let Some(reuse) = &mut self.reuse else {
+            return self.results.write(metrics, &outcome, None).map(drop);
+        };
+        let finished = reuse.twins.finished(line);
+        let key = finished.as_ref().map(|f| f.0);
+        let written = self.results.write(metrics, &outcome, key)?;
+        let Some((key, twins)) = finished else {
+            return Ok(());
+        };
+        if let Some(place) = written {
+            reuse.index.record(key, place);
+        }
+        // Each twin gets what it would have computed: the same line, with its own ids.
+        for twin in twins {
+            match &outcome {
+                Ok(c) => {
+                    let r = &mut self.results;
+                    let copy = r.success_line(c, Some(key)).reissue(
+                        &twin.custom_id,
+                        &r.model_name,
+                        r.created,
+                    );
+                    r.write_copy(metrics, &copy, twin.line, Origin::ThisOutput)?;
+                }
+                Err(e) => {
+                    let failed = LineError {
+                        line: twin.line,
+                        custom_id: Some(twin.custom_id),
+                        ..e.clone()
+                    };
+                    self.results.write(metrics, &Err(failed), None)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn memory_short(&mut self) -> bool {
@@ -300,13 +393,26 @@ struct Results {
 }
 
 impl Results {
-    fn write(&mut self, metrics: &mut Metrics, outcome: Outcome) -> Result<()> {
-        let line = match &outcome {
+    /// The line of a completed request, tagged with its computation's key when it has one.
+    fn success_line(&self, c: &Completion, key: Option<ComputationKey>) -> ResultLine {
+        let line = ResultLine::success(c, &self.model_name, self.created);
+        match key {
+            Some(key) => line.with_computation(key),
+            None => line,
+        }
+    }
+
+    /// Writes a computed outcome; returns where a success line lies.
+    fn write(
+        &mut self,
+        metrics: &mut Metrics,
+        outcome: &Outcome,
+        key: Option<ComputationKey>,
+    ) -> Result<Option<Placed>> {
+        let (line, placed) = match outcome {
             Ok(c) => {
                 metrics.requests_ok += 1;
-                self.sink
-                    .write(&ResultLine::success(c, &self.model_name, self.created))?;
-                c.line
+                (c.line, Some(self.sink.write(&self.success_line(c, key))?))
             }
             Err(e) => {
                 metrics.requests_failed += 1;
@@ -315,9 +421,27 @@ impl Results {
                     .entry(e.code.as_str().to_owned())
                     .or_default() += 1;
                 self.sink.write(&ResultLine::failure(e))?;
-                e.line
+                (e.line, None)
             }
         };
+        self.reporter.report(Event::Written(line));
+        Ok(placed)
+    }
+
+    /// Writes a copy of a result computed before, for the request on input line `line`.
+    fn write_copy(
+        &mut self,
+        metrics: &mut Metrics,
+        copy: &ResultLine,
+        line: u64,
+        origin: Origin,
+    ) -> Result<()> {
+        self.sink.write(copy)?;
+        metrics.requests_ok += 1;
+        match origin {
+            Origin::Earlier => metrics.requests_reused += 1,
+            Origin::ThisOutput => metrics.requests_deduplicated += 1,
+        }
         self.reporter.report(Event::Written(line));
         Ok(())
     }

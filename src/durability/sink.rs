@@ -14,8 +14,19 @@ use crate::error::{AtPath, FileError};
 pub struct Sink {
     path: PathBuf,
     out: BufWriter<File>,
+    /// Bytes in the file: where the next line starts.
+    end: u64,
     fsync_every: Duration,
     last_sync: Instant,
+}
+
+/// Where a written line lies in the output: its first byte and its length, newline excluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    /// Offset of its first byte.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u64,
 }
 
 impl Sink {
@@ -32,19 +43,22 @@ impl Sink {
             .append(true)
             .open(path)
             .at("open output", path)?;
+        let end = file.metadata().at("read", path)?.len();
         Ok(Self {
             path: path.to_owned(),
             out: BufWriter::new(file),
+            end,
             fsync_every,
             last_sync: Instant::now(),
         })
     }
 
-    /// Appends one result line and flushes it to the OS; syncs when the interval has passed.
+    /// Appends one result line and flushes it to the OS, so a reader of the file sees it at
+    /// once; syncs when the interval has passed. Returns where the line lies.
     ///
     /// # Errors
     /// When the write fails (disk full, file removed).
-    pub fn write(&mut self, line: &impl Serialize) -> Result<(), FileError> {
+    pub fn write(&mut self, line: &impl Serialize) -> Result<Placed, FileError> {
         // One buffer, one write: a crash tears at most this line, never an earlier one.
         let mut bytes = serde_json::to_vec(line)
             .map_err(std::io::Error::other)
@@ -54,10 +68,15 @@ impl Sink {
             .write_all(&bytes)
             .and_then(|()| self.out.flush())
             .at("write to", &self.path)?;
+        let placed = Placed {
+            offset: self.end,
+            len: bytes.len() as u64 - 1,
+        };
+        self.end += bytes.len() as u64;
         if self.last_sync.elapsed() >= self.fsync_every {
             self.sync()?;
         }
-        Ok(())
+        Ok(placed)
     }
 
     fn sync(&mut self) -> Result<(), FileError> {

@@ -84,6 +84,27 @@ pub struct Completion {
     pub time_to_first_token: f64,
 }
 
+/// What identifies a request's computation for result reuse: a SHA-256 over the endpoint, the
+/// rendered prompt tokens, the resolved sampling settings and the constraint. Two requests with
+/// the same key, run on the same model and engine settings in deterministic mode, produce the
+/// same result line but for the ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ComputationKey(pub [u8; 32]);
+
+impl ComputationKey {
+    /// Its hex form, as result lines carry it.
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Reads the hex form back; `None` when it is not 64 hex digits.
+    pub fn parse(text: &str) -> Option<Self> {
+        let mut key = [0u8; 32];
+        hex::decode_to_slice(text, &mut key).ok()?;
+        Some(Self(key))
+    }
+}
+
 /// A hex digest of `tag` and `custom_id`, `n` characters long.
 fn derived_id(tag: &str, custom_id: &str, n: usize) -> String {
     let mut h = Hasher::new();
@@ -99,6 +120,14 @@ pub fn line_id(custom_id: &str) -> String {
     format!("batch_req_{}", derived_id("line", custom_id, 24))
 }
 
+fn request_id(custom_id: &str) -> String {
+    format!("req_{}", derived_id("request", custom_id, 24))
+}
+
+fn completion_id(custom_id: &str) -> String {
+    format!("chatcmpl-{}", derived_id("completion", custom_id, 24))
+}
+
 /// One line of a batch output: a request's response or its error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultLine {
@@ -110,6 +139,10 @@ pub struct ResultLine {
     pub response: Option<ResponseEnvelope>,
     /// The error, for one that did not.
     pub error: Option<ErrorBody>,
+    /// Of a completed request: its [`ComputationKey`] in hex, which `--reuse` and duplicate
+    /// detection match on. Not part of OpenAI's line; absent on error lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub computation: Option<String>,
 }
 
 /// The response of a completed request.
@@ -272,9 +305,9 @@ impl ResultLine {
             custom_id: Some(c.custom_id.clone()),
             response: Some(ResponseEnvelope {
                 status_code: 200,
-                request_id: format!("req_{}", derived_id("request", &c.custom_id, 24)),
+                request_id: request_id(&c.custom_id),
                 body: ChatCompletion {
-                    id: format!("chatcmpl-{}", derived_id("completion", &c.custom_id, 24)),
+                    id: completion_id(&c.custom_id),
                     object: "chat.completion".into(),
                     created,
                     model: model.to_owned(),
@@ -290,7 +323,29 @@ impl ResultLine {
                 },
             }),
             error: None,
+            computation: None,
         }
+    }
+
+    /// Tags a success line with the key of the computation that produced it.
+    pub fn with_computation(mut self, key: ComputationKey) -> Self {
+        self.computation = Some(key.hex());
+        self
+    }
+
+    /// A success line written by an earlier computation, as this run would write it for
+    /// `custom_id`: the ids derived from it, this run's `created` and model name. Everything
+    /// else is the computation's and stays as it was.
+    pub fn reissue(mut self, custom_id: &str, model: &str, created: u64) -> Self {
+        self.id = line_id(custom_id);
+        self.custom_id = Some(custom_id.to_owned());
+        if let Some(r) = &mut self.response {
+            r.request_id = request_id(custom_id);
+            r.body.id = completion_id(custom_id);
+            r.body.created = created;
+            model.clone_into(&mut r.body.model);
+        }
+        self
     }
 
     /// The line of a request that failed.
@@ -309,6 +364,7 @@ impl ResultLine {
                 message: e.to_string(),
                 line: e.line,
             }),
+            computation: None,
         }
     }
 }
@@ -430,6 +486,45 @@ mod tests {
         assert_eq!(lp["top_logprobs"][0]["logprob"], -0.5);
         assert_eq!(body["usage"]["total_tokens"], 14);
         assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
+    }
+
+    #[test]
+    fn a_reissued_line_is_byte_for_byte_the_line_written_for_its_new_id() {
+        let logprob = |x: f32| TopLogprob {
+            token: "é\"\n".into(),
+            bytes: "é\"\n".as_bytes().to_vec(),
+            logprob: x,
+        };
+        let completion = |id: &str| Completion {
+            line: 3,
+            custom_id: id.into(),
+            choices: vec![Choice {
+                content: "a \u{1F600} \\ \"quoted\"".into(),
+                reason: StopReason::Stop,
+                logprobs: Some(vec![TokenLogprob {
+                    sampled: logprob(-0.1),
+                    top: vec![logprob(-0.1), logprob(-1.234_567_9e-7), logprob(-23.5)],
+                }]),
+            }],
+            usage: Usage {
+                prompt_tokens: 40,
+                completion_tokens: 2,
+                cached_tokens: 31,
+            },
+            time_to_first_token: 0.5,
+        };
+        let key = ComputationKey([9; 32]);
+        let earlier = ResultLine::success(&completion("old"), "old-name", 1).with_computation(key);
+        let text = serde_json::to_string(&earlier).unwrap();
+        let read: ResultLine = serde_json::from_str(&text).unwrap();
+        let copy = read.reissue("new", "m", 5);
+        let fresh = ResultLine::success(&completion("new"), "m", 5).with_computation(key);
+        assert_eq!(
+            serde_json::to_string(&copy).unwrap(),
+            serde_json::to_string(&fresh).unwrap()
+        );
+        assert_eq!(ComputationKey::parse(&key.hex()), Some(key));
+        assert_eq!(ComputationKey::parse("zz"), None);
     }
 
     #[test]

@@ -13,6 +13,14 @@ pub struct RequestCounts {
     pub ok: u64,
     /// Requests with an error line.
     pub failed: u64,
+    /// Of `ok`, requests whose line was copied from an earlier output (`--reuse`), not
+    /// computed. A run's summary only: a merge's lines do not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused: Option<u64>,
+    /// Of `ok`, requests whose line was copied from an identical request of the same input
+    /// (a run's summary only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deduplicated: Option<u64>,
     /// Error lines by their `error.code`.
     pub failed_by_code: BTreeMap<String, u64>,
 }

@@ -80,6 +80,10 @@ pub struct Metrics {
     pub requests_ok: u64,
     /// Requests that got an error line.
     pub requests_failed: u64,
+    /// Of the completed, those copied from an earlier output (`--reuse`).
+    pub requests_reused: u64,
+    /// Of the completed, those copied from an identical request of the same input.
+    pub requests_deduplicated: u64,
     /// Error lines by their `error.code`.
     pub errors_by_code: BTreeMap<String, u64>,
     /// Seconds from admission to first token, over completed requests.

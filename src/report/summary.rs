@@ -39,6 +39,8 @@ pub fn run_summary(
         requests: RequestCounts {
             ok: m.requests_ok,
             failed: m.requests_failed,
+            reused: Some(m.requests_reused),
+            deduplicated: Some(m.requests_deduplicated),
             failed_by_code: m.errors_by_code.clone(),
         },
         tokens: RunTokens {

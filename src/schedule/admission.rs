@@ -25,11 +25,12 @@ pub trait Feed {
     /// # Errors
     /// When the input cannot be read: the run stops.
     fn next_request(&mut self) -> Result<Option<Result<Request, LineError>>, Self::Error>;
-    /// Turns a request into a job, or its error line.
+    /// Turns a request into a job, its error line, or settles it without running (a copy of a
+    /// result computed before, written with `metrics` counting it).
     ///
     /// # Errors
-    /// The request's own error line.
-    fn prepare(&mut self, request: Request) -> Result<Job, LineError>;
+    /// When a copy cannot be written: the run stops.
+    fn prepare(&mut self, request: Request, metrics: &mut Metrics) -> Result<Intake, Self::Error>;
     /// Called when `job` is handed to the scheduler.
     fn admitted(&mut self, job: &Job);
     /// Writes a request's outcome durably, counting it in `metrics`.
@@ -43,6 +44,18 @@ pub trait Feed {
     fn stop_requested(&self) -> bool;
     /// Called after each scheduler step.
     fn stepped(&mut self, metrics: &Metrics);
+}
+
+/// What the feed made of a request.
+#[derive(Debug)]
+pub enum Intake {
+    /// A job for the scheduler.
+    Run(Job),
+    /// The request's error line.
+    Failed(LineError),
+    /// Settled without running: its line is written, or it waits for an identical request in
+    /// flight whose outcome it copies.
+    Settled,
 }
 
 /// Requests a supervisor set apart after worker crashes.
@@ -126,13 +139,14 @@ fn fill<E: Engine, F: Feed>(
     while scheduler.has_idle_slot() && !feed.memory_short() {
         let job = match waiting.take() {
             Some(job) => job,
-            None => match next_job(feed, apart.quarantine)? {
+            None => match next_job(feed, &mut scheduler.metrics, apart.quarantine)? {
                 Next::End => return Ok(Admitting::InputDone),
                 Next::Job(job) => job,
                 Next::Failed(e) => {
                     feed.write(&mut scheduler.metrics, Err(e))?;
                     continue;
                 }
+                Next::Settled => continue,
             },
         };
         let solo = apart.isolate.is_some_and(|lines| lines.contains(&job.line));
@@ -158,19 +172,25 @@ fn fill<E: Engine, F: Feed>(
 enum Next {
     Job(Job),
     Failed(LineError),
+    Settled,
     End,
 }
 
-fn next_job<F: Feed>(feed: &mut F, quarantine: Option<&BTreeSet<u64>>) -> Result<Next, F::Error> {
+fn next_job<F: Feed>(
+    feed: &mut F,
+    metrics: &mut Metrics,
+    quarantine: Option<&BTreeSet<u64>>,
+) -> Result<Next, F::Error> {
     Ok(match feed.next_request()? {
         None => Next::End,
         Some(Err(e)) => Next::Failed(e),
         Some(Ok(r)) if quarantine.is_some_and(|q| q.contains(&r.line)) => {
             Next::Failed(quarantined(r.line, &r.custom_id))
         }
-        Some(Ok(r)) => match feed.prepare(r) {
-            Ok(job) => Next::Job(job),
-            Err(e) => Next::Failed(e),
+        Some(Ok(r)) => match feed.prepare(r, metrics)? {
+            Intake::Run(job) => Next::Job(job),
+            Intake::Failed(e) => Next::Failed(e),
+            Intake::Settled => Next::Settled,
         },
     })
 }

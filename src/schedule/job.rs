@@ -1,10 +1,11 @@
 //! A parsed request turned into a job the scheduler can run: its prompt tokens, its resolved
 //! sampling settings, and a check that it fits the context.
 
-use crate::digest::request_seed;
+use crate::digest::{request_seed, Hasher};
 use crate::engine::{Constraint, SamplerSpec};
 use crate::formats::line_error::{ErrorCode, LineError};
-use crate::input::request::Request;
+use crate::formats::result::ComputationKey;
+use crate::input::request::{ConstraintSpec, Request, CHAT_COMPLETIONS_URL};
 use crate::prompt::grammar::Grammars;
 use crate::prompt::{PromptBuilder, SplitPrompt};
 
@@ -36,6 +37,8 @@ pub struct Job {
     pub prompt: SplitPrompt,
     /// How to generate.
     pub params: GenParams,
+    /// What identifies its computation, for result reuse.
+    pub key: ComputationKey,
 }
 
 /// The run's defaults for what a request leaves out.
@@ -167,19 +170,83 @@ pub fn prepare(
         presence_penalty: s.presence_penalty.unwrap_or(0.0),
         penalty_window: max_tokens,
     };
+    let params = GenParams {
+        sampler,
+        max_tokens,
+        stop: request.sampling.stop,
+        n: request.sampling.n,
+        logprobs: request.sampling.logprobs,
+        constraint,
+    };
+    let key = computation_key(
+        CHAT_COMPLETIONS_URL,
+        &prompt,
+        &params,
+        request.sampling.constraint.as_ref(),
+    );
     Ok(Job {
         line: request.line,
         custom_id: request.custom_id,
         prompt,
-        params: GenParams {
-            sampler,
-            max_tokens,
-            stop: request.sampling.stop,
-            n: request.sampling.n,
-            logprobs: request.sampling.logprobs,
-            constraint,
-        },
+        params,
+        key,
     })
+}
+
+/// The key of a computation: a hash of everything that decides a request's result line but its
+/// ids, given the same model and engine settings (the manifest's part). The seed and the
+/// truncation settings count only when sampling draws at random: greedy decoding ignores them,
+/// so two greedy requests that differ only in `custom_id` (whose hash seeds them) share a key.
+pub fn computation_key(
+    endpoint: &str,
+    prompt: &SplitPrompt,
+    params: &GenParams,
+    constraint: Option<&ConstraintSpec>,
+) -> ComputationKey {
+    let mut h = Hasher::new();
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes()).update(bytes);
+    };
+    part(b"infer-batch computation 1");
+    part(endpoint.as_bytes());
+    let tokens: Vec<u8> = prompt
+        .tokens
+        .iter()
+        .flat_map(|t| t.0.to_le_bytes())
+        .collect();
+    part(&tokens);
+    // The shared part is what `cached_tokens` reports.
+    part(&(prompt.shared_len as u64).to_le_bytes());
+    let s = &params.sampler;
+    part(&s.temperature.to_le_bytes());
+    if s.temperature > 0.0 {
+        part(&s.top_p.to_le_bytes());
+        part(&s.top_k.to_le_bytes());
+        part(&s.min_p.to_le_bytes());
+        part(&s.seed.to_le_bytes());
+    }
+    part(&s.frequency_penalty.to_le_bytes());
+    part(&s.presence_penalty.to_le_bytes());
+    part(&s.penalty_window.to_le_bytes());
+    part(&params.max_tokens.to_le_bytes());
+    part(&params.n.to_le_bytes());
+    part(&params.logprobs.map_or(-1, i16::from).to_le_bytes());
+    part(&(params.stop.len() as u64).to_le_bytes());
+    for stop in &params.stop {
+        part(stop.as_bytes());
+    }
+    match constraint {
+        None => part(b"none"),
+        Some(ConstraintSpec::JsonSchema { schema, .. }) => {
+            part(b"json-schema");
+            part(schema.to_string().as_bytes());
+        }
+        Some(ConstraintSpec::Gbnf(g)) => {
+            part(b"gbnf");
+            part(g.as_bytes());
+        }
+    }
+    ComputationKey(h.finish())
 }
 
 #[cfg(test)]
@@ -199,6 +266,73 @@ mod tests {
         slot_budget: 30,
         ctx_overridden: false,
     };
+
+    fn params(temperature: f32, seed: u32) -> GenParams {
+        GenParams {
+            sampler: SamplerSpec {
+                temperature,
+                top_p: 1.0,
+                top_k: 0,
+                min_p: 0.0,
+                seed,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
+                penalty_window: 8,
+            },
+            max_tokens: 8,
+            stop: Vec::new(),
+            n: 1,
+            logprobs: None,
+            constraint: None,
+        }
+    }
+
+    #[test]
+    fn the_computation_key_covers_what_changes_a_result_and_nothing_else() {
+        let key = |p: &SplitPrompt, g: &GenParams, c: Option<&ConstraintSpec>| {
+            computation_key(CHAT_COMPLETIONS_URL, p, g, c)
+        };
+        let base = key(&prompt(10, 4), &params(0.0, 1), None);
+        // Greedy decoding ignores the seed, so requests that differ only in it (or in the
+        // custom_id it derives from) are one computation.
+        assert_eq!(base, key(&prompt(10, 4), &params(0.0, 99), None));
+        // Sampling draws with it, so there it counts.
+        let sampled = key(&prompt(10, 4), &params(0.7, 1), None);
+        assert_ne!(sampled, base);
+        assert_ne!(sampled, key(&prompt(10, 4), &params(0.7, 2), None));
+        let mut changed = vec![
+            key(&prompt(11, 4), &params(0.0, 1), None),
+            key(&prompt(10, 5), &params(0.0, 1), None),
+            computation_key("/v1/completions", &prompt(10, 4), &params(0.0, 1), None),
+        ];
+        let mut edit = |f: &dyn Fn(&mut GenParams)| {
+            let mut g = params(0.0, 1);
+            f(&mut g);
+            changed.push(key(&prompt(10, 4), &g, None));
+        };
+        edit(&|g| g.max_tokens = 9);
+        edit(&|g| g.n = 2);
+        edit(&|g| g.logprobs = Some(0));
+        edit(&|g| g.stop = vec!["x".into()]);
+        edit(&|g| g.sampler.presence_penalty = 0.5);
+        let schema = ConstraintSpec::JsonSchema {
+            schema: serde_json::json!({"type": "object"}),
+            field: "response_format",
+        };
+        changed.push(key(&prompt(10, 4), &params(0.0, 1), Some(&schema)));
+        changed.push(key(
+            &prompt(10, 4),
+            &params(0.0, 1),
+            Some(&ConstraintSpec::Gbnf("root ::= \"a\"".into())),
+        ));
+        let distinct: std::collections::HashSet<_> = changed.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            changed.len(),
+            "every change gives its own key"
+        );
+        assert!(!distinct.contains(&base));
+    }
 
     #[test]
     fn a_request_fits_the_trained_context_and_its_slot_beyond_the_shared_prefix() {

@@ -6,6 +6,7 @@ pub mod detok;
 pub mod job;
 pub mod scheduler;
 pub mod sequence;
+pub mod twins;
 
 #[cfg(test)]
 mod fake;

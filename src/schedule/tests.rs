@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use super::admission::{admit_all, Apart, Feed, LoopEnd};
+use super::admission::{admit_all, Apart, Feed, Intake, LoopEnd};
 use super::fake::{hash_pick, FakeEngine, Pick, Row, EOS};
 use super::job::{GenParams, Job};
 use super::scheduler::{Admission, Exact, Outcome, Scheduler};
 use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
-use crate::formats::result::StopReason;
+use crate::formats::result::{ComputationKey, StopReason};
 use crate::input::request::{Request, SamplingParams};
 use crate::prompt::SplitPrompt;
 use crate::report::metrics::Metrics;
@@ -42,6 +42,7 @@ fn job(line: u64, prefix: &[i32], own: &[i32], n: u32, max_tokens: u32) -> Job {
             logprobs: None,
             constraint: None,
         },
+        key: ComputationKey([u8::try_from(line % 256).unwrap(); 32]),
     }
 }
 
@@ -518,6 +519,8 @@ struct TestFeed {
     stop_after: Option<usize>,
     /// Report memory short for this many polls first.
     short_polls: usize,
+    /// Lines the feed settles itself (copies of earlier results).
+    settle: BTreeSet<u64>,
 }
 
 impl TestFeed {
@@ -528,6 +531,7 @@ impl TestFeed {
             seen: Vec::new(),
             stop_after: None,
             short_polls: 0,
+            settle: BTreeSet::new(),
         }
     }
 
@@ -563,10 +567,13 @@ impl Feed for TestFeed {
         }))
     }
 
-    fn prepare(&mut self, request: Request) -> Result<Job, LineError> {
+    fn prepare(&mut self, request: Request, _metrics: &mut Metrics) -> Result<Intake, Self::Error> {
         self.prepared.push(request.line);
+        if self.settle.contains(&request.line) {
+            return Ok(Intake::Settled);
+        }
         let own = [i32::try_from(request.line).unwrap() + 100, 7];
-        Ok(job(request.line, &[11, 12, 13], &own, 1, 6))
+        Ok(Intake::Run(job(request.line, &[11, 12, 13], &own, 1, 6)))
     }
 
     fn admitted(&mut self, job: &Job) {
@@ -677,4 +684,20 @@ fn admission_pauses_while_memory_is_short() {
         "the loop asked again until memory freed up"
     );
     assert_eq!(feed.written().len(), 2);
+}
+
+#[test]
+fn a_settled_request_never_takes_a_slot_and_the_loop_reads_on() {
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4)]);
+    feed.settle = [2, 3].into();
+    assert_eq!(
+        admit_feed(&mut feed, 1, Apart::default()),
+        LoopEnd::Finished
+    );
+    assert_eq!(feed.prepared, vec![1, 2, 3, 4]);
+    assert!(!feed.seen.contains(&Seen::Admitted(2)));
+    assert!(!feed.seen.contains(&Seen::Admitted(3)));
+    let mut written = feed.written();
+    written.sort_by_key(|w| w.0);
+    assert_eq!(written, vec![(1, Ok(())), (4, Ok(()))]);
 }

@@ -10,6 +10,7 @@ mod harness;
 mod memory;
 mod prefix;
 mod resume;
+mod reuse;
 mod shards;
 mod structured;
 mod templates;
