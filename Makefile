@@ -46,6 +46,7 @@ test-vulkan: vulkan-build
 
 setup: deps
 	@./models/fetch.sh
+	@./scripts/openai-sdk.sh
 
 deps:
 	@./scripts/deps.sh

@@ -301,6 +301,7 @@ mod tests {
             }],
             usage: Usage::default(),
             time_to_first_token: 0.0,
+            endpoint: crate::formats::result::Endpoint::Chat,
         };
         let l = ResultLine::success(&c, "m", 1).with_computation(ComputationKey([key; 32]));
         serde_json::to_string(&l).unwrap()
@@ -354,7 +355,9 @@ mod tests {
             "the first line of a key wins"
         );
         assert_eq!(
-            found.response.unwrap().body.choices[0].message.content,
+            found.response.unwrap().body.chat().unwrap().choices[0]
+                .message
+                .content,
             "first"
         );
         assert!(

@@ -403,7 +403,7 @@ impl Totals {
                 if let Some(u) = head.usage() {
                     self.tokens.prompt += u.prompt_tokens;
                     self.tokens.completion += u.completion_tokens;
-                    self.tokens.prompt_cached += u.prompt_tokens_details.cached_tokens;
+                    self.tokens.prompt_cached += u.cached_tokens();
                 }
             }
             Some(e) => {

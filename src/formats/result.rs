@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::digest::Hasher;
 use crate::formats::line_error::LineError;
@@ -25,6 +26,33 @@ impl std::fmt::Display for StopReason {
             Self::Length => "length",
         })
     }
+}
+
+/// The endpoint a request came through; it decides the shape of its response body.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`: a `chat.completion`.
+    #[default]
+    Chat,
+    /// `/v1/responses`: a `response` object, which repeats some of its request.
+    Responses(Box<ResponsesEcho>),
+}
+
+/// What a `response` object repeats of its request: the settings it ran with.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResponsesEcho {
+    /// `instructions`, the shared system prefix.
+    pub instructions: Option<String>,
+    /// `max_output_tokens` as asked (`None`: the run's `--max-tokens`).
+    pub max_output_tokens: Option<u32>,
+    /// The temperature it sampled with, the run's default when it gave none.
+    pub temperature: f32,
+    /// The nucleus mass it sampled with.
+    pub top_p: f32,
+    /// `text` as asked, `{"format": {"type": "text"}}` when absent.
+    pub text: Value,
+    /// `metadata` as given.
+    pub metadata: Option<Value>,
 }
 
 /// Measured token counts of one request.
@@ -82,6 +110,8 @@ pub struct Completion {
     pub usage: Usage,
     /// Seconds from admission to the first sampled token.
     pub time_to_first_token: f64,
+    /// The endpoint it came through.
+    pub endpoint: Endpoint,
 }
 
 /// What identifies a request's computation for result reuse: a SHA-256 over the endpoint, the
@@ -128,6 +158,14 @@ fn completion_id(custom_id: &str) -> String {
     format!("chatcmpl-{}", derived_id("completion", custom_id, 24))
 }
 
+fn response_id(custom_id: &str) -> String {
+    format!("resp_{}", derived_id("response", custom_id, 24))
+}
+
+fn message_id(custom_id: &str) -> String {
+    format!("msg_{}", derived_id("message", custom_id, 24))
+}
+
 /// One line of a batch output: a request's response or its error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultLine {
@@ -152,8 +190,136 @@ pub struct ResponseEnvelope {
     pub status_code: u16,
     /// `req_...`, derived from the `custom_id`.
     pub request_id: String,
-    /// The chat completion.
-    pub body: ChatCompletion,
+    /// The endpoint's response object.
+    pub body: Body,
+}
+
+/// A response body, by endpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Body {
+    /// `/v1/chat/completions`.
+    Chat(ChatCompletion),
+    /// `/v1/responses`.
+    Response(Box<ResponseObject>),
+}
+
+impl Body {
+    /// The chat completion, for a chat request.
+    pub fn chat(&self) -> Option<&ChatCompletion> {
+        match self {
+            Self::Chat(c) => Some(c),
+            Self::Response(_) => None,
+        }
+    }
+}
+
+/// OpenAI's `response` object (the Responses API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseObject {
+    /// `resp_...`, derived from the `custom_id`.
+    pub id: String,
+    /// `response`.
+    pub object: String,
+    /// When the run started, in seconds since the epoch.
+    pub created_at: u64,
+    /// `completed`, or `incomplete` when `max_output_tokens` cut it short.
+    pub status: String,
+    /// Always `null`: a failed request gets an error line instead.
+    pub error: Option<Value>,
+    /// Why it is incomplete.
+    pub incomplete_details: Option<IncompleteDetails>,
+    /// The request's `instructions`.
+    pub instructions: Option<String>,
+    /// The request's `max_output_tokens`.
+    pub max_output_tokens: Option<u32>,
+    /// The request's `metadata`.
+    pub metadata: Option<Value>,
+    /// The model's name.
+    pub model: String,
+    /// One assistant message.
+    pub output: Vec<OutputMessage>,
+    /// Always `true`; no tools run here.
+    pub parallel_tool_calls: bool,
+    /// The temperature it sampled with.
+    pub temperature: f64,
+    /// Always `none`.
+    pub tool_choice: String,
+    /// Always empty.
+    pub tools: Vec<Value>,
+    /// The nucleus mass it sampled with.
+    pub top_p: f64,
+    /// The request's `text` settings.
+    pub text: Value,
+    /// Measured token counts.
+    pub usage: ResponseUsage,
+}
+
+/// `incomplete_details`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncompleteDetails {
+    /// `max_output_tokens`.
+    pub reason: String,
+}
+
+/// An output item of type `message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputMessage {
+    /// `message`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `msg_...`, derived from the `custom_id`.
+    pub id: String,
+    /// `completed` or `incomplete`.
+    pub status: String,
+    /// `assistant`.
+    pub role: String,
+    /// One `output_text` part.
+    pub content: Vec<OutputText>,
+}
+
+/// An `output_text` content part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputText {
+    /// `output_text`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The generated text.
+    pub text: String,
+    /// Always empty.
+    pub annotations: Vec<Value>,
+}
+
+/// The Responses API's `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResponseUsage {
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Of the prompt, the cached part.
+    pub input_tokens_details: InputTokensDetails,
+    /// Generated tokens.
+    pub output_tokens: u64,
+    /// Of those, reasoning tokens: always 0.
+    pub output_tokens_details: OutputTokensDetails,
+    /// Both.
+    pub total_tokens: u64,
+}
+
+/// `usage.input_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputTokensDetails {
+    /// Prompt tokens taken from a shared prefix, measured.
+    pub cached_tokens: u64,
+    /// Prompt tokens this request wrote to a cache: always 0, since a shared prefix is
+    /// computed for the prefix, once, and every request that uses it counts it as cached.
+    pub cache_write_tokens: u64,
+}
+
+/// `usage.output_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputTokensDetails {
+    /// No reasoning tokens are generated apart.
+    pub reasoning_tokens: u64,
 }
 
 /// OpenAI's `chat.completion` object.
@@ -270,57 +436,21 @@ impl TopBody {
 }
 
 impl ResultLine {
-    /// The line of a completed request.
+    /// The line of a completed request, in its endpoint's shape.
     pub fn success(c: &Completion, model: &str, created: u64) -> Self {
-        let choices = c
-            .choices
-            .iter()
-            .enumerate()
-            .map(|(index, choice)| ChoiceBody {
-                index,
-                message: MessageBody {
-                    role: "assistant".into(),
-                    content: choice.content.clone(),
-                },
-                logprobs: choice.logprobs.as_ref().map(|tokens| LogprobsBody {
-                    content: tokens
-                        .iter()
-                        .map(|t| {
-                            let sampled = TopBody::of(&t.sampled);
-                            TokenBody {
-                                token: sampled.token,
-                                logprob: sampled.logprob,
-                                bytes: sampled.bytes,
-                                top_logprobs: t.top.iter().map(TopBody::of).collect(),
-                            }
-                        })
-                        .collect(),
-                    refusal: None,
-                }),
-                finish_reason: choice.reason.to_string(),
-            })
-            .collect();
+        let body = match &c.endpoint {
+            Endpoint::Chat => Body::Chat(chat_completion(c, model, created)),
+            Endpoint::Responses(echo) => {
+                Body::Response(Box::new(response_object(c, echo, model, created)))
+            }
+        };
         Self {
             id: line_id(&c.custom_id),
             custom_id: Some(c.custom_id.clone()),
             response: Some(ResponseEnvelope {
                 status_code: 200,
                 request_id: request_id(&c.custom_id),
-                body: ChatCompletion {
-                    id: completion_id(&c.custom_id),
-                    object: "chat.completion".into(),
-                    created,
-                    model: model.to_owned(),
-                    choices,
-                    usage: UsageBody {
-                        prompt_tokens: c.usage.prompt_tokens,
-                        completion_tokens: c.usage.completion_tokens,
-                        total_tokens: c.usage.prompt_tokens + c.usage.completion_tokens,
-                        prompt_tokens_details: PromptTokensDetails {
-                            cached_tokens: c.usage.cached_tokens,
-                        },
-                    },
-                },
+                body,
             }),
             error: None,
             computation: None,
@@ -341,9 +471,21 @@ impl ResultLine {
         self.custom_id = Some(custom_id.to_owned());
         if let Some(r) = &mut self.response {
             r.request_id = request_id(custom_id);
-            r.body.id = completion_id(custom_id);
-            r.body.created = created;
-            model.clone_into(&mut r.body.model);
+            match &mut r.body {
+                Body::Chat(c) => {
+                    c.id = completion_id(custom_id);
+                    c.created = created;
+                    model.clone_into(&mut c.model);
+                }
+                Body::Response(o) => {
+                    o.id = response_id(custom_id);
+                    o.created_at = created;
+                    model.clone_into(&mut o.model);
+                    for m in &mut o.output {
+                        m.id = message_id(custom_id);
+                    }
+                }
+            }
         }
         self
     }
@@ -367,6 +509,113 @@ impl ResultLine {
             computation: None,
         }
     }
+}
+
+/// A chat request's `chat.completion`.
+fn chat_completion(c: &Completion, model: &str, created: u64) -> ChatCompletion {
+    let choices = c
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(index, choice)| ChoiceBody {
+            index,
+            message: MessageBody {
+                role: "assistant".into(),
+                content: choice.content.clone(),
+            },
+            logprobs: choice.logprobs.as_ref().map(|tokens| LogprobsBody {
+                content: tokens
+                    .iter()
+                    .map(|t| {
+                        let sampled = TopBody::of(&t.sampled);
+                        TokenBody {
+                            token: sampled.token,
+                            logprob: sampled.logprob,
+                            bytes: sampled.bytes,
+                            top_logprobs: t.top.iter().map(TopBody::of).collect(),
+                        }
+                    })
+                    .collect(),
+                refusal: None,
+            }),
+            finish_reason: choice.reason.to_string(),
+        })
+        .collect();
+    ChatCompletion {
+        id: completion_id(&c.custom_id),
+        object: "chat.completion".into(),
+        created,
+        model: model.to_owned(),
+        choices,
+        usage: UsageBody {
+            prompt_tokens: c.usage.prompt_tokens,
+            completion_tokens: c.usage.completion_tokens,
+            total_tokens: c.usage.prompt_tokens + c.usage.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: c.usage.cached_tokens,
+            },
+        },
+    }
+}
+
+/// A Responses request's `response` object: its one choice as an assistant message.
+fn response_object(
+    c: &Completion,
+    echo: &ResponsesEcho,
+    model: &str,
+    created: u64,
+) -> ResponseObject {
+    let choice = c.choices.first();
+    let cut = choice.is_some_and(|ch| ch.reason == StopReason::Length);
+    let status = if cut { "incomplete" } else { "completed" };
+    ResponseObject {
+        id: response_id(&c.custom_id),
+        object: "response".into(),
+        created_at: created,
+        status: status.into(),
+        error: None,
+        incomplete_details: cut.then(|| IncompleteDetails {
+            reason: "max_output_tokens".into(),
+        }),
+        instructions: echo.instructions.clone(),
+        max_output_tokens: echo.max_output_tokens,
+        metadata: echo.metadata.clone(),
+        model: model.to_owned(),
+        output: vec![OutputMessage {
+            kind: "message".into(),
+            id: message_id(&c.custom_id),
+            status: status.into(),
+            role: "assistant".into(),
+            content: vec![OutputText {
+                kind: "output_text".into(),
+                text: choice.map(|ch| ch.content.clone()).unwrap_or_default(),
+                annotations: Vec::new(),
+            }],
+        }],
+        parallel_tool_calls: true,
+        temperature: widen(echo.temperature),
+        tool_choice: "none".into(),
+        tools: Vec::new(),
+        top_p: widen(echo.top_p),
+        text: echo.text.clone(),
+        usage: ResponseUsage {
+            input_tokens: c.usage.prompt_tokens,
+            input_tokens_details: InputTokensDetails {
+                cached_tokens: c.usage.cached_tokens,
+                cache_write_tokens: 0,
+            },
+            output_tokens: c.usage.completion_tokens,
+            output_tokens_details: OutputTokensDetails {
+                reasoning_tokens: 0,
+            },
+            total_tokens: c.usage.prompt_tokens + c.usage.completion_tokens,
+        },
+    }
+}
+
+/// A setting as the request wrote it: `0.8`, not the `0.800000011920929` its f32 widens to.
+fn widen(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(f64::from(x))
 }
 
 /// What readers of an output (resume, merge, status) need from a result line; the rest of
@@ -397,7 +646,28 @@ pub struct ResponseHead {
 pub struct BodyHead {
     /// Its usage.
     #[serde(default)]
-    pub usage: Option<UsageBody>,
+    pub usage: Option<UsageHead>,
+}
+
+/// The counts readers need from a body's usage, under either API's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct UsageHead {
+    /// Prompt tokens (`input_tokens` in a `response`).
+    #[serde(default, alias = "input_tokens")]
+    pub prompt_tokens: u64,
+    /// Generated tokens (`output_tokens` in a `response`).
+    #[serde(default, alias = "output_tokens")]
+    pub completion_tokens: u64,
+    /// Of the prompt, the cached part (`input_tokens_details` in a `response`).
+    #[serde(default, alias = "input_tokens_details")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+impl UsageHead {
+    /// Prompt tokens taken from a shared prefix.
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
 }
 
 /// The part of an error readers need.
@@ -418,7 +688,7 @@ impl LineHead {
     }
 
     /// The usage of a completed request.
-    pub fn usage(&self) -> Option<UsageBody> {
+    pub fn usage(&self) -> Option<UsageHead> {
         self.response.as_ref()?.body.as_ref()?.usage
     }
 }
@@ -469,6 +739,7 @@ mod tests {
                 cached_tokens: 7,
             },
             time_to_first_token: 0.1,
+            endpoint: Endpoint::Chat,
         };
         let v = serde_json::to_value(ResultLine::success(&c, "m", 5)).unwrap();
         assert_eq!(v["custom_id"], "cand-1");
@@ -512,6 +783,7 @@ mod tests {
                 cached_tokens: 31,
             },
             time_to_first_token: 0.5,
+            endpoint: Endpoint::Chat,
         };
         let key = ComputationKey([9; 32]);
         let earlier = ResultLine::success(&completion("old"), "old-name", 1).with_computation(key);
@@ -525,6 +797,74 @@ mod tests {
         );
         assert_eq!(ComputationKey::parse(&key.hex()), Some(key));
         assert_eq!(ComputationKey::parse("zz"), None);
+    }
+
+    #[test]
+    fn a_responses_request_gets_a_response_object_and_reissues_exactly() {
+        let completion = |id: &str, reason| Completion {
+            line: 2,
+            custom_id: id.into(),
+            choices: vec![Choice {
+                content: "ok".into(),
+                reason,
+                logprobs: None,
+            }],
+            usage: Usage {
+                prompt_tokens: 20,
+                completion_tokens: 5,
+                cached_tokens: 12,
+            },
+            time_to_first_token: 0.0,
+            endpoint: Endpoint::Responses(Box::new(ResponsesEcho {
+                instructions: Some("grade".into()),
+                max_output_tokens: Some(5),
+                temperature: 0.8,
+                top_p: 1.0,
+                text: serde_json::json!({"format": {"type": "text"}}),
+                metadata: None,
+            })),
+        };
+        let v = serde_json::to_value(ResultLine::success(
+            &completion("a", StopReason::Length),
+            "m",
+            7,
+        ))
+        .unwrap();
+        let body = &v["response"]["body"];
+        assert_eq!(body["object"], "response");
+        assert_eq!(body["status"], "incomplete");
+        assert_eq!(body["incomplete_details"]["reason"], "max_output_tokens");
+        assert_eq!(body["output"][0]["status"], "incomplete");
+        assert_eq!(body["output"][0]["content"][0]["text"], "ok");
+        assert_eq!(
+            body["temperature"], 0.8,
+            "the setting as written, not its f32"
+        );
+        assert_eq!(body["usage"]["input_tokens_details"]["cached_tokens"], 12);
+        assert_eq!(body["usage"]["total_tokens"], 25);
+        let done = ResultLine::success(&completion("a", StopReason::Stop), "m", 7);
+        let v = serde_json::to_value(&done).unwrap();
+        assert_eq!(v["response"]["body"]["status"], "completed");
+        assert_eq!(v["response"]["body"]["incomplete_details"], Value::Null);
+
+        let text = serde_json::to_string(&done).unwrap();
+        let copy = serde_json::from_str::<ResultLine>(&text)
+            .unwrap()
+            .reissue("b", "n", 9);
+        let fresh = ResultLine::success(&completion("b", StopReason::Stop), "n", 9);
+        assert_eq!(
+            serde_json::to_string(&copy).unwrap(),
+            serde_json::to_string(&fresh).unwrap()
+        );
+        let head = LineHead::parse(text.as_bytes()).unwrap().usage().unwrap();
+        assert_eq!(
+            (
+                head.prompt_tokens,
+                head.completion_tokens,
+                head.cached_tokens()
+            ),
+            (20, 5, 12)
+        );
     }
 
     #[test]

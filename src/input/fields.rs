@@ -14,8 +14,76 @@ pub struct FieldPolicy {
     pub ignore_unknown: bool,
 }
 
-/// Body fields that the request parser reads and honours.
-pub const HONOURED: [&str; 18] = [
+/// The body fields of one endpoint: which are honoured, which change nothing, which are known
+/// but refused when they ask for something.
+pub struct BodyFields {
+    /// Read and honoured by the parser.
+    pub honoured: &'static [&'static str],
+    /// Accepted with any value because they change nothing about the output.
+    no_effect: &'static [&'static str],
+    /// Why a known field's value cannot be honoured; `None` when it asks for nothing.
+    unsupported: fn(&str, &Value) -> Option<&'static str>,
+    /// Known fields besides the honoured and no-effect ones.
+    known: &'static [&'static str],
+}
+
+/// `/v1/chat/completions`.
+pub const CHAT: BodyFields = BodyFields {
+    honoured: &HONOURED,
+    no_effect: &NO_EFFECT,
+    unsupported: chat_unsupported,
+    known: &[
+        "tools",
+        "functions",
+        "tool_choice",
+        "function_call",
+        "parallel_tool_calls",
+        "logit_bias",
+        "modalities",
+    ],
+};
+
+/// `/v1/responses`.
+pub const RESPONSES: BodyFields = BodyFields {
+    honoured: &[
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "temperature",
+        "top_p",
+        "text",
+        "stream",
+        "metadata",
+    ],
+    no_effect: &[
+        "model",
+        "user",
+        "store",
+        "service_tier",
+        "safety_identifier",
+        "prompt_cache_key",
+        "prompt_cache_retention",
+        "parallel_tool_calls",
+        "max_tool_calls",
+    ],
+    unsupported: responses_unsupported,
+    known: &[
+        "tools",
+        "tool_choice",
+        "previous_response_id",
+        "conversation",
+        "background",
+        "prompt",
+        "reasoning",
+        "include",
+        "truncation",
+        "top_logprobs",
+        "stream_options",
+    ],
+};
+
+/// Body fields that the chat request parser reads and honours.
+const HONOURED: [&str; 18] = [
     "messages",
     "max_tokens",
     "max_completion_tokens",
@@ -94,21 +162,22 @@ impl std::fmt::Display for Refusal {
 /// unless `policy` ignores them; `unknown` then sees each one.
 pub fn check_body(
     body: &Map<String, Value>,
+    fields: &BodyFields,
     policy: FieldPolicy,
     mut unknown: impl FnMut(&str),
 ) -> Result<(), Refusal> {
     for (name, value) in body {
         let name = name.as_str();
-        if HONOURED.contains(&name) || NO_EFFECT.contains(&name) || value.is_null() {
+        if fields.honoured.contains(&name) || fields.no_effect.contains(&name) || value.is_null() {
             continue;
         }
-        if let Some(reason) = unsupported(name, value) {
+        if let Some(reason) = (fields.unsupported)(name, value) {
             return Err(Refusal::Unsupported {
                 field: name.to_owned(),
                 reason: reason.to_owned(),
             });
         }
-        if !is_known(name) {
+        if !fields.known.contains(&name) {
             if !policy.ignore_unknown {
                 return Err(Refusal::Unknown {
                     field: name.to_owned(),
@@ -164,14 +233,20 @@ const MESSAGE_UNSUPPORTED: [&str; 6] = [
     "audio",
 ];
 
-/// Known fields that are not honoured, with the values that ask for nothing and are accepted.
-fn unsupported(name: &str, value: &Value) -> Option<&'static str> {
-    let empty = match value {
+/// Whether a value asks for nothing: false, or an empty list or object.
+fn is_empty(value: &Value) -> bool {
+    match value {
         Value::Bool(b) => !b,
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
         _ => false,
-    };
+    }
+}
+
+/// Known chat fields that are not honoured, with the values that ask for nothing and are
+/// accepted.
+fn chat_unsupported(name: &str, value: &Value) -> Option<&'static str> {
+    let empty = is_empty(value);
     let reason = match name {
         "tools" | "functions" if !empty => "tool calling is not supported; remove it",
         "tool_choice" | "function_call" if value.as_str() != Some("none") => {
@@ -188,18 +263,31 @@ fn unsupported(name: &str, value: &Value) -> Option<&'static str> {
     Some(reason)
 }
 
-/// Fields this version knows, honoured or not.
-fn is_known(name: &str) -> bool {
-    matches!(
-        name,
-        "tools"
-            | "functions"
-            | "tool_choice"
-            | "function_call"
-            | "parallel_tool_calls"
-            | "logit_bias"
-            | "modalities"
-    )
+/// Known Responses fields that are not honoured, with the values that ask for nothing.
+fn responses_unsupported(name: &str, value: &Value) -> Option<&'static str> {
+    let empty = is_empty(value);
+    let reason = match name {
+        "tools" if !empty => "tool calling is not supported; remove it",
+        "tool_choice" if !matches!(value.as_str(), Some("none" | "auto")) => {
+            "tool calling is not supported; remove it"
+        }
+        "previous_response_id" | "conversation" => {
+            "each request of a batch stands alone; send the whole conversation in `input`"
+        }
+        "background" if !empty => "a batch runs every request in the background already; remove it",
+        "prompt" => "stored prompts are not available here; send `instructions` and `input`",
+        "reasoning" if !empty => "this version does not honour it; remove it",
+        "include" if !empty => "no extra output is produced; remove it",
+        "truncation" if value.as_str() != Some("disabled") => {
+            "a prompt that does not fit gets an error line, never a truncated context"
+        }
+        "top_logprobs" if value.as_u64() != Some(0) => {
+            "log probabilities are returned on /v1/chat/completions (`logprobs`), not here"
+        }
+        "stream_options" => "this version does not honour it; remove it",
+        _ => return None,
+    };
+    Some(reason)
 }
 
 #[cfg(test)]
@@ -212,7 +300,7 @@ mod tests {
     }
 
     fn refusal(v: Value) -> Option<Refusal> {
-        check_body(&body(v), FieldPolicy::default(), |_| {}).err()
+        check_body(&body(v), &CHAT, FieldPolicy::default(), |_| {}).err()
     }
 
     #[test]
@@ -246,9 +334,43 @@ mod tests {
     }
 
     #[test]
+    fn responses_fields_that_need_a_server_or_tools_are_refused_by_name() {
+        let check = |v: Value| check_body(&body(v), &RESPONSES, FieldPolicy::default(), |_| {});
+        let ok = json!({
+            "model": "m", "input": "x", "instructions": "i", "store": false, "tools": [],
+            "tool_choice": "auto", "background": false, "truncation": "disabled",
+            "top_logprobs": 0, "include": [], "parallel_tool_calls": true, "metadata": {"k": "v"},
+        });
+        assert_eq!(check(ok), Ok(()));
+        for (v, field) in [
+            (json!({"tools": [{"type": "web_search"}]}), "tools"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (
+                json!({"previous_response_id": "resp_1"}),
+                "previous_response_id",
+            ),
+            (json!({"background": true}), "background"),
+            (json!({"truncation": "auto"}), "truncation"),
+            (json!({"top_logprobs": 3}), "top_logprobs"),
+        ] {
+            match check(v) {
+                Err(Refusal::Unsupported { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // Chat's own fields are unknown here.
+        assert_eq!(
+            check(json!({"messages": []})),
+            Err(Refusal::Unknown {
+                field: "messages".into()
+            })
+        );
+    }
+
+    #[test]
     fn unknown_fields_are_refused_unless_ignored() {
         let b = body(json!({"temprature": 0.5, "messages": []}));
-        let e = check_body(&b, FieldPolicy::default(), |_| {}).unwrap_err();
+        let e = check_body(&b, &CHAT, FieldPolicy::default(), |_| {}).unwrap_err();
         assert_eq!(
             e,
             Refusal::Unknown {
@@ -260,10 +382,16 @@ mod tests {
         let lax = FieldPolicy {
             ignore_unknown: true,
         };
-        check_body(&b, lax, |f| seen.push(f.to_owned())).unwrap();
+        check_body(&b, &CHAT, lax, |f| seen.push(f.to_owned())).unwrap();
         assert_eq!(seen, ["temprature"]);
         // Known but unsupported stays refused even then.
-        assert!(check_body(&body(json!({"tools": [{"type": "function"}]})), lax, |_| {}).is_err());
+        assert!(check_body(
+            &body(json!({"tools": [{"type": "function"}]})),
+            &CHAT,
+            lax,
+            |_| {}
+        )
+        .is_err());
     }
 
     #[test]

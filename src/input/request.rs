@@ -12,11 +12,21 @@ use serde_json::{Map, Value};
 use crate::digest::hash64;
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::message::Message;
+use crate::formats::result::Endpoint;
 use crate::formats::shard::Shard;
-use crate::input::fields::{check_body, check_object, FieldPolicy, Refusal, ENVELOPE, MESSAGE};
+use crate::input::fields::{
+    check_body, check_object, BodyFields, FieldPolicy, Refusal, CHAT, ENVELOPE, MESSAGE, RESPONSES,
+};
+use crate::input::responses;
 
-/// The only endpoint a batch line may target.
+/// The Chat Completions endpoint, and the one a short-form line targets.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
+
+/// The Responses endpoint.
+pub const RESPONSES_URL: &str = "/v1/responses";
+
+/// The endpoints a batch line may target.
+const URLS: [&str; 2] = [CHAT_COMPLETIONS_URL, RESPONSES_URL];
 
 /// Roles a chat message may carry.
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
@@ -70,7 +80,7 @@ pub enum ConstraintSpec {
     Gbnf(String),
 }
 
-/// A valid chat-completion request from one input line.
+/// A valid request from one input line, as a conversation to complete.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     /// 1-based line number in the input file.
@@ -83,6 +93,8 @@ pub struct Request {
     pub sampling: SamplingParams,
     /// Unknown fields skipped under `--ignore-unknown-fields`, by path.
     pub ignored_fields: Vec<String>,
+    /// The endpoint it came through.
+    pub endpoint: Endpoint,
 }
 
 /// Parses one non-blank input line.
@@ -99,24 +111,40 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
     };
     let mut ignored_fields = Vec::new();
     let mut ignore = |f: &str| ignored_fields.push(f.to_owned());
-    let body = request_body(&obj, policy, &mut ignore).map_err(fail)?;
+    let (body, url) = request_body(&obj, policy, &mut ignore).map_err(fail)?;
     check_stream(body).map_err(fail)?;
-    check_body_fields(&obj, body, policy, &mut ignore).map_err(fail)?;
-    let messages = parse_messages(body).map_err(fail)?;
-    check_message_fields(body, policy, &mut ignore).map_err(fail)?;
-    let sampling =
-        parse_sampling(body).map_err(|message| fail((ErrorCode::InvalidParameter, message)))?;
+    let fields = if url == RESPONSES_URL {
+        &RESPONSES
+    } else {
+        &CHAT
+    };
+    check_body_fields(&obj, body, fields, policy, &mut ignore).map_err(fail)?;
+    let (messages, sampling, endpoint) = if url == RESPONSES_URL {
+        let r = responses::parse(body, policy, &mut ignore).map_err(fail)?;
+        (
+            r.messages,
+            r.sampling,
+            Endpoint::Responses(Box::new(r.echo)),
+        )
+    } else {
+        let messages = parse_messages(body).map_err(fail)?;
+        check_message_fields(body, policy, &mut ignore).map_err(fail)?;
+        let sampling =
+            parse_sampling(body).map_err(|message| fail((ErrorCode::InvalidParameter, message)))?;
+        (messages, sampling, Endpoint::Chat)
+    };
     Ok(Request {
         line: line_no,
         custom_id,
         messages,
         sampling,
         ignored_fields,
+        endpoint,
     })
 }
 
 /// A fault of one line: its code and what to do.
-type Fault = (ErrorCode, String);
+pub type Fault = (ErrorCode, String);
 
 fn refused(r: Refusal) -> Fault {
     (ErrorCode::InvalidParameter, r.to_string())
@@ -143,15 +171,15 @@ fn read_custom_id(obj: &Map<String, Value>) -> Result<String, String> {
     }
 }
 
-/// The request's fields: under `body` in the full batch form (whose envelope is checked
-/// here), the line itself in the short form.
+/// The request's fields and endpoint: under `body` in the full batch form (whose envelope is
+/// checked here), the line itself in the short form, which is a chat request.
 fn request_body<'a>(
     obj: &'a Map<String, Value>,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
-) -> Result<&'a Map<String, Value>, Fault> {
+) -> Result<(&'a Map<String, Value>, &'static str), Fault> {
     if !(obj.contains_key("body") || obj.contains_key("url") || obj.contains_key("method")) {
-        return Ok(obj);
+        return Ok((obj, CHAT_COMPLETIONS_URL));
     }
     if let Some(method) = obj.get("method") {
         if method.as_str() != Some("POST") {
@@ -161,27 +189,33 @@ fn request_body<'a>(
             ));
         }
     }
-    match obj.get("url") {
-        Some(Value::String(u)) if u == CHAT_COMPLETIONS_URL => {}
+    let supported = URLS.map(|u| format!("\"{u}\"")).join(", ");
+    let url = match obj.get("url") {
+        Some(Value::String(u)) => URLS.into_iter().find(|known| known == u).ok_or_else(|| {
+            (
+                ErrorCode::InvalidUrl,
+                format!("field `url` is {u:?}; supported: {supported}"),
+            )
+        })?,
         Some(u) => {
             return Err((
                 ErrorCode::InvalidUrl,
-                format!("field `url` is {u}; only \"{CHAT_COMPLETIONS_URL}\" is supported"),
+                format!("field `url` is {u}; supported: {supported}"),
             ))
         }
         None => {
             return Err((
                 ErrorCode::InvalidUrl,
-                format!("field `url` is missing; set it to \"{CHAT_COMPLETIONS_URL}\""),
+                format!("field `url` is missing; set it to one of {supported}"),
             ))
         }
-    }
+    };
     check_object(obj, &ENVELOPE, None, policy, ignore).map_err(refused)?;
     match obj.get("body") {
-        Some(Value::Object(b)) => Ok(b),
+        Some(Value::Object(b)) => Ok((b, url)),
         _ => Err((
             ErrorCode::InvalidMessages,
-            "field `body` must be an object holding `messages`".into(),
+            "field `body` must be an object holding the request".into(),
         )),
     }
 }
@@ -205,19 +239,20 @@ fn check_stream(body: &Map<String, Value>) -> Result<(), Fault> {
 fn check_body_fields(
     obj: &Map<String, Value>,
     body: &Map<String, Value>,
+    fields: &BodyFields,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
 ) -> Result<(), Fault> {
     // In the short form the body is the line itself, envelope included.
     if std::ptr::eq(body, obj) {
-        let fields: Map<String, Value> = obj
+        let line: Map<String, Value> = obj
             .iter()
             .filter(|(k, _)| k.as_str() != "custom_id")
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        check_body(&fields, policy, ignore).map_err(refused)
+        check_body(&line, fields, policy, ignore).map_err(refused)
     } else {
-        check_body(body, policy, ignore).map_err(refused)
+        check_body(body, fields, policy, ignore).map_err(refused)
     }
 }
 

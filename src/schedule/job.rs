@@ -4,8 +4,8 @@
 use crate::digest::{request_seed, Hasher};
 use crate::engine::{Constraint, SamplerSpec};
 use crate::formats::line_error::{ErrorCode, LineError};
-use crate::formats::result::ComputationKey;
-use crate::input::request::{ConstraintSpec, Request, CHAT_COMPLETIONS_URL};
+use crate::formats::result::{ComputationKey, Endpoint};
+use crate::input::request::{ConstraintSpec, Request, CHAT_COMPLETIONS_URL, RESPONSES_URL};
 use crate::prompt::grammar::Grammars;
 use crate::prompt::{PromptBuilder, SplitPrompt};
 
@@ -39,6 +39,8 @@ pub struct Job {
     pub params: GenParams,
     /// What identifies its computation, for result reuse.
     pub key: ComputationKey,
+    /// The endpoint it came through, which shapes its result.
+    pub endpoint: Endpoint,
 }
 
 /// The run's defaults for what a request leaves out.
@@ -178,8 +180,22 @@ pub fn prepare(
         logprobs: request.sampling.logprobs,
         constraint,
     };
+    let mut endpoint = request.endpoint;
+    // A `response` repeats the settings it ran with, defaults resolved; they are part of what
+    // the line says, so of its key too.
+    let echo = match &mut endpoint {
+        Endpoint::Chat => None,
+        Endpoint::Responses(echo) => {
+            echo.temperature = params.sampler.temperature;
+            echo.top_p = params.sampler.top_p;
+            Some(serde_json::to_string(echo).unwrap_or_default())
+        }
+    };
     let key = computation_key(
-        CHAT_COMPLETIONS_URL,
+        &match &echo {
+            None => vec![CHAT_COMPLETIONS_URL],
+            Some(echo) => vec![RESPONSES_URL, echo],
+        },
         &prompt,
         &params,
         request.sampling.constraint.as_ref(),
@@ -190,15 +206,17 @@ pub fn prepare(
         prompt,
         params,
         key,
+        endpoint,
     })
 }
 
 /// The key of a computation: a hash of everything that decides a request's result line but its
-/// ids, given the same model and engine settings (the manifest's part). The seed and the
+/// ids, given the same model and engine settings (the manifest's part). `endpoint` names the
+/// endpoint and what its body repeats of the request. The seed and the
 /// truncation settings count only when sampling draws at random: greedy decoding ignores them,
 /// so two greedy requests that differ only in `custom_id` (whose hash seeds them) share a key.
 pub fn computation_key(
-    endpoint: &str,
+    endpoint: &[&str],
     prompt: &SplitPrompt,
     params: &GenParams,
     constraint: Option<&ConstraintSpec>,
@@ -208,7 +226,9 @@ pub fn computation_key(
         h.update((bytes.len() as u64).to_le_bytes()).update(bytes);
     };
     part(b"infer-batch computation 1");
-    part(endpoint.as_bytes());
+    for e in endpoint {
+        part(e.as_bytes());
+    }
     let tokens: Vec<u8> = prompt
         .tokens
         .iter()
@@ -290,7 +310,7 @@ mod tests {
     #[test]
     fn the_computation_key_covers_what_changes_a_result_and_nothing_else() {
         let key = |p: &SplitPrompt, g: &GenParams, c: Option<&ConstraintSpec>| {
-            computation_key(CHAT_COMPLETIONS_URL, p, g, c)
+            computation_key(&[CHAT_COMPLETIONS_URL], p, g, c)
         };
         let base = key(&prompt(10, 4), &params(0.0, 1), None);
         // Greedy decoding ignores the seed, so requests that differ only in it (or in the
@@ -303,7 +323,18 @@ mod tests {
         let mut changed = vec![
             key(&prompt(11, 4), &params(0.0, 1), None),
             key(&prompt(10, 5), &params(0.0, 1), None),
-            computation_key("/v1/completions", &prompt(10, 4), &params(0.0, 1), None),
+            computation_key(
+                &[RESPONSES_URL, "{}"],
+                &prompt(10, 4),
+                &params(0.0, 1),
+                None,
+            ),
+            computation_key(
+                &[RESPONSES_URL, "{\"a\":1}"],
+                &prompt(10, 4),
+                &params(0.0, 1),
+                None,
+            ),
         ];
         let mut edit = |f: &dyn Fn(&mut GenParams)| {
             let mut g = params(0.0, 1);

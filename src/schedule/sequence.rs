@@ -179,6 +179,7 @@ impl Gather {
                 cached_tokens: p.cached_tokens,
             },
             time_to_first_token: p.first_token.unwrap_or_default(),
+            endpoint: p.job.endpoint.clone(),
         })
     }
 

@@ -11,7 +11,7 @@ use super::job::{GenParams, Job};
 use super::scheduler::{Admission, Exact, Outcome, Scheduler};
 use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
-use crate::formats::result::{ComputationKey, StopReason};
+use crate::formats::result::{ComputationKey, Endpoint, StopReason};
 use crate::input::request::{Request, SamplingParams};
 use crate::prompt::SplitPrompt;
 use crate::report::metrics::Metrics;
@@ -43,6 +43,7 @@ fn job(line: u64, prefix: &[i32], own: &[i32], n: u32, max_tokens: u32) -> Job {
             constraint: None,
         },
         key: ComputationKey([u8::try_from(line % 256).unwrap(); 32]),
+        endpoint: Endpoint::Chat,
     }
 }
 
@@ -557,6 +558,7 @@ impl Feed for TestFeed {
                 messages: Vec::new(),
                 sampling: SamplingParams::default(),
                 ignored_fields: Vec::new(),
+                endpoint: Endpoint::Chat,
             }),
             Err(line) => Err(LineError::new(
                 line,

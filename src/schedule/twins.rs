@@ -94,6 +94,7 @@ mod tests {
                 constraint: None,
             },
             key: ComputationKey([key; 32]),
+            endpoint: crate::formats::result::Endpoint::Chat,
         }
     }
 

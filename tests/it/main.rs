@@ -6,6 +6,7 @@
 mod batch;
 mod chaos;
 mod disk_cache;
+mod endpoints;
 mod harness;
 mod memory;
 mod prefix;

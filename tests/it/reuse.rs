@@ -83,15 +83,20 @@ fn completion_tokens(lines: &BTreeMap<String, Value>, ids: &[&str]) -> u64 {
         .sum()
 }
 
+/// Runs the first batch; returns the rerun's input and the first run's output.
+fn first_run(s: &Scratch) -> (PathBuf, PathBuf) {
+    let system = rubric(100);
+    let a = s.write_lines("a.jsonl", &first(&system));
+    let b = s.write_lines("b.jsonl", &second(&system));
+    run(s, &a, "a.out.jsonl", &[]);
+    (b, s.path("a.out.jsonl"))
+}
+
 #[test]
 fn a_rerun_copies_what_did_not_change_and_equals_a_fresh_run() {
     let _lock = model_lock();
     let s = Scratch::new();
-    let system = rubric(100);
-    let a = s.write_lines("a.jsonl", &first(&system));
-    let b = s.write_lines("b.jsonl", &second(&system));
-    run(&s, &a, "a.out.jsonl", &[]);
-    let a_out = s.path("a.out.jsonl");
+    let (b, a_out) = first_run(&s);
 
     let reran = run(&s, &b, "b.out.jsonl", &["--reuse", a_out.to_str().unwrap()]);
     // Eight unchanged requests and the twin of r1 are copied; three are computed.
@@ -139,13 +144,10 @@ fn a_rerun_copies_what_did_not_change_and_equals_a_fresh_run() {
 fn a_killed_rerun_with_reuse_resumes_to_every_line_once() {
     let _lock = model_lock();
     let s = Scratch::new();
-    let system = rubric(100);
-    let a = s.write_lines("a.jsonl", &first(&system));
-    let b = s.write_lines("b.jsonl", &second(&system));
-    run(&s, &a, "a.out.jsonl", &[]);
-    let a_out = s.path("a.out.jsonl");
+    let (b, a_out) = first_run(&s);
     let out = s.path("b.out.jsonl");
-    let args = rerun_args(&s, &b, &out, &a_out);
+    let mut args = crate::resume::args(&s, &b, &out, "1");
+    args.extend(["--reuse".to_owned(), a_out.to_str().unwrap().to_owned()]);
 
     // Copies and computed lines interleave (a copy is read when a slot frees); kill midway.
     let mut child = spawn(&args);
@@ -173,26 +175,6 @@ fn a_killed_rerun_with_reuse_resumes_to_every_line_once() {
 
     run(&s, &b, "fresh.out.jsonl", &["--no-dedup"]);
     assert_eq!(texts(&out), texts(&s.path("fresh.out.jsonl")));
-}
-
-fn rerun_args(s: &Scratch, input: &Path, out: &Path, earlier: &Path) -> Vec<String> {
-    let model = model_path();
-    [
-        "--model",
-        model.to_str().unwrap(),
-        "--parallel",
-        "1",
-        "--prefix-cache-dir",
-        s.path("prefix-cache").to_str().unwrap(),
-        "--reuse",
-        earlier.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect()
 }
 
 #[test]
