@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::commands::merge::Order;
+use crate::engine::embed::Pooling;
 use crate::engine::FlashAttn;
 use crate::formats::shard::Shard;
 use crate::input::fields::FieldPolicy;
@@ -272,6 +273,15 @@ pub struct CommonArgs {
     #[arg(long, value_name = "PREVIOUS.jsonl")]
     pub reuse: Vec<PathBuf>,
 
+    /// How `/v1/embeddings` pools a sequence's token vectors into one [default: the GGUF's
+    /// `pooling_type`, else `mean`].
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub pooling: Option<Pooling>,
+
+    /// Return embeddings as the model gives them, not scaled to unit length.
+    #[arg(long)]
+    pub no_normalize_embeddings: bool,
+
     /// Compute every request, even one identical to another in the file (by default, in
     /// deterministic mode, identical requests are computed once and the others take a copy).
     #[arg(long)]
@@ -370,6 +380,10 @@ pub struct RunConfig {
     pub reuse: Vec<PathBuf>,
     /// Copy results between identical requests of the file (deterministic mode only).
     pub dedup: bool,
+    /// `--pooling` as given.
+    pub pooling: Option<Pooling>,
+    /// Scale embeddings to unit length.
+    pub normalize_embeddings: bool,
     /// Longest time a written line may wait for a sync.
     pub fsync_every: std::time::Duration,
     /// Restart a dying worker.
@@ -500,6 +514,8 @@ impl CommonArgs {
             retry_failed: self.retry_failed,
             reuse: self.reuse.clone(),
             dedup: !self.no_dedup && !self.no_deterministic,
+            pooling: self.pooling,
+            normalize_embeddings: !self.no_normalize_embeddings,
             fsync_every: std::time::Duration::from_millis(self.fsync_interval_ms),
             supervise: self.supervise,
             memory_budget: self.memory_budget,

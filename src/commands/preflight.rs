@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 
 use anyhow::{Context, Result};
 
@@ -13,12 +13,13 @@ use crate::engine::{
     gpu_available, llama_build, FlashAttn, Model, ModelInfo, ModelSettings, SessionSettings, Token,
 };
 use crate::formats::summary::{DryRun, VramPlan};
-use crate::input::request::RequestReader;
+use crate::input::request::{parse_line, Prompt, RequestReader, COMPLETIONS_URL, EMBEDDINGS_URL};
 use crate::plan::memory::{
     compute_bytes, fit, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Fitted,
     Footprint, NoFit, PROCESS_ALLOWANCE,
 };
 use crate::plan::{plan, Demand, KvLayout, Plan};
+use crate::prompt::text_prefix::CommonText;
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::schedule::job::fits_trained_context;
 
@@ -26,16 +27,25 @@ use crate::schedule::job::fits_trained_context;
 /// are rendered with.
 ///
 /// # Errors
-/// When the model cannot be loaded, or no chat template can render its prompts: then no
-/// request could run, so the run stops before any of them gets an error line.
-pub fn load_model(cfg: &RunConfig, gpu_layers: u32) -> Result<(Model, Renderer)> {
+/// When the model cannot be loaded, or no chat template can render its prompts while the input
+/// holds `conversations`: then no request could run, so the run stops before any of them gets
+/// an error line.
+pub fn load_model(
+    cfg: &RunConfig,
+    gpu_layers: u32,
+    conversations: bool,
+) -> Result<(Model, Renderer)> {
     let model = Model::load(&ModelSettings {
         path: cfg.model.clone(),
         gpu_layers,
         verbose: cfg.verbose,
     })?;
-    let renderer = Renderer::for_model(&model, &cfg.chat_template)
-        .map_err(|e| anyhow::anyhow!("model {}: {e}", cfg.model.display()))?;
+    let renderer = match Renderer::for_model(&model, &cfg.chat_template) {
+        Ok(r) => r,
+        // Raw-text prompts need no template; a stray chat line still gets its error line.
+        Err(e) if !conversations => Renderer::Missing(e.to_string()),
+        Err(e) => anyhow::bail!("model {}: {e}", cfg.model.display()),
+    };
     tracing::debug!(template = renderer.identity(), "chat template");
     Ok((model, renderer))
 }
@@ -284,7 +294,7 @@ pub fn load_offloaded(cfg: &RunConfig, gpu_layers: u32) -> Result<Option<Model>>
     if gpu_layers == 0 {
         return Ok(None);
     }
-    Ok(Some(load_model(cfg, gpu_layers)?.0))
+    Ok(Some(load_model(cfg, gpu_layers, false)?.0))
 }
 
 /// `--dry-run`: loads the model, scans the input and returns the plan, touching no output.
@@ -292,8 +302,9 @@ pub fn load_offloaded(cfg: &RunConfig, gpu_layers: u32) -> Result<Option<Model>>
 /// # Errors
 /// As [`preflight`], and when the model cannot be loaded.
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
-    let (model, renderer) = load_model(cfg, 0)?;
-    let mut prompts = PromptBuilder::new(&model, &renderer);
+    let kinds = input_kinds(cfg)?;
+    let (model, renderer) = load_model(cfg, 0, kinds.conversations)?;
+    let mut prompts = PromptBuilder::new(&model, &renderer, kinds.text_prefix.as_deref());
     preflight(cfg, &model, &mut prompts, |_, _| {})
 }
 
@@ -327,6 +338,50 @@ pub fn prefix_store(
     )?)
 }
 
+/// What a light pass over the whole input (whatever the shard) finds: the text its
+/// `/v1/completions` prompts share ([`crate::prompt::text_prefix`]), and whether any line asks
+/// for a conversation, which needs a chat template. Only lines that name the completions or
+/// embeddings endpoint are parsed; any other line counts as a conversation.
+#[derive(Debug, Default)]
+pub struct InputKinds {
+    /// The shared text of the completions prompts.
+    pub text_prefix: Option<String>,
+    /// Whether a line may be a chat or Responses request.
+    pub conversations: bool,
+}
+
+/// Reads the input's [`InputKinds`].
+///
+/// # Errors
+/// When the input cannot be read.
+pub fn input_kinds(cfg: &RunConfig) -> Result<InputKinds> {
+    let file = File::open(&cfg.input)
+        .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+    let mut common = CommonText::new();
+    let mut conversations = false;
+    for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
+        let line = line.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if !(text.contains(COMPLETIONS_URL) || text.contains(EMBEDDINGS_URL)) {
+            conversations = true;
+            continue;
+        }
+        match parse_line(i as u64 + 1, text, cfg.fields).map(|r| r.prompt) {
+            Ok(Prompt::Text(prompt)) => common.add(&prompt),
+            Ok(Prompt::Chat(_)) => conversations = true,
+            Ok(Prompt::Embed(_)) | Err(_) => {}
+        }
+    }
+    Ok(InputKinds {
+        text_prefix: common.finish(),
+        conversations,
+    })
+}
+
 /// First pass: how many requests, which prefixes, and the largest per-request need.
 /// `on_new_prefix` sees each distinct shared prefix once.
 pub fn scan(
@@ -343,7 +398,7 @@ pub fn scan(
         let item = item.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
         demand.lines += 1;
         let Ok(request) = item else { continue };
-        let Ok(prompt) = prompts.build(&request.messages) else {
+        let Ok(prompt) = prompts.build_prompt(&request.prompt) else {
             continue;
         };
         let max_tokens = cfg.defaults().max_tokens_for(&request);

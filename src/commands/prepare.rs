@@ -10,7 +10,9 @@ use anyhow::{Context, Result};
 
 use crate::cache::prefix_store::{model_sha256, PrefixStore};
 use crate::commands::cli::RunConfig;
-use crate::commands::preflight::{load_model, load_offloaded, prefix_store, preflight, Preflight};
+use crate::commands::preflight::{
+    input_kinds, load_model, load_offloaded, prefix_store, preflight, Preflight,
+};
 use crate::digest::sha256_file_hex;
 use crate::engine::{Model, SessionSettings, Token};
 use crate::formats::manifest::{
@@ -18,7 +20,7 @@ use crate::formats::manifest::{
 };
 use crate::input::request::RequestReader;
 use crate::plan::KvLayout;
-use crate::prompt::{PrefixKey, Renderer};
+use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 
 /// The input, read request by request (the run's shard only).
 pub type Input = RequestReader<BufReader<File>>;
@@ -67,6 +69,8 @@ pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest>
         deterministic: cfg.deterministic,
         chat_template: cfg.chat_template.identity(),
         ignore_unknown_fields: cfg.fields.ignore_unknown,
+        pooling: cfg.pooling.map(|p| p.name().to_owned()),
+        no_normalize_embeddings: !cfg.normalize_embeddings,
     };
     Ok(Manifest {
         version: MANIFEST_VERSION,
@@ -100,6 +104,8 @@ pub struct Prepared {
     pub preflight: Preflight,
     /// The model file's SHA-256.
     pub model_sha256: [u8; 32],
+    /// The text `/v1/completions` prompts share.
+    pub text_prefix: Option<String>,
 }
 
 impl Prepared {
@@ -115,8 +121,10 @@ impl Prepared {
         model_sha256: [u8; 32],
         on_new_prefix: impl FnMut(PrefixKey, &[Token]),
     ) -> Result<Self> {
-        let (planning, renderer) = load_model(cfg, 0)?;
-        let mut prompts = crate::prompt::PromptBuilder::new(&planning, &renderer);
+        let kinds = input_kinds(cfg)?;
+        let (planning, renderer) = load_model(cfg, 0, kinds.conversations)?;
+        let text_prefix = kinds.text_prefix;
+        let mut prompts = PromptBuilder::new(&planning, &renderer, text_prefix.as_deref());
         let preflight = preflight(cfg, &planning, &mut prompts, on_new_prefix)?;
         let offloaded = load_offloaded(cfg, preflight.gpu_layers)?;
         Ok(Self {
@@ -125,7 +133,13 @@ impl Prepared {
             renderer,
             preflight,
             model_sha256,
+            text_prefix,
         })
+    }
+
+    /// A builder of the run's prompts.
+    pub fn prompts(&self) -> PromptBuilder<'_> {
+        PromptBuilder::new(&self.planning, &self.renderer, self.text_prefix.as_deref())
     }
 
     /// The model sessions run on.

@@ -17,11 +17,16 @@ use crate::durability::durable::write_json_atomic;
 use crate::durability::lock::OutputLock;
 use crate::durability::sink::Placed;
 use crate::durability::sink::Sink;
+use crate::engine::embed::{normalize, Embedder, Pooling};
+use crate::engine::{Model, Token};
+use crate::formats::line_error::ErrorCode;
 use crate::formats::line_error::LineError;
 use crate::formats::manifest::{Manifest, RunRecord};
+use crate::formats::result::Endpoint;
 use crate::formats::result::{model_name, Completion, ComputationKey, ResultLine};
 use crate::formats::summary::{GpuUse, MemoryRecord};
-use crate::input::request::Request;
+use crate::input::embeddings::EmbedInput;
+use crate::input::request::{Prompt, Request};
 use crate::plan::memory::{mib, peak_rss, Pressure, VramMonitor};
 use crate::plan::KvLayout;
 use crate::prompt::grammar::Grammars;
@@ -30,7 +35,7 @@ use crate::report::metrics::Metrics;
 use crate::report::progress::Progress;
 use crate::report::summary;
 use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd};
-use crate::schedule::job::{prepare, Job, Limits};
+use crate::schedule::job::{embedding_key, prepare, Job, Limits};
 use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
 use crate::schedule::twins::Twins;
 
@@ -129,8 +134,9 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         cfg,
         input: open_input(cfg)?,
         reuse,
+        embeddings: Embeddings::new(model, cfg),
         done: &done,
-        prompts: PromptBuilder::new(&prepared.planning, &prepared.renderer),
+        prompts: prepared.prompts(),
         grammars: Grammars::new(model),
         limits: Limits {
             n_ctx_train: prepared.planning.info().n_ctx_train as usize,
@@ -266,6 +272,7 @@ struct RunFeed<'a, 'm> {
     cfg: &'a RunConfig,
     input: Input,
     reuse: Option<Reuse>,
+    embeddings: Embeddings<'m>,
     done: &'a Done,
     prompts: PromptBuilder<'m>,
     grammars: Grammars<'m>,
@@ -297,6 +304,10 @@ impl Feed for RunFeed<'_, '_> {
     }
 
     fn prepare(&mut self, request: Request, metrics: &mut Metrics) -> Result<Intake> {
+        if let Prompt::Embed(inputs) = &request.prompt {
+            let base64 = matches!(request.endpoint, Endpoint::Embeddings { base64: true });
+            return self.embed(&request, inputs, base64, metrics);
+        }
         let job = match prepare(
             request,
             &mut self.prompts,
@@ -379,6 +390,153 @@ impl Feed for RunFeed<'_, '_> {
             .update(metrics, self.started.elapsed(), self.vram.sample());
     }
 }
+
+impl RunFeed<'_, '_> {
+    /// Settles an embeddings request here, at once: a copy of an earlier result with its key,
+    /// else its vectors, computed input by input. It takes no generation slot.
+    fn embed(
+        &mut self,
+        request: &Request,
+        inputs: &[EmbedInput],
+        base64: bool,
+        metrics: &mut Metrics,
+    ) -> Result<Intake> {
+        let fail = |code, message: String| {
+            Ok(Intake::Failed(LineError::new(
+                request.line,
+                Some(&request.custom_id),
+                code,
+                message,
+            )))
+        };
+        let e = &mut self.embeddings;
+        let tokens = match e.tokenize(inputs) {
+            Ok(t) => t,
+            Err((code, message)) => return fail(code, message),
+        };
+        let key = embedding_key(&tokens, e.pooling.name(), e.normalize, base64);
+        if let Some((line, origin)) = self.reuse.as_ref().and_then(|r| r.index.find(&key)) {
+            let r = &mut self.results;
+            let line = line.reissue(&request.custom_id, &r.model_name, r.created);
+            r.write_copy(metrics, &line, request.line, origin)?;
+            return Ok(Intake::Settled);
+        }
+        // In flight from here: a supervisor sets apart a line whose inputs crash the worker.
+        self.results.reporter.report(Event::Admitted(request.line));
+        let started = Instant::now();
+        let vectors = match e.compute(&tokens, self.cfg.threads) {
+            Ok(v) => v,
+            Err(err) => return fail(ErrorCode::EngineError, err.to_string()),
+        };
+        let n_tokens: u64 = tokens.iter().map(|t| t.len() as u64).sum();
+        metrics.embedded_tokens += n_tokens;
+        metrics.embedding_time += started.elapsed();
+        let r = &mut self.results;
+        let mut line = ResultLine::embeddings(
+            &request.custom_id,
+            &vectors,
+            base64,
+            n_tokens,
+            &r.model_name,
+        );
+        if self.reuse.is_some() {
+            line = line.with_computation(key);
+        }
+        let placed = r.sink.write(&line)?;
+        metrics.requests_ok += 1;
+        r.reporter.report(Event::Written(request.line));
+        if let Some(reuse) = &mut self.reuse {
+            reuse.index.record(key, placed);
+        }
+        Ok(Intake::Settled)
+    }
+}
+
+/// The run's embeddings: how vectors are pooled and scaled, and the context that computes
+/// them, made at the first embeddings request.
+struct Embeddings<'m> {
+    model: &'m Model,
+    pooling: Pooling,
+    normalize: bool,
+    embedder: Option<Embedder<'m>>,
+}
+
+impl<'m> Embeddings<'m> {
+    fn new(model: &'m Model, cfg: &RunConfig) -> Self {
+        Self {
+            model,
+            pooling: cfg
+                .pooling
+                .or_else(|| model.gguf_pooling())
+                .unwrap_or(Pooling::Mean),
+            normalize: cfg.normalize_embeddings,
+            embedder: None,
+        }
+    }
+
+    /// Most tokens an input may have: the trained context, up to [`EMBED_MAX_TOKENS`].
+    fn max_tokens(&self) -> usize {
+        (self.model.info().n_ctx_train as usize).min(EMBED_MAX_TOKENS)
+    }
+
+    /// Each input's tokens, checked against the vocabulary and the length limit.
+    fn tokenize(&self, inputs: &[EmbedInput]) -> Result<Vec<Vec<Token>>, (ErrorCode, String)> {
+        let n_vocab = self.model.info().n_vocab;
+        let max = self.max_tokens();
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                let tokens = match input {
+                    EmbedInput::Text(t) => self.model.tokenize(t),
+                    EmbedInput::Tokens(ids) => {
+                        if let Some(bad) = ids.iter().find(|&&t| t as u64 >= u64::from(n_vocab)) {
+                            return Err((
+                                ErrorCode::InvalidMessages,
+                                format!("`input[{i}]` holds token id {bad}; the vocabulary has {n_vocab}"),
+                            ));
+                        }
+                        ids.iter().map(|&t| Token(t)).collect()
+                    }
+                };
+                if tokens.len() > max {
+                    return Err((
+                        ErrorCode::ContextLengthExceeded,
+                        format!("input {i} has {} tokens; at most {max} are embedded", tokens.len()),
+                    ));
+                }
+                Ok(tokens)
+            })
+            .collect()
+    }
+
+    /// The inputs' vectors, normalized unless asked not to.
+    fn compute(&mut self, inputs: &[Vec<Token>], threads: u32) -> Result<Vec<Vec<f32>>> {
+        let max = self.max_tokens() as u32;
+        if self.embedder.is_none() {
+            tracing::info!(
+                pooling = self.pooling.name(),
+                "embedding context: {max} tokens"
+            );
+            self.embedder = Some(self.model.new_embedder(threads, max, self.pooling)?);
+        }
+        let embedder = self.embedder.as_mut().expect("made above");
+        inputs
+            .iter()
+            .map(|tokens| {
+                let mut v = embedder.embed(tokens)?;
+                if self.normalize {
+                    normalize(&mut v);
+                }
+                Ok(v)
+            })
+            .collect()
+    }
+}
+
+/// Longest embedding input: the embedding context holds one input at a time, and attention
+/// over it costs memory quadratic in its length.
+const EMBED_MAX_TOKENS: usize = 2048;
 
 /// Test hook: with this environment variable set, deterministic runs decode generated tokens
 /// in fixed-shape blocks even where the probe finds it unneeded (the path GPU kernels take).

@@ -20,6 +20,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::formats::message::Message;
 
 mod backends;
+pub mod embed;
 mod seam;
 pub mod state;
 

@@ -101,6 +101,12 @@ pub struct OutputParams {
     /// flag existed still resume.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub ignore_unknown_fields: bool,
+    /// `--pooling`, written only when given (so outputs written before it existed resume).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pooling: Option<String>,
+    /// `--no-normalize-embeddings`, written only when set.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_normalize_embeddings: bool,
 }
 
 impl OutputParams {

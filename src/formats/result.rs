@@ -4,8 +4,9 @@
 
 use std::path::Path;
 
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::digest::Hasher;
 use crate::formats::line_error::LineError;
@@ -36,6 +37,13 @@ pub enum Endpoint {
     Chat,
     /// `/v1/responses`: a `response` object, which repeats some of its request.
     Responses(Box<ResponsesEcho>),
+    /// `/v1/completions`: a `text_completion`, with legacy log probabilities.
+    Completions,
+    /// `/v1/embeddings`: a list of vectors, as numbers or in base64.
+    Embeddings {
+        /// `encoding_format: base64`.
+        base64: bool,
+    },
 }
 
 /// What a `response` object repeats of its request: the settings it ran with.
@@ -158,6 +166,10 @@ fn completion_id(custom_id: &str) -> String {
     format!("chatcmpl-{}", derived_id("completion", custom_id, 24))
 }
 
+fn text_completion_id(custom_id: &str) -> String {
+    format!("cmpl-{}", derived_id("text-completion", custom_id, 24))
+}
+
 fn response_id(custom_id: &str) -> String {
     format!("resp_{}", derived_id("response", custom_id, 24))
 }
@@ -202,6 +214,10 @@ pub enum Body {
     Chat(ChatCompletion),
     /// `/v1/responses`.
     Response(Box<ResponseObject>),
+    /// `/v1/completions`.
+    Text(TextCompletion),
+    /// `/v1/embeddings`.
+    Embedding(EmbeddingList),
 }
 
 impl Body {
@@ -209,7 +225,7 @@ impl Body {
     pub fn chat(&self) -> Option<&ChatCompletion> {
         match self {
             Self::Chat(c) => Some(c),
-            Self::Response(_) => None,
+            Self::Response(_) | Self::Text(_) | Self::Embedding(_) => None,
         }
     }
 }
@@ -253,6 +269,105 @@ pub struct ResponseObject {
     pub text: Value,
     /// Measured token counts.
     pub usage: ResponseUsage,
+}
+
+/// OpenAI's `text_completion` object (the legacy Completions API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextCompletion {
+    /// `cmpl-...`, derived from the `custom_id`.
+    pub id: String,
+    /// `text_completion`.
+    pub object: String,
+    /// When the run started, in seconds since the epoch.
+    pub created: u64,
+    /// The model's name.
+    pub model: String,
+    /// The choices, by index.
+    pub choices: Vec<TextChoice>,
+    /// Measured token counts.
+    pub usage: UsageBody,
+}
+
+/// One choice of a text completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextChoice {
+    /// The generated text.
+    pub text: String,
+    /// Its index.
+    pub index: usize,
+    /// With `logprobs`: the legacy shape.
+    pub logprobs: Option<LegacyLogprobs>,
+    /// `stop` or `length`.
+    pub finish_reason: String,
+}
+
+/// The legacy log probabilities: parallel lists, one entry per generated token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LegacyLogprobs {
+    /// The tokens' texts.
+    pub tokens: Vec<String>,
+    /// Their log probabilities.
+    pub token_logprobs: Vec<f64>,
+    /// The most likely tokens at each position, text to log probability (a text two tokens
+    /// share appears once, with the likelier).
+    pub top_logprobs: Vec<Map<String, Value>>,
+    /// Where each token starts in the generated text, in characters.
+    pub text_offset: Vec<u64>,
+}
+
+/// OpenAI's embeddings response: a `list` of `embedding` objects.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingList {
+    /// `list`.
+    pub object: String,
+    /// One vector per input, in input order.
+    pub data: Vec<EmbeddingItem>,
+    /// The model's name.
+    pub model: String,
+    /// Measured token counts.
+    pub usage: EmbeddingUsage,
+}
+
+/// One input's vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingItem {
+    /// `embedding`.
+    pub object: String,
+    /// The input's index.
+    pub index: usize,
+    /// The vector.
+    pub embedding: Vector,
+}
+
+/// A vector as numbers, or as base64 of its little-endian f32 bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Vector {
+    /// `encoding_format: float`.
+    Float(Vec<f32>),
+    /// `encoding_format: base64`.
+    Base64(String),
+}
+
+impl Vector {
+    /// `values` in the encoding asked for.
+    pub fn encode(values: &[f32], base64: bool) -> Self {
+        if base64 {
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            Self::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
+        } else {
+            Self::Float(values.to_vec())
+        }
+    }
+}
+
+/// An embeddings response's `usage`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingUsage {
+    /// Tokens of every input.
+    pub prompt_tokens: u64,
+    /// The same: nothing is generated.
+    pub total_tokens: u64,
 }
 
 /// `incomplete_details`.
@@ -439,9 +554,14 @@ impl ResultLine {
     /// The line of a completed request, in its endpoint's shape.
     pub fn success(c: &Completion, model: &str, created: u64) -> Self {
         let body = match &c.endpoint {
-            Endpoint::Chat => Body::Chat(chat_completion(c, model, created)),
             Endpoint::Responses(echo) => {
                 Body::Response(Box::new(response_object(c, echo, model, created)))
+            }
+            Endpoint::Completions => Body::Text(text_completion(c, model, created)),
+            // Never reached: an embeddings request is settled by the run, not decoded as a
+            // completion. Were it, its text is still reported, as chat.
+            Endpoint::Chat | Endpoint::Embeddings { .. } => {
+                Body::Chat(chat_completion(c, model, created))
             }
         };
         Self {
@@ -451,6 +571,44 @@ impl ResultLine {
                 status_code: 200,
                 request_id: request_id(&c.custom_id),
                 body,
+            }),
+            error: None,
+            computation: None,
+        }
+    }
+
+    /// The line of an embeddings request: one vector per input, and the inputs' token count.
+    pub fn embeddings(
+        custom_id: &str,
+        vectors: &[Vec<f32>],
+        base64: bool,
+        prompt_tokens: u64,
+        model: &str,
+    ) -> Self {
+        let data = vectors
+            .iter()
+            .enumerate()
+            .map(|(index, v)| EmbeddingItem {
+                object: "embedding".into(),
+                index,
+                embedding: Vector::encode(v, base64),
+            })
+            .collect();
+        Self {
+            id: line_id(custom_id),
+            custom_id: Some(custom_id.to_owned()),
+            response: Some(ResponseEnvelope {
+                status_code: 200,
+                request_id: request_id(custom_id),
+                body: Body::Embedding(EmbeddingList {
+                    object: "list".into(),
+                    data,
+                    model: model.to_owned(),
+                    usage: EmbeddingUsage {
+                        prompt_tokens,
+                        total_tokens: prompt_tokens,
+                    },
+                }),
             }),
             error: None,
             computation: None,
@@ -476,6 +634,12 @@ impl ResultLine {
                     c.id = completion_id(custom_id);
                     c.created = created;
                     model.clone_into(&mut c.model);
+                }
+                Body::Embedding(e) => model.clone_into(&mut e.model),
+                Body::Text(t) => {
+                    t.id = text_completion_id(custom_id);
+                    t.created = created;
+                    model.clone_into(&mut t.model);
                 }
                 Body::Response(o) => {
                     o.id = response_id(custom_id);
@@ -547,15 +711,67 @@ fn chat_completion(c: &Completion, model: &str, created: u64) -> ChatCompletion 
         created,
         model: model.to_owned(),
         choices,
-        usage: UsageBody {
-            prompt_tokens: c.usage.prompt_tokens,
-            completion_tokens: c.usage.completion_tokens,
-            total_tokens: c.usage.prompt_tokens + c.usage.completion_tokens,
-            prompt_tokens_details: PromptTokensDetails {
-                cached_tokens: c.usage.cached_tokens,
-            },
+        usage: usage_body(c.usage),
+    }
+}
+
+/// The usage every body but a `response` reports.
+fn usage_body(u: Usage) -> UsageBody {
+    UsageBody {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u.prompt_tokens + u.completion_tokens,
+        prompt_tokens_details: PromptTokensDetails {
+            cached_tokens: u.cached_tokens,
         },
     }
+}
+
+/// A completions request's `text_completion`.
+fn text_completion(c: &Completion, model: &str, created: u64) -> TextCompletion {
+    let choices = c
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(index, choice)| TextChoice {
+            text: choice.content.clone(),
+            index,
+            logprobs: choice.logprobs.as_deref().map(legacy_logprobs),
+            finish_reason: choice.reason.to_string(),
+        })
+        .collect();
+    TextCompletion {
+        id: text_completion_id(&c.custom_id),
+        object: "text_completion".into(),
+        created,
+        model: model.to_owned(),
+        choices,
+        usage: usage_body(c.usage),
+    }
+}
+
+fn legacy_logprobs(tokens: &[TokenLogprob]) -> LegacyLogprobs {
+    let mut offset = 0u64;
+    let mut out = LegacyLogprobs {
+        tokens: Vec::with_capacity(tokens.len()),
+        token_logprobs: Vec::with_capacity(tokens.len()),
+        top_logprobs: Vec::with_capacity(tokens.len()),
+        text_offset: Vec::with_capacity(tokens.len()),
+    };
+    for t in tokens {
+        out.text_offset.push(offset);
+        offset += t.sampled.token.chars().count() as u64;
+        out.tokens.push(t.sampled.token.clone());
+        out.token_logprobs.push(f64::from(t.sampled.logprob));
+        let mut top = Map::new();
+        for alt in &t.top {
+            // Most likely first: a text two tokens share keeps the likelier.
+            top.entry(alt.token.clone())
+                .or_insert_with(|| Value::from(f64::from(alt.logprob)));
+        }
+        out.top_logprobs.push(top);
+    }
+    out
 }
 
 /// A Responses request's `response` object: its one choice as an assistant message.

@@ -40,6 +40,9 @@ pub struct RunTokens {
     pub prefix_restored: u64,
     /// Tokens sampled.
     pub completion: u64,
+    /// Tokens of embedding inputs computed.
+    #[serde(default)]
+    pub embedded: u64,
 }
 
 /// Measured rates.
@@ -51,6 +54,9 @@ pub struct Rates {
     pub decode_tokens_per_second: f64,
     /// Requests written per second of wall time.
     pub requests_per_second: f64,
+    /// Embedding input tokens per second of embedding calls.
+    #[serde(default)]
+    pub embedding_tokens_per_second: f64,
 }
 
 /// Where the wall clock went; the rest is sampling, scheduling, loading and output.
@@ -62,6 +68,9 @@ pub struct Seconds {
     pub decode: f64,
     /// Restoring prefix states.
     pub prefix_restore: f64,
+    /// In the decode calls of embedding inputs.
+    #[serde(default)]
+    pub embedding: f64,
 }
 
 /// Percentiles of the time to first token; `None` when no request completed.

@@ -82,6 +82,39 @@ pub const RESPONSES: BodyFields = BodyFields {
     ],
 };
 
+/// `/v1/completions`.
+pub const COMPLETIONS: BodyFields = BodyFields {
+    honoured: &[
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "stop",
+        "n",
+        "frequency_penalty",
+        "presence_penalty",
+        "logprobs",
+        "stream",
+        "echo",
+        "suffix",
+        "best_of",
+    ],
+    no_effect: &["model", "user"],
+    unsupported: completions_unsupported,
+    known: &["logit_bias", "stream_options"],
+};
+
+/// `/v1/embeddings`.
+pub const EMBEDDINGS: BodyFields = BodyFields {
+    honoured: &["input", "encoding_format"],
+    no_effect: &["model", "user"],
+    unsupported: embeddings_unsupported,
+    known: &["dimensions"],
+};
+
 /// Body fields that the chat request parser reads and honours.
 const HONOURED: [&str; 18] = [
     "messages",
@@ -261,6 +294,23 @@ fn chat_unsupported(name: &str, value: &Value) -> Option<&'static str> {
         _ => return None,
     };
     Some(reason)
+}
+
+/// Known embeddings fields that are not honoured.
+fn embeddings_unsupported(name: &str, _value: &Value) -> Option<&'static str> {
+    (name == "dimensions").then_some(
+        "this model's vectors cannot be shortened: it was not trained for fewer dimensions; \
+         remove it",
+    )
+}
+
+/// Known completions fields that are not honoured, with the values that ask for nothing.
+fn completions_unsupported(name: &str, value: &Value) -> Option<&'static str> {
+    match name {
+        "logit_bias" if !is_empty(value) => Some("logit biases are not supported; remove it"),
+        "stream_options" => Some("this version does not honour it; remove it"),
+        _ => None,
+    }
 }
 
 /// Known Responses fields that are not honoured, with the values that ask for nothing.

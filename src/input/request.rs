@@ -14,10 +14,12 @@ use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::message::Message;
 use crate::formats::result::Endpoint;
 use crate::formats::shard::Shard;
+use crate::input::embeddings::EmbedInput;
 use crate::input::fields::{
-    check_body, check_object, BodyFields, FieldPolicy, Refusal, CHAT, ENVELOPE, MESSAGE, RESPONSES,
+    check_body, check_object, BodyFields, FieldPolicy, Refusal, CHAT, COMPLETIONS, EMBEDDINGS,
+    ENVELOPE, MESSAGE, RESPONSES,
 };
-use crate::input::responses;
+use crate::input::{completions, embeddings, responses};
 
 /// The Chat Completions endpoint, and the one a short-form line targets.
 pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
@@ -25,8 +27,19 @@ pub const CHAT_COMPLETIONS_URL: &str = "/v1/chat/completions";
 /// The Responses endpoint.
 pub const RESPONSES_URL: &str = "/v1/responses";
 
+/// The (legacy) Completions endpoint: raw text, no chat template.
+pub const COMPLETIONS_URL: &str = "/v1/completions";
+
+/// The Embeddings endpoint.
+pub const EMBEDDINGS_URL: &str = "/v1/embeddings";
+
 /// The endpoints a batch line may target.
-const URLS: [&str; 2] = [CHAT_COMPLETIONS_URL, RESPONSES_URL];
+const URLS: [&str; 4] = [
+    CHAT_COMPLETIONS_URL,
+    RESPONSES_URL,
+    COMPLETIONS_URL,
+    EMBEDDINGS_URL,
+];
 
 /// Roles a chat message may carry.
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
@@ -80,15 +93,36 @@ pub enum ConstraintSpec {
     Gbnf(String),
 }
 
-/// A valid request from one input line, as a conversation to complete.
+/// What a request asks the model to continue.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// A conversation of at least one message, rendered through the chat template.
+    Chat(Vec<Message>),
+    /// Raw text (`/v1/completions`), tokenized as it is.
+    Text(String),
+    /// Inputs to embed (`/v1/embeddings`), not to continue.
+    Embed(Vec<EmbedInput>),
+}
+
+impl Prompt {
+    /// The conversation's messages; none for raw text.
+    pub fn messages(&self) -> &[Message] {
+        match self {
+            Self::Chat(m) => m,
+            Self::Text(_) | Self::Embed(_) => &[],
+        }
+    }
+}
+
+/// A valid request from one input line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     /// 1-based line number in the input file.
     pub line: u64,
     /// The caller's identifier, unique within the file.
     pub custom_id: String,
-    /// The conversation, at least one message.
-    pub messages: Vec<Message>,
+    /// What the model continues.
+    pub prompt: Prompt,
     /// Sampling settings given by the request.
     pub sampling: SamplingParams,
     /// Unknown fields skipped under `--ignore-unknown-fields`, by path.
@@ -113,30 +147,40 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
     let mut ignore = |f: &str| ignored_fields.push(f.to_owned());
     let (body, url) = request_body(&obj, policy, &mut ignore).map_err(fail)?;
     check_stream(body).map_err(fail)?;
-    let fields = if url == RESPONSES_URL {
-        &RESPONSES
-    } else {
-        &CHAT
+    let fields = match url {
+        RESPONSES_URL => &RESPONSES,
+        COMPLETIONS_URL => &COMPLETIONS,
+        EMBEDDINGS_URL => &EMBEDDINGS,
+        _ => &CHAT,
     };
     check_body_fields(&obj, body, fields, policy, &mut ignore).map_err(fail)?;
-    let (messages, sampling, endpoint) = if url == RESPONSES_URL {
-        let r = responses::parse(body, policy, &mut ignore).map_err(fail)?;
-        (
-            r.messages,
-            r.sampling,
-            Endpoint::Responses(Box::new(r.echo)),
-        )
-    } else {
-        let messages = parse_messages(body).map_err(fail)?;
-        check_message_fields(body, policy, &mut ignore).map_err(fail)?;
-        let sampling =
-            parse_sampling(body).map_err(|message| fail((ErrorCode::InvalidParameter, message)))?;
-        (messages, sampling, Endpoint::Chat)
+    let (prompt, sampling, endpoint) = match url {
+        RESPONSES_URL => {
+            let r = responses::parse(body, policy, &mut ignore).map_err(fail)?;
+            let echo = Endpoint::Responses(Box::new(r.echo));
+            (Prompt::Chat(r.messages), r.sampling, echo)
+        }
+        COMPLETIONS_URL => {
+            let r = completions::parse(body).map_err(fail)?;
+            (Prompt::Text(r.prompt), r.sampling, Endpoint::Completions)
+        }
+        EMBEDDINGS_URL => {
+            let r = embeddings::parse(body).map_err(fail)?;
+            let endpoint = Endpoint::Embeddings { base64: r.base64 };
+            (Prompt::Embed(r.inputs), SamplingParams::default(), endpoint)
+        }
+        _ => {
+            let messages = parse_messages(body).map_err(fail)?;
+            check_message_fields(body, policy, &mut ignore).map_err(fail)?;
+            let sampling = parse_sampling(body)
+                .map_err(|message| fail((ErrorCode::InvalidParameter, message)))?;
+            (Prompt::Chat(messages), sampling, Endpoint::Chat)
+        }
     };
     Ok(Request {
         line: line_no,
         custom_id,
-        messages,
+        prompt,
         sampling,
         ignored_fields,
         endpoint,
@@ -364,7 +408,11 @@ fn text_parts(parts: &[Value]) -> Option<String> {
     Some(out)
 }
 
-fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
+/// The sampling fields chat shares with completions.
+///
+/// # Errors
+/// The field at fault.
+pub fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
     let float = |name: &str, lo: f64, hi: f64| -> Result<Option<f32>, String> {
         match body.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -663,8 +711,8 @@ mod tests {
         .unwrap();
         assert_eq!(r.line, 3);
         assert_eq!(r.custom_id, "a");
-        assert_eq!(r.messages.len(), 2);
-        assert_eq!(r.messages[1].content, "U");
+        assert_eq!(r.prompt.messages().len(), 2);
+        assert_eq!(r.prompt.messages()[1].content, "U");
         assert_eq!(r.sampling.max_tokens, Some(5));
         assert_eq!(r.sampling.temperature, Some(0.0));
         assert_eq!(r.sampling.stop, vec!["\n".to_owned()]);
@@ -678,8 +726,8 @@ mod tests {
             FieldPolicy::default(),
         )
         .unwrap();
-        assert_eq!(r.messages[0].role, "system");
-        assert_eq!(r.messages[0].content, "xy");
+        assert_eq!(r.prompt.messages()[0].role, "system");
+        assert_eq!(r.prompt.messages()[0].content, "xy");
         assert_eq!(r.sampling.max_tokens, Some(9));
         assert_eq!(r.sampling.seed, Some(42));
     }
@@ -691,7 +739,7 @@ mod tests {
         assert_eq!(code(r#"{"messages":[]}"#), ErrorCode::MissingCustomId);
         assert_eq!(code(r#"{"custom_id":5}"#), ErrorCode::MissingCustomId);
         assert_eq!(
-            code(r#"{"custom_id":"a","url":"/v1/embeddings","body":{}}"#),
+            code(r#"{"custom_id":"a","url":"/v1/moderations","body":{}}"#),
             ErrorCode::InvalidUrl
         );
         assert_eq!(

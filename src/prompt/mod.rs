@@ -7,12 +7,14 @@
 
 pub mod grammar;
 pub mod template;
+pub mod text_prefix;
 
 use std::collections::HashMap;
 
 use crate::digest::{sha256_parts, short_hex, Hasher};
 use crate::engine::{Model, Token};
 use crate::formats::message::Message;
+use crate::input::request::Prompt;
 use crate::prompt::template::{JinjaTemplate, TemplateChoice};
 
 /// Identity of a shared prefix: the SHA-256 of its exact token ids.
@@ -112,6 +114,9 @@ pub enum Renderer {
         /// What the run reports it as.
         identity: String,
     },
+    /// None could be had, in a run whose input holds only raw-text prompts: a conversation
+    /// gets an error line that says why.
+    Missing(String),
 }
 
 impl Renderer {
@@ -200,6 +205,7 @@ impl Renderer {
         match self {
             Self::Jinja(t) => t.identity(),
             Self::LlamaCpp { identity, .. } => identity,
+            Self::Missing(_) => "none",
         }
     }
 
@@ -218,6 +224,7 @@ impl Renderer {
             Self::LlamaCpp { template, .. } => model
                 .render_llama_cpp(template, messages, add_generation_prompt)
                 .map_err(|e| e.to_string()),
+            Self::Missing(why) => Err(why.clone()),
         }
     }
 }
@@ -228,15 +235,38 @@ pub struct PromptBuilder<'m> {
     model: &'m Model,
     renderer: &'m Renderer,
     memo: HashMap<[u8; 32], Vec<Token>>,
+    /// The tokens of the text that raw-text prompts share ([`text_prefix`]).
+    text_prefix: Vec<Token>,
 }
 
 impl<'m> PromptBuilder<'m> {
-    /// A builder for prompts of `model`, rendered by `renderer`.
-    pub fn new(model: &'m Model, renderer: &'m Renderer) -> Self {
+    /// A builder for prompts of `model`, rendered by `renderer`; raw-text prompts share
+    /// `text_prefix` where they begin with it.
+    pub fn new(model: &'m Model, renderer: &'m Renderer, text_prefix: Option<&str>) -> Self {
         Self {
             model,
             renderer,
             memo: HashMap::new(),
+            text_prefix: text_prefix.map(|t| model.tokenize(t)).unwrap_or_default(),
+        }
+    }
+
+    /// Tokenizes and splits a request's prompt: a conversation through the chat template, raw
+    /// text as it is.
+    ///
+    /// # Errors
+    /// What the template said when it cannot render the conversation.
+    pub fn build_prompt(&mut self, prompt: &Prompt) -> Result<SplitPrompt, PromptError> {
+        match prompt {
+            Prompt::Chat(messages) => self.build(messages),
+            Prompt::Text(text) => {
+                let tokens = self.model.tokenize(text);
+                let shared_len = shared_len(&self.text_prefix, &tokens);
+                Ok(SplitPrompt { tokens, shared_len })
+            }
+            Prompt::Embed(_) => Err("inputs to embed are not a prompt to continue"
+                .to_owned()
+                .into()),
         }
     }
 

@@ -72,6 +72,10 @@ pub struct Metrics {
     pub decode_time: Duration,
     /// Tokens sampled, over all requests.
     pub completion_tokens: u64,
+    /// Tokens of embedding inputs computed.
+    pub embedded_tokens: u64,
+    /// Time in the decode calls of embedding inputs.
+    pub embedding_time: Duration,
     /// The first [`MAX_PREFIX_EVENTS`] prefixes made resident, with their size and time.
     pub prefix_events: Vec<PrefixEvent>,
     /// Every prefix made resident, by source.
@@ -117,6 +121,11 @@ impl Metrics {
         self.prefix_totals
             .get(&source)
             .map_or(Duration::ZERO, |t| t.time)
+    }
+
+    /// Embedding rate: input tokens per second of embedding calls.
+    pub fn embedding_tokens_per_sec(&self) -> f64 {
+        rate(self.embedded_tokens, self.embedding_time)
     }
 
     /// Prefill rate over the calls that held prompt tokens.

@@ -50,17 +50,20 @@ pub fn run_summary(
             prefix_prefilled: m.prefix_tokens(PrefixSource::Prefilled),
             prefix_restored: m.prefix_tokens(PrefixSource::Restored),
             completion: m.completion_tokens,
+            embedded: m.embedded_tokens,
         },
         rates: Rates {
             prefill_tokens_per_second: m.prefill_tokens_per_sec(),
             decode_tokens_per_second: m.decode_tokens_per_sec(),
             requests_per_second: (m.requests_ok + m.requests_failed) as f64
                 / wall.as_secs_f64().max(1e-9),
+            embedding_tokens_per_second: m.embedding_tokens_per_sec(),
         },
         seconds: Seconds {
             prefill: m.prefill_time.as_secs_f64(),
             decode: m.decode_time.as_secs_f64(),
             prefix_restore: m.prefix_time(PrefixSource::Restored).as_secs_f64(),
+            embedding: m.embedding_time.as_secs_f64(),
         },
         time_to_first_token_seconds: Percentiles {
             p50: m.ttft_percentile(50.0),

@@ -159,7 +159,7 @@ fn fill<E: Engine, F: Feed>(
             Ok(Admission::Started) if solo => return Ok(Admitting::Alone),
             Ok(Admission::Started) => {}
             Ok(Admission::Wait(job)) => {
-                *waiting = Some(job);
+                *waiting = Some(*job);
                 break;
             }
             Err(e) => feed.write(&mut scheduler.metrics, Err(e))?,

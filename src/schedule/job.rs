@@ -2,10 +2,13 @@
 //! sampling settings, and a check that it fits the context.
 
 use crate::digest::{request_seed, Hasher};
+use crate::engine::Token;
 use crate::engine::{Constraint, SamplerSpec};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint};
-use crate::input::request::{ConstraintSpec, Request, CHAT_COMPLETIONS_URL, RESPONSES_URL};
+use crate::input::request::{
+    ConstraintSpec, Request, CHAT_COMPLETIONS_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL,
+};
 use crate::prompt::grammar::Grammars;
 use crate::prompt::{PromptBuilder, SplitPrompt};
 
@@ -141,7 +144,7 @@ pub fn prepare(
             message,
         ))
     };
-    let prompt = match prompts.build(&request.messages) {
+    let prompt = match prompts.build_prompt(&request.prompt) {
         Ok(p) => p,
         Err(e) => {
             return fail(
@@ -183,18 +186,21 @@ pub fn prepare(
     let mut endpoint = request.endpoint;
     // A `response` repeats the settings it ran with, defaults resolved; they are part of what
     // the line says, so of its key too.
-    let echo = match &mut endpoint {
-        Endpoint::Chat => None,
-        Endpoint::Responses(echo) => {
-            echo.temperature = params.sampler.temperature;
-            echo.top_p = params.sampler.top_p;
-            Some(serde_json::to_string(echo).unwrap_or_default())
-        }
+    if let Endpoint::Responses(e) = &mut endpoint {
+        e.temperature = params.sampler.temperature;
+        e.top_p = params.sampler.top_p;
+    }
+    let echo = match &endpoint {
+        Endpoint::Responses(e) => serde_json::to_string(e).unwrap_or_default(),
+        _ => String::new(),
     };
     let key = computation_key(
-        &match &echo {
-            None => vec![CHAT_COMPLETIONS_URL],
-            Some(echo) => vec![RESPONSES_URL, echo],
+        &match &endpoint {
+            Endpoint::Chat => vec![CHAT_COMPLETIONS_URL],
+            Endpoint::Completions => vec![COMPLETIONS_URL],
+            // Embeddings never become jobs; their key is `embedding_key`.
+            Endpoint::Embeddings { .. } => vec![EMBEDDINGS_URL],
+            Endpoint::Responses(_) => vec![RESPONSES_URL, &echo],
         },
         &prompt,
         &params,
@@ -208,6 +214,29 @@ pub fn prepare(
         key,
         endpoint,
     })
+}
+
+/// The key of an embeddings request: its inputs' tokens and how their vectors are pooled,
+/// scaled and encoded (given the same model and engine settings).
+pub fn embedding_key(
+    inputs: &[Vec<Token>],
+    pooling: &str,
+    normalize: bool,
+    base64: bool,
+) -> ComputationKey {
+    let mut h = Hasher::new();
+    let mut part = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_le_bytes()).update(bytes);
+    };
+    part(b"infer-batch computation 1");
+    part(EMBEDDINGS_URL.as_bytes());
+    part(pooling.as_bytes());
+    part(&[u8::from(normalize), u8::from(base64)]);
+    for tokens in inputs {
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.0.to_le_bytes()).collect();
+        part(&bytes);
+    }
+    ComputationKey(h.finish())
 }
 
 /// The key of a computation: a hash of everything that decides a request's result line but its
@@ -356,6 +385,20 @@ mod tests {
             &params(0.0, 1),
             Some(&ConstraintSpec::Gbnf("root ::= \"a\"".into())),
         ));
+        let e = |t: &[i32], pooling, normalize, base64| {
+            let tokens: Vec<Token> = t.iter().map(|&t| Token(t)).collect();
+            embedding_key(&[tokens], pooling, normalize, base64)
+        };
+        let embed = e(&[1, 2], "mean", true, false);
+        assert_eq!(embed, e(&[1, 2], "mean", true, false));
+        changed.extend([
+            embed,
+            e(&[1, 3], "mean", true, false),
+            e(&[1, 2], "last", true, false),
+            e(&[1, 2], "mean", false, false),
+            e(&[1, 2], "mean", true, true),
+            embedding_key(&[vec![Token(1)], vec![Token(2)]], "mean", true, false),
+        ]);
         let distinct: std::collections::HashSet<_> = changed.iter().copied().collect();
         assert_eq!(
             distinct.len(),

@@ -129,7 +129,7 @@ pub enum Admission {
     /// A slot runs it.
     Started,
     /// No slot (or no prefix sequence) is free: offer it again after a step.
-    Wait(Job),
+    Wait(Box<Job>),
 }
 
 /// Slots over one session.
@@ -216,14 +216,14 @@ impl<'s, E: Engine> Scheduler<'s, E> {
     pub fn admit(&mut self, job: Job) -> Result<Admission, LineError> {
         if !self.waves.is_empty() {
             // A started request's later waves go first.
-            return Ok(Admission::Wait(job));
+            return Ok(Admission::Wait(Box::new(job)));
         }
         let job = Rc::new(job);
         match self.start_wave(&job, 0)? {
             true => Ok(Admission::Started),
-            false => Ok(Admission::Wait(
+            false => Ok(Admission::Wait(Box::new(
                 Rc::try_unwrap(job).expect("a job that did not start is not shared"),
-            )),
+            ))),
         }
     }
 

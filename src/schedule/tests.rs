@@ -12,7 +12,7 @@ use super::scheduler::{Admission, Exact, Outcome, Scheduler};
 use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint, StopReason};
-use crate::input::request::{Request, SamplingParams};
+use crate::input::request::{Prompt, Request, SamplingParams};
 use crate::prompt::SplitPrompt;
 use crate::report::metrics::Metrics;
 
@@ -148,7 +148,7 @@ fn run_all(engine: &mut FakeEngine, setup: &Setup, jobs: Vec<Job>) -> (Vec<Outco
             match s.admit(job) {
                 Ok(Admission::Started) => {}
                 Ok(Admission::Wait(job)) => {
-                    queue.push_front(job);
+                    queue.push_front(*job);
                     break;
                 }
                 Err(e) => done.push(Err(e)),
@@ -555,7 +555,7 @@ impl Feed for TestFeed {
             Ok(line) => Ok(Request {
                 line,
                 custom_id: format!("req-{line}"),
-                messages: Vec::new(),
+                prompt: Prompt::Chat(Vec::new()),
                 sampling: SamplingParams::default(),
                 ignored_fields: Vec::new(),
                 endpoint: Endpoint::Chat,

@@ -22,7 +22,7 @@ fn mixed_batch_gives_one_line_per_request_with_error_codes() {
         "{this is not json".to_owned(),
         json!({"method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "x"}]}}).to_string(),
         request("a1", Some(&sys_a), &profile(2), greedy.clone()),
-        json!({"custom_id": "url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}).to_string(),
+        json!({"custom_id": "url", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}).to_string(),
         request("stream", None, "x", json!({"stream": true})),
         json!({"custom_id": "empty", "messages": []}).to_string(),
         json!({"custom_id": "role", "messages": [{"role": "wizard", "content": "x"}]}).to_string(),

@@ -126,7 +126,7 @@ fn forked_and_restored_prefix_gives_bit_identical_logits() {
     let model = load(&model_path());
     assert_eq!(model.memory_kind(), MemoryKind::Kv);
     let renderer = Renderer::for_model(&model, &TemplateChoice::Gguf).unwrap();
-    let mut prompts = PromptBuilder::new(&model, &renderer);
+    let mut prompts = PromptBuilder::new(&model, &renderer, None);
     let messages = [
         Message {
             role: "system".into(),

@@ -4,11 +4,15 @@
     validate.py OUTPUT.jsonl
 
 A body is parsed by the type its `object` names (chat.completion: ChatCompletion, response:
-Response, text_completion: Completion, list: CreateEmbeddingResponse). The SDK's models accept
+Response, text_completion: Completion, list: CreateEmbeddingResponse). A base64 embedding is
+first decoded to floats as the SDK's own embeddings parser does (little-endian f32), since the
+type declares the decoded list. The SDK's models accept
 fields they do not know, so the check also refuses any such extra field, at any depth: a
 misspelt field is an error, not silently ignored. Prints one line per body checked and exits 1
 on the first that fails.
 """
+import array
+import base64
 import json
 import sys
 
@@ -38,6 +42,17 @@ def extras(model, path="body"):
     return found
 
 
+def decode_embeddings(body):
+    """Base64 vectors as the SDK's embeddings parser decodes them."""
+    for item in body.get("data") or []:
+        vector = item.get("embedding")
+        if isinstance(vector, str):
+            raw = base64.b64decode(vector, validate=True)
+            if len(raw) % 4:
+                raise ValueError(f"base64 vector of {len(raw)} bytes is not f32s")
+            item["embedding"] = array.array("f", raw).tolist()
+
+
 def main():
     checked = 0
     for n, line in enumerate(open(sys.argv[1]), 1):
@@ -48,6 +63,8 @@ def main():
         kind = TYPES.get(body.get("object"))
         if kind is None:
             sys.exit(f"line {n}: unknown body object {body.get('object')!r}")
+        if kind is CreateEmbeddingResponse:
+            decode_embeddings(body)
         parsed = kind.model_validate(body)
         unknown = extras(parsed)
         if unknown:
