@@ -442,9 +442,7 @@ impl RunFeed<'_, '_> {
         if self.reuse.is_some() {
             line = line.with_computation(key);
         }
-        let placed = r.sink.write(&line)?;
-        metrics.requests_ok += 1;
-        r.reporter.report(Event::Written(request.line));
+        let placed = r.write_ok(metrics, &line, request.line)?;
         if let Some(reuse) = &mut self.reuse {
             reuse.index.record(key, placed);
         }
@@ -560,6 +558,19 @@ impl Results {
         }
     }
 
+    /// Writes the success line of the request on input line `line`; returns where it lies.
+    fn write_ok(
+        &mut self,
+        metrics: &mut Metrics,
+        success: &ResultLine,
+        line: u64,
+    ) -> Result<Placed> {
+        let placed = self.sink.write(success)?;
+        metrics.requests_ok += 1;
+        self.reporter.report(Event::Written(line));
+        Ok(placed)
+    }
+
     /// Writes a computed outcome; returns where a success line lies.
     fn write(
         &mut self,
@@ -567,23 +578,22 @@ impl Results {
         outcome: &Outcome,
         key: Option<ComputationKey>,
     ) -> Result<Option<Placed>> {
-        let (line, placed) = match outcome {
+        match outcome {
             Ok(c) => {
-                metrics.requests_ok += 1;
-                (c.line, Some(self.sink.write(&self.success_line(c, key))?))
+                let success = self.success_line(c, key);
+                self.write_ok(metrics, &success, c.line).map(Some)
             }
             Err(e) => {
+                self.sink.write(&ResultLine::failure(e))?;
                 metrics.requests_failed += 1;
                 *metrics
                     .errors_by_code
                     .entry(e.code.as_str().to_owned())
                     .or_default() += 1;
-                self.sink.write(&ResultLine::failure(e))?;
-                (e.line, None)
+                self.reporter.report(Event::Written(e.line));
+                Ok(None)
             }
-        };
-        self.reporter.report(Event::Written(line));
-        Ok(placed)
+        }
     }
 
     /// Writes a copy of a result computed before, for the request on input line `line`.
@@ -594,13 +604,11 @@ impl Results {
         line: u64,
         origin: Origin,
     ) -> Result<()> {
-        self.sink.write(copy)?;
-        metrics.requests_ok += 1;
+        self.write_ok(metrics, copy, line)?;
         match origin {
             Origin::Earlier => metrics.requests_reused += 1,
             Origin::ThisOutput => metrics.requests_deduplicated += 1,
         }
-        self.reporter.report(Event::Written(line));
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! A parsed request turned into a job the scheduler can run: its prompt tokens, its resolved
 //! sampling settings, and a check that it fits the context.
 
-use crate::digest::{request_seed, Hasher};
+use crate::digest::{request_seed, sha256_parts};
 use crate::engine::Token;
 use crate::engine::{Constraint, SamplerSpec};
 use crate::formats::line_error::{ErrorCode, LineError};
@@ -216,6 +216,31 @@ pub fn prepare(
     })
 }
 
+/// The parts a computation key hashes, each framed by its length ([`sha256_parts`]), so no
+/// two different lists of parts give the same bytes.
+struct KeyParts(Vec<Vec<u8>>);
+
+impl KeyParts {
+    fn new() -> Self {
+        Self(vec![b"infer-batch computation 1".to_vec()])
+    }
+
+    fn push(&mut self, bytes: impl AsRef<[u8]>) -> &mut Self {
+        self.0.push(bytes.as_ref().to_vec());
+        self
+    }
+
+    fn tokens(&mut self, tokens: &[Token]) -> &mut Self {
+        self.0
+            .push(tokens.iter().flat_map(|t| t.0.to_le_bytes()).collect());
+        self
+    }
+
+    fn key(&self) -> ComputationKey {
+        ComputationKey(sha256_parts(self.0.iter().map(Vec::as_slice)))
+    }
+}
+
 /// The key of an embeddings request: its inputs' tokens and how their vectors are pooled,
 /// scaled and encoded (given the same model and engine settings).
 pub fn embedding_key(
@@ -224,78 +249,64 @@ pub fn embedding_key(
     normalize: bool,
     base64: bool,
 ) -> ComputationKey {
-    let mut h = Hasher::new();
-    let mut part = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes()).update(bytes);
-    };
-    part(b"infer-batch computation 1");
-    part(EMBEDDINGS_URL.as_bytes());
-    part(pooling.as_bytes());
-    part(&[u8::from(normalize), u8::from(base64)]);
+    let mut parts = KeyParts::new();
+    parts
+        .push(EMBEDDINGS_URL)
+        .push(pooling)
+        .push([u8::from(normalize), u8::from(base64)]);
     for tokens in inputs {
-        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.0.to_le_bytes()).collect();
-        part(&bytes);
+        parts.tokens(tokens);
     }
-    ComputationKey(h.finish())
+    parts.key()
 }
 
 /// The key of a computation: a hash of everything that decides a request's result line but its
 /// ids, given the same model and engine settings (the manifest's part). `endpoint` names the
-/// endpoint and what its body repeats of the request. The seed and the
-/// truncation settings count only when sampling draws at random: greedy decoding ignores them,
-/// so two greedy requests that differ only in `custom_id` (whose hash seeds them) share a key.
+/// endpoint and what its body repeats of the request. The seed and the truncation settings
+/// count only when sampling draws at random: greedy decoding ignores them, so two greedy
+/// requests that differ only in `custom_id` (whose hash seeds them) share a key.
 pub fn computation_key(
     endpoint: &[&str],
     prompt: &SplitPrompt,
     params: &GenParams,
     constraint: Option<&ConstraintSpec>,
 ) -> ComputationKey {
-    let mut h = Hasher::new();
-    let mut part = |bytes: &[u8]| {
-        h.update((bytes.len() as u64).to_le_bytes()).update(bytes);
-    };
-    part(b"infer-batch computation 1");
+    let mut parts = KeyParts::new();
     for e in endpoint {
-        part(e.as_bytes());
+        parts.push(e);
     }
-    let tokens: Vec<u8> = prompt
-        .tokens
-        .iter()
-        .flat_map(|t| t.0.to_le_bytes())
-        .collect();
-    part(&tokens);
     // The shared part is what `cached_tokens` reports.
-    part(&(prompt.shared_len as u64).to_le_bytes());
+    parts
+        .tokens(&prompt.tokens)
+        .push((prompt.shared_len as u64).to_le_bytes());
     let s = &params.sampler;
-    part(&s.temperature.to_le_bytes());
+    parts.push(s.temperature.to_le_bytes());
     if s.temperature > 0.0 {
-        part(&s.top_p.to_le_bytes());
-        part(&s.top_k.to_le_bytes());
-        part(&s.min_p.to_le_bytes());
-        part(&s.seed.to_le_bytes());
+        parts
+            .push(s.top_p.to_le_bytes())
+            .push(s.top_k.to_le_bytes())
+            .push(s.min_p.to_le_bytes())
+            .push(s.seed.to_le_bytes());
     }
-    part(&s.frequency_penalty.to_le_bytes());
-    part(&s.presence_penalty.to_le_bytes());
-    part(&s.penalty_window.to_le_bytes());
-    part(&params.max_tokens.to_le_bytes());
-    part(&params.n.to_le_bytes());
-    part(&params.logprobs.map_or(-1, i16::from).to_le_bytes());
-    part(&(params.stop.len() as u64).to_le_bytes());
+    parts
+        .push(s.frequency_penalty.to_le_bytes())
+        .push(s.presence_penalty.to_le_bytes())
+        .push(s.penalty_window.to_le_bytes())
+        .push(params.max_tokens.to_le_bytes())
+        .push(params.n.to_le_bytes())
+        .push(params.logprobs.map_or(-1, i16::from).to_le_bytes())
+        .push((params.stop.len() as u64).to_le_bytes());
     for stop in &params.stop {
-        part(stop.as_bytes());
+        parts.push(stop);
     }
     match constraint {
-        None => part(b"none"),
+        None => parts.push("none"),
         Some(ConstraintSpec::JsonSchema { schema, .. }) => {
-            part(b"json-schema");
-            part(schema.to_string().as_bytes());
+            parts.push("json-schema").push(schema.to_string())
         }
-        Some(ConstraintSpec::Gbnf(g)) => {
-            part(b"gbnf");
-            part(g.as_bytes());
-        }
-    }
-    ComputationKey(h.finish())
+        Some(ConstraintSpec::Gbnf(g)) => parts.push("gbnf").push(g),
+    };
+    parts.key()
 }
 
 #[cfg(test)]
