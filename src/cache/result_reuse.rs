@@ -135,16 +135,6 @@ impl ResultIndex {
         Self::default()
     }
 
-    /// Distinct computations indexed.
-    pub fn len(&self) -> usize {
-        self.lines.len()
-    }
-
-    /// Whether nothing is indexed.
-    pub fn is_empty(&self) -> bool {
-        self.lines.is_empty()
-    }
-
     /// Indexes an earlier output given to `--reuse`, after checking that its manifest
     /// describes the same model and engine settings as `run`. Returns the lines it added.
     ///

@@ -318,16 +318,10 @@ impl Feed for RunFeed<'_, '_> {
             Ok(job) => job,
             Err(e) => return Ok(Intake::Failed(e)),
         };
-        let Some(reuse) = &mut self.reuse else {
-            return Ok(Intake::Run(job));
-        };
-        if let Some((line, origin)) = reuse.index.find(&job.key) {
-            let r = &mut self.results;
-            let line = line.reissue(&job.custom_id, &r.model_name, r.created);
-            r.write_copy(metrics, &line, job.line, origin)?;
+        if self.copy_earlier(&job.key, job.line, &job.custom_id, metrics)? {
             return Ok(Intake::Settled);
         }
-        if reuse.twins.hold(&job) {
+        if self.reuse.as_mut().is_some_and(|r| r.twins.hold(&job)) {
             return Ok(Intake::Settled);
         }
         Ok(Intake::Run(job))
@@ -392,6 +386,24 @@ impl Feed for RunFeed<'_, '_> {
 }
 
 impl RunFeed<'_, '_> {
+    /// Writes, for the request `custom_id` on input line `line`, a copy of the result an
+    /// earlier computation with `key` wrote, when the index has one; false when it has none.
+    fn copy_earlier(
+        &mut self,
+        key: &ComputationKey,
+        line: u64,
+        custom_id: &str,
+        metrics: &mut Metrics,
+    ) -> Result<bool> {
+        let Some((copy, origin)) = self.reuse.as_ref().and_then(|r| r.index.find(key)) else {
+            return Ok(false);
+        };
+        let r = &mut self.results;
+        let copy = copy.reissue(custom_id, &r.model_name, r.created);
+        r.write_copy(metrics, &copy, line, origin)?;
+        Ok(true)
+    }
+
     /// Settles an embeddings request here, at once: a copy of an earlier result with its key,
     /// else its vectors, computed input by input. It takes no generation slot.
     fn embed(
@@ -409,22 +421,19 @@ impl RunFeed<'_, '_> {
                 message,
             )))
         };
-        let e = &mut self.embeddings;
+        let e = &self.embeddings;
         let tokens = match e.tokenize(inputs) {
             Ok(t) => t,
             Err((code, message)) => return fail(code, message),
         };
         let key = embedding_key(&tokens, e.pooling.name(), e.normalize, base64);
-        if let Some((line, origin)) = self.reuse.as_ref().and_then(|r| r.index.find(&key)) {
-            let r = &mut self.results;
-            let line = line.reissue(&request.custom_id, &r.model_name, r.created);
-            r.write_copy(metrics, &line, request.line, origin)?;
+        if self.copy_earlier(&key, request.line, &request.custom_id, metrics)? {
             return Ok(Intake::Settled);
         }
         // In flight from here: a supervisor sets apart a line whose inputs crash the worker.
         self.results.reporter.report(Event::Admitted(request.line));
         let started = Instant::now();
-        let vectors = match e.compute(&tokens, self.cfg.threads) {
+        let vectors = match self.embeddings.compute(&tokens, self.cfg.threads) {
             Ok(v) => v,
             Err(err) => return fail(ErrorCode::EngineError, err.to_string()),
         };

@@ -8,7 +8,7 @@ use crate::formats::line_error::ErrorCode;
 use crate::formats::message::Message;
 use crate::formats::result::ResponsesEcho;
 use crate::input::fields::{check_object, FieldPolicy, Refusal};
-use crate::input::request::{ConstraintSpec, Fault, SamplingParams};
+use crate::input::request::{parse_sampling, ConstraintSpec, Fault, SamplingParams};
 
 /// Fields of an input message item that are read (`id` and `status` describe an item that
 /// came from an earlier response and change nothing).
@@ -68,27 +68,19 @@ pub fn parse(
             }
         },
     };
-    let unit = |name: &str, hi: f64| -> Result<Option<f32>, Fault> {
-        match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if (0.0..=hi).contains(&x) => Ok(Some(x as f32)),
-                _ => Err(invalid(format!(
-                    "field `{name}` is {v}; expected a number in [0, {hi}]"
-                ))),
-            },
-        }
-    };
     let (text, constraint) = text_format(body.get("text")).map_err(invalid)?;
+    // The sampling fields Responses shares with chat, read and bounded the same way.
+    let shared: Map<String, Value> = body
+        .iter()
+        .filter(|(k, _)| matches!(k.as_str(), "temperature" | "top_p"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     Ok(ResponsesRequest {
         messages,
         sampling: SamplingParams {
             max_tokens: max_output_tokens,
-            temperature: unit("temperature", 2.0)?,
-            top_p: unit("top_p", 1.0)?,
-            n: 1,
             constraint,
-            ..SamplingParams::default()
+            ..parse_sampling(&shared).map_err(invalid)?
         },
         echo: ResponsesEcho {
             instructions,

@@ -56,7 +56,8 @@ impl Twins {
     }
 
     /// Twins waiting, over all keys.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.waiting.values().map(Vec::len).sum()
     }
 }
