@@ -1,8 +1,15 @@
-//! Records which llama.cpp build the binary links, for the prefix-state files' identity: a state
-//! written by another llama.cpp version or build type is rebuilt, never loaded. For the GPU
-//! builds, it also tells the binary where its shared libraries are.
+//! Records what the binary is built from, for `--version` and the computation identity: our git
+//! commit, the llama.cpp sources the crate vendors (a result computed by other sources or
+//! another build type is never reused) and the backends compiled in. For the GPU builds, it
+//! also tells the binary where its shared libraries are.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
 
 fn main() {
+    git_commit();
     println!("cargo:rerun-if-changed=Cargo.lock");
     let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
     let version = lock
@@ -12,6 +19,10 @@ fn main() {
         .map(|v| v.trim_matches('"').to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_CPP_SYS_VERSION={version}");
+    println!(
+        "cargo:rustc-env=INFER_BATCH_LLAMA_CPP_SOURCES={}",
+        llama_sources(&version)
+    );
     // The CMake build type changes floating-point code generation, so it is part of the build
     // identity too (`.cargo/config.toml` sets it).
     println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
@@ -44,5 +55,101 @@ fn main() {
             rpath = format!("{rpath}:{}", built.display());
         }
         println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
+    }
+}
+
+/// Our git commit (12 hex digits), or `INFER_BATCH_GIT_COMMIT` when the sources come without
+/// their history (a source bundle), or `unknown`.
+fn git_commit() {
+    println!("cargo:rerun-if-env-changed=INFER_BATCH_GIT_COMMIT");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let commit = std::env::var("INFER_BATCH_GIT_COMMIT")
+        .ok()
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
+        .unwrap_or_else(|| "unknown".to_owned());
+    // A new commit moves HEAD or the branch it names.
+    for path in [
+        Some("HEAD".to_owned()),
+        git(&["symbolic-ref", "-q", "HEAD"]),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Some(p) = git(&["rev-parse", "--git-path", &path]) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    println!("cargo:rustc-env=INFER_BATCH_GIT_COMMIT={commit}");
+}
+
+/// The llama.cpp sources that `llama-cpp-sys-2` `version` vendors: the llama-cpp-rs commit it
+/// was published from and a SHA-256 over the sources themselves (file names and contents), so
+/// that a patched copy reads as other sources.
+fn llama_sources(version: &str) -> String {
+    let name = format!("llama-cpp-sys-2-{version}");
+    let cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo")));
+    let registry = cargo_home.map(|h| h.join("registry").join("src"));
+    let mut candidates: Vec<PathBuf> = registry
+        .and_then(|r| std::fs::read_dir(r).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path().join(&name))
+        .collect();
+    candidates.push(Path::new("vendor").join("llama-cpp-sys-2"));
+    let Some(dir) = candidates
+        .into_iter()
+        .find(|d| d.join("llama.cpp").is_dir())
+    else {
+        return "sources unknown".to_owned();
+    };
+    let vcs = std::fs::read_to_string(dir.join(".cargo_vcs_info.json")).unwrap_or_default();
+    let commit = vcs
+        .split('"')
+        .skip_while(|s| *s != "sha1")
+        .nth(2)
+        .map_or("unknown".to_owned(), |c| c.chars().take(12).collect());
+    let root = dir.join("llama.cpp");
+    let mut files = Vec::new();
+    for sub in ["include", "src", "ggml", "common", "vendor"] {
+        collect(&root.join(sub), &mut files);
+    }
+    files.sort();
+    let mut h = Sha256::new();
+    for f in &files {
+        let rel = f.strip_prefix(&root).unwrap_or(f).to_string_lossy();
+        h.update((rel.len() as u64).to_le_bytes());
+        h.update(rel.as_bytes());
+        let bytes = std::fs::read(f).unwrap_or_default();
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+    }
+    let digest: String = h.finalize()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("llama-cpp-rs {commit}, sources sha256 {digest}")
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            collect(&p, out);
+        } else {
+            out.push(p);
+        }
     }
 }

@@ -12,7 +12,7 @@ use common::{model, prefix_tokens, threads};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use infer_batch::cache::prefix_cache::materialize;
 use infer_batch::cache::prefix_store::{model_sha256, PrefixStore, StateIdentity};
-use infer_batch::engine::{llama_build, Engine, FlashAttn, Session, SessionSettings};
+use infer_batch::engine::{Engine, FlashAttn, Session, SessionSettings};
 use infer_batch::report::metrics::Metrics;
 
 const SIZES: [usize; 3] = [500, 1000, 2000];
@@ -44,10 +44,11 @@ fn bench_prefix(c: &mut Criterion) {
     let store = PrefixStore::open(
         dir.path(),
         u64::MAX,
+        // A scratch store that only this bench reads: any computation name serves.
         StateIdentity {
             model_sha256: model_sha256(model.path(), Some(dir.path())).unwrap(),
-            llama_build: llama_build(),
-            layout: settings.state_layout(model.memory_kind(), 0),
+            computation: "bench".to_owned(),
+            layout: format!("memory={}", model.memory_kind()),
         },
     )
     .unwrap();

@@ -14,6 +14,7 @@ pub mod durability;
 pub mod engine;
 pub mod error;
 pub mod formats;
+pub mod identity;
 pub mod input;
 pub mod plan;
 pub mod prompt;

@@ -8,8 +8,8 @@
 //! | payload (llama.cpp sequence state) | SHA-256 of everything before it
 //! ```
 //!
-//! The header names what the state depends on ([`StateIdentity`]: the model's content hash, the
-//! llama.cpp build, the KV layout and chunking) and the exact prefix tokens. Writes go to a
+//! The header names what the state depends on ([`StateIdentity`]: the computation identity but
+//! for the requests' defaults, and the model's memory layout) and the exact prefix tokens. Writes go to a
 //! unique temporary file that is synced and then renamed, so a crash never leaves a file that
 //! looks valid, and runs sharing the directory never see each other's half-written files.
 
@@ -24,9 +24,10 @@ use crate::digest::{parse_hex32, sha256, sha256_file, short_hex, Hasher};
 use crate::durability::durable::{remove_stale_temps, write_atomic};
 use crate::engine::Token;
 use crate::error::{AtPath, FileError};
+use crate::identity::{self, Identity};
 
 /// Version of the file layout; a file of another version is rebuilt, never read.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"IBPREFIX";
 const EXTENSION: &str = "ibprefix";
 const PREAMBLE: usize = 8 + 4 + 4;
@@ -37,10 +38,25 @@ const CHECKSUM: usize = 32;
 pub struct StateIdentity {
     /// SHA-256 of the model file's content.
     pub model_sha256: [u8; 32],
-    /// The llama.cpp build that wrote the state.
-    pub llama_build: String,
-    /// KV cache types and every setting that changes the state's bytes.
+    /// The computation identity's part a state depends on ([`Identity::state_key`]).
+    pub computation: String,
+    /// How the model's memory lays out a state.
     pub layout: String,
+}
+
+impl StateIdentity {
+    /// The identity of states computed under `identity`, for a model whose memory is `layout`.
+    pub fn new(identity: &Identity, layout: &str) -> Self {
+        let mut model_sha256 = [0; 32];
+        if let Some(bytes) = parse_hex32(&identity.model) {
+            model_sha256 = bytes;
+        }
+        Self {
+            model_sha256,
+            computation: identity.state_key(),
+            layout: layout.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -80,14 +96,9 @@ pub enum Invalid {
     /// Another model wrote it.
     #[error("written for another model")]
     Model,
-    /// Another llama.cpp build wrote it.
-    #[error("written by {found}, this is {expected}")]
-    Build {
-        /// Build in the file.
-        found: String,
-        /// Our build.
-        expected: String,
-    },
+    /// Another computation wrote it: another machine, build or setting.
+    #[error("computed differently: {0}")]
+    Computation(String),
     /// Another KV layout wrote it.
     #[error("KV layout {found:?} differs from {expected:?}")]
     Layout {
@@ -127,7 +138,7 @@ pub fn file_name(identity: &StateIdentity, tokens: &[Token]) -> String {
     let mut h = Hasher::new();
     h.update(FORMAT_VERSION.to_le_bytes());
     h.update(identity.model_sha256);
-    for part in [&identity.llama_build, &identity.layout] {
+    for part in [&identity.computation, &identity.layout] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -135,6 +146,23 @@ pub fn file_name(identity: &StateIdentity, tokens: &[Token]) -> String {
         h.update(t.0.to_le_bytes());
     }
     format!("{}.{EXTENSION}", short_hex(&h.finish(), 16))
+}
+
+/// What differs between two [`Identity::state_key`]s, in words.
+fn computation_changes(now: &str, was: &str) -> String {
+    let parse = |s: &str| match serde_json::from_str(s) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let named: Vec<String> = identity::differences(&parse(now), &parse(was))
+        .into_iter()
+        .map(|d| d.text)
+        .collect();
+    if named.is_empty() {
+        "its identity does not read".to_owned()
+    } else {
+        named.join("; ")
+    }
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -243,11 +271,11 @@ pub fn decode<'a>(
     if found.model_sha256 != identity.model_sha256 {
         return Err(Invalid::Model);
     }
-    if found.llama_build != identity.llama_build {
-        return Err(Invalid::Build {
-            found: found.llama_build.clone(),
-            expected: identity.llama_build.clone(),
-        });
+    if found.computation != identity.computation {
+        return Err(Invalid::Computation(computation_changes(
+            &identity.computation,
+            &found.computation,
+        )));
     }
     if found.layout != identity.layout {
         return Err(Invalid::Layout {
@@ -484,12 +512,14 @@ pub fn model_sha256(model: &Path, dir: Option<&Path>) -> Result<[u8; 32], FileEr
 mod tests {
     use super::*;
 
+    fn computation() -> Identity {
+        let mut id = crate::identity::tests::identity();
+        id.model = hex::encode([7u8; 32]);
+        id
+    }
+
     fn identity() -> StateIdentity {
-        StateIdentity {
-            model_sha256: [7; 32],
-            llama_build: "llama-cpp-sys-2 1.0".into(),
-            layout: "f16/f16".into(),
-        }
+        StateIdentity::new(&computation(), "memory=kv")
     }
 
     fn toks() -> Vec<Token> {
@@ -542,12 +572,23 @@ mod tests {
         let mut other = identity();
         other.model_sha256 = [8; 32];
         assert_eq!(decode(&f, &other, &toks()), Err(Invalid::Model));
-        let mut other = identity();
-        other.llama_build = "llama-cpp-sys-2 2.0".into();
-        assert!(matches!(
-            decode(&f, &other, &toks()),
-            Err(Invalid::Build { .. })
-        ));
+        // Another machine or setting: the refusal names what changed.
+        let mut id = computation();
+        id.machine.backend = "cpu+vulkan".into();
+        id.settings.cache_type_k = "q8_0".into();
+        let other = StateIdentity::new(&id, "memory=kv");
+        let Err(Invalid::Computation(why)) = decode(&f, &other, &toks()) else {
+            panic!("another computation's state was accepted");
+        };
+        assert!(
+            why.contains("the machine's backend was \"cpu\", now \"cpu+vulkan\"")
+                && why.contains("--cache-type-k was \"f16\", now \"q8_0\""),
+            "{why}"
+        );
+        // The requests' defaults do not change a state.
+        let mut id = computation();
+        id.output.max_tokens = 3;
+        assert!(decode(&f, &StateIdentity::new(&id, "memory=kv"), &toks()).is_ok());
         let mut other = identity();
         other.layout = "q8/q8".into();
         assert!(matches!(
@@ -557,11 +598,11 @@ mod tests {
         let mut fewer = toks();
         fewer.pop();
         assert_eq!(decode(&f, &identity(), &fewer), Err(Invalid::Tokens));
-        let mut v2 = f.clone();
-        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let mut v1 = f.clone();
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
         assert_eq!(
-            decode(&v2, &identity(), &toks()),
-            Err(Invalid::Version { found: 2 })
+            decode(&v1, &identity(), &toks()),
+            Err(Invalid::Version { found: 1 })
         );
         assert_eq!(
             decode(b"GGUF and more bytes", &identity(), &toks()),

@@ -26,16 +26,20 @@ pub const DEFAULT_FSYNC_MS: u64 = 2000;
 /// Default number of distinct shared prefixes kept in the KV cache at once.
 pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
 
-/// `--version`: ours and the llama.cpp build we link, so a benchmark can record both.
+/// `--version`: ours (with the git commit) and the llama.cpp we link, as the computation
+/// identity names them, so a benchmark or a bug report can record both.
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (llama-cpp-sys-2 ",
+    " (",
+    env!("INFER_BATCH_GIT_COMMIT"),
+    ")\nllama.cpp: llama-cpp-sys-2 ",
     env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
-    ", llama.cpp ",
+    " (",
+    env!("INFER_BATCH_LLAMA_CPP_SOURCES"),
+    "), ",
     env!("INFER_BATCH_LLAMA_LIB_PROFILE"),
-    ", ",
-    env!("INFER_BATCH_BACKENDS"),
-    ")"
+    "\nbackends: ",
+    env!("INFER_BATCH_BACKENDS")
 );
 
 /// Offline batch inference on a GGUF model: the shared system prompt is prefilled once, and
@@ -233,7 +237,8 @@ pub struct CommonArgs {
 
     /// llama.cpp's flash-attention kernels [default: off, or llama.cpp's choice with
     /// --no-deterministic]. Its CPU kernels change with the batch shape, so `on` needs
-    /// --no-deterministic.
+    /// --no-deterministic; in deterministic mode `auto` is a fixed choice, off, so that a run
+    /// and its resume never differ in it.
     #[arg(long, value_enum, value_name = "WHEN")]
     pub flash_attn: Option<FlashAttn>,
 
@@ -265,6 +270,13 @@ pub struct CommonArgs {
     /// On resume, run again the requests that got error lines.
     #[arg(long)]
     pub retry_failed: bool,
+
+    /// Resume into an output whose lines were computed on another machine (another build,
+    /// backend, device, CPU variant or offload), knowing that their bits may differ from this
+    /// machine's. The manifest and the summary record every machine, and `merge` accepts such
+    /// shards only if all of them were run with this flag.
+    #[arg(long)]
+    pub resume_anywhere: bool,
 
     /// An earlier output (repeatable): a request whose computation matches one of its results
     /// (same model and engine settings, prompt tokens, sampling, seed, constraint, endpoint)
@@ -376,6 +388,8 @@ pub struct RunConfig {
     pub restart: bool,
     /// Rerun requests that have error lines.
     pub retry_failed: bool,
+    /// Accept resuming lines computed on another machine.
+    pub resume_anywhere: bool,
     /// Earlier outputs whose results may be copied.
     pub reuse: Vec<PathBuf>,
     /// Copy results between identical requests of the file (deterministic mode only).
@@ -498,8 +512,10 @@ impl CommonArgs {
                             .into(),
                     ))
                 }
+                // llama.cpp's own choice could differ between a run and its resume (another
+                // device, another build): deterministic mode fixes it, to the one exact path.
+                (Some(FlashAttn::Auto) | None, false) => FlashAttn::Off,
                 (Some(fa), _) => fa,
-                (None, false) => FlashAttn::Off,
                 (None, true) => FlashAttn::Auto,
             },
             deterministic: !self.no_deterministic,
@@ -512,6 +528,7 @@ impl CommonArgs {
             prefix_cache_max_bytes: self.prefix_cache_max_bytes,
             restart: self.restart,
             retry_failed: self.retry_failed,
+            resume_anywhere: self.resume_anywhere,
             reuse: self.reuse.clone(),
             dedup: !self.no_dedup && !self.no_deterministic,
             pooling: self.pooling,
@@ -653,5 +670,18 @@ mod tests {
             "in",
         ]);
         assert_eq!(c.unwrap().flash_attn, FlashAttn::On);
+        // `auto` is a fixed choice in deterministic mode, so a run and its resume agree on it;
+        // without it, llama.cpp decides per device.
+        let c = parse(&["--model", "m", "--flash-attn", "auto", "in"]).unwrap();
+        assert_eq!(c.flash_attn, FlashAttn::Off);
+        let c = parse(&[
+            "--model",
+            "m",
+            "--flash-attn",
+            "auto",
+            "--no-deterministic",
+            "in",
+        ]);
+        assert_eq!(c.unwrap().flash_attn, FlashAttn::Auto);
     }
 }

@@ -21,12 +21,13 @@ use crate::digest::hash64;
 use crate::durability::checkpoint::scan_output;
 use crate::durability::durable::{write_atomic_with, write_json_atomic};
 use crate::durability::lock::OutputLock;
-use crate::formats::manifest::{Manifest, RunState, IGNORE_UNKNOWN_FIELDS};
+use crate::formats::manifest::{Manifest, RunState};
 use crate::formats::result::LineHead;
 use crate::formats::shard::{find_outputs, Shard};
 use crate::formats::summary::{
     MergeSummary, MergedTokens, RequestCounts, RunSummary, ShardRecord, ShardRun, SummaryKind,
 };
+use crate::identity::Section;
 use crate::input::fields::FieldPolicy;
 use crate::input::request::RequestReader;
 use crate::report::summary::summary_path;
@@ -186,7 +187,8 @@ impl InputIndex {
     /// Reads the input the shards were computed from.
     fn read(reference: &Manifest) -> Result<Self> {
         let policy = FieldPolicy {
-            ignore_unknown: reference.params.get(IGNORE_UNKNOWN_FIELDS) == Some(&Value::Bool(true)),
+            ignore_unknown: reference.setting("output", "ignore-unknown-fields")
+                == Some(&Value::Bool(true)),
         };
         let input = File::open(&reference.input.path).with_context(|| {
             format!(
@@ -356,17 +358,35 @@ fn merged_manifest(
     manifest.runs.sort_by_key(|r| r.started_unix);
     manifest.finished_unix = shards.iter().filter_map(|(_, m)| m.finished_unix).max();
     manifest.merged_shards = Some(count);
+    for (_, m) in shards {
+        let machines = m.identity.get("machine").into_iter();
+        for machine in machines.chain(&m.other_machines) {
+            if reference.identity.get("machine") != Some(machine)
+                && !manifest.other_machines.contains(machine)
+            {
+                manifest.other_machines.push(machine.clone());
+            }
+        }
+    }
     manifest
 }
 
 /// Every shard must describe the same computation as the first, and be the shard its name says.
+/// Shards computed on other machines agree only when every one of them accepted that
+/// (`--resume-anywhere`).
 fn check_agreement(shards: &[(PathBuf, Manifest)]) -> Result<()> {
     let reference = &shards[0].1;
+    let anywhere = shards.iter().all(|(_, m)| m.resume_anywhere);
     let mut problems = Vec::new();
     for (k, (path, m)) in shards.iter().enumerate() {
         let mut whole = m.clone();
         whole.shard = reference.shard;
-        let differences = whole.differences(reference);
+        let differences: Vec<String> = whole
+            .differences(reference)
+            .into_iter()
+            .filter(|d| !(anywhere && d.section == Section::Machine))
+            .map(|d| d.text)
+            .collect();
         if !differences.is_empty() {
             problems.push(format!(
                 "{} differs from shard 0: {}",

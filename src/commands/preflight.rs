@@ -9,10 +9,9 @@ use anyhow::{Context, Result};
 
 use crate::cache::prefix_store::{PrefixStore, StateIdentity};
 use crate::commands::cli::RunConfig;
-use crate::engine::{
-    gpu_available, llama_build, FlashAttn, Model, ModelInfo, ModelSettings, SessionSettings, Token,
-};
+use crate::engine::{gpu_available, FlashAttn, Model, ModelInfo, ModelSettings, Token};
 use crate::formats::summary::{DryRun, VramPlan};
+use crate::identity::Identity;
 use crate::input::request::{parse_line, Prompt, RequestReader, COMPLETIONS_URL, EMBEDDINGS_URL};
 use crate::plan::memory::{
     compute_bytes, fit, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Fitted,
@@ -308,33 +307,23 @@ pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
     preflight(cfg, &model, &mut prompts, |_, _| {})
 }
 
-/// The prefix state store of `--prefix-cache-dir`, keyed for this model, build and layout.
+/// The prefix state store of `--prefix-cache-dir`, its files keyed and checked by the
+/// computation `identity` and the model's memory layout.
 ///
 /// # Errors
 /// When the model's memory layout is one whose states no test covers (they are never saved
 /// or restored), or the directory cannot be created.
-pub fn prefix_store(
-    cfg: &RunConfig,
-    model: &Model,
-    settings: &SessionSettings,
-    gpu_layers: u32,
-    model_sha256: [u8; 32],
-) -> Result<PrefixStore> {
+pub fn prefix_store(cfg: &RunConfig, model: &Model, identity: &Identity) -> Result<PrefixStore> {
     let memory = model.memory_kind();
     if memory.sections().is_none() {
         anyhow::bail!(
             "prefix states of this model's memory layout, {memory}, are not saved or restored"
         );
     }
-    let identity = StateIdentity {
-        model_sha256,
-        llama_build: llama_build(),
-        layout: settings.state_layout(memory, gpu_layers),
-    };
     Ok(PrefixStore::open(
         &cfg.prefix_cache_dir,
         cfg.prefix_cache_max_bytes,
-        identity,
+        StateIdentity::new(identity, &format!("memory={memory}")),
     )?)
 }
 

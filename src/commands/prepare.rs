@@ -14,13 +14,17 @@ use crate::commands::preflight::{
     input_kinds, load_model, load_offloaded, prefix_store, preflight, Preflight,
 };
 use crate::digest::sha256_file_hex;
-use crate::engine::{Model, SessionSettings, Token};
-use crate::formats::manifest::{
-    InputRecord, Manifest, ModelRecord, OutputParams, RunState, MANIFEST_VERSION,
-};
+use crate::engine;
+use crate::engine::{Model, SessionSettings, Token, KV_TYPE};
+use crate::formats::manifest::{InputRecord, Manifest, ModelRecord, RunState, MANIFEST_VERSION};
+use crate::identity::{Identity, Machine, OutputParams, Settings};
 use crate::input::request::RequestReader;
 use crate::plan::KvLayout;
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
+use crate::schedule::scheduler::Exact;
+
+/// The test hook that forces fixed-shape decode groups where the probe finds them unneeded.
+pub const FIXED_SHAPE_ENV: &str = "INFER_BATCH_TEST_FIXED_SHAPE";
 
 /// The input, read request by request (the run's shard only).
 pub type Input = RequestReader<BufReader<File>>;
@@ -52,26 +56,76 @@ pub fn check_files(cfg: &RunConfig) -> Result<[u8; 32]> {
     Ok(model_sha256(&cfg.model, Some(&cfg.prefix_cache_dir))?)
 }
 
-/// The manifest a run of `cfg` writes beside its output, before any run is recorded.
+/// The computation identity of a run of `cfg` on `machine`.
+pub fn identity(cfg: &RunConfig, model_sha256: [u8; 32], machine: Machine) -> Identity {
+    Identity {
+        model: hex::encode(model_sha256),
+        machine,
+        settings: Settings {
+            batch_size: cfg.batch_size,
+            ctx_size: cfg.ctx_size,
+            cache_type_k: KV_TYPE.to_owned(),
+            cache_type_v: KV_TYPE.to_owned(),
+            deterministic: cfg.deterministic,
+            no_prefix_cache: !cfg.prefix_cache,
+        },
+        output: OutputParams {
+            max_tokens: cfg.max_tokens,
+            temperature: cfg.temperature,
+            seed: cfg.seed,
+            chat_template: cfg.chat_template.identity(),
+            ignore_unknown_fields: cfg.fields.ignore_unknown,
+            pooling: cfg.pooling.map(|p| p.name().to_owned()),
+            no_normalize_embeddings: !cfg.normalize_embeddings,
+        },
+    }
+}
+
+/// The machine a run computes on, once the engine has started: `gpu_layers` as the plan fitted
+/// them, and the decode-group probe's decision (`None` without deterministic mode).
+pub fn machine(cfg: &RunConfig, gpu_layers: u32, exact: Option<Exact>) -> Machine {
+    let hardware = engine::machine::hardware();
+    Machine {
+        build: build_name(),
+        llama_cpp: engine::machine::llama_cpp(),
+        backend: engine::machine::backends(),
+        cpu_variant: hardware.cpu_variant,
+        devices: hardware.devices,
+        gpu_layers,
+        flash_attn: format!("{:?}", cfg.flash_attn).to_lowercase(),
+        decode_groups: Exact::describe(exact),
+    }
+}
+
+/// A machine not yet known: a run compares everything else before it loads the model.
+fn pending_machine() -> Machine {
+    Machine {
+        build: build_name(),
+        llama_cpp: engine::machine::llama_cpp(),
+        backend: engine::machine::backends(),
+        cpu_variant: String::new(),
+        devices: Vec::new(),
+        gpu_layers: 0,
+        flash_attn: String::new(),
+        decode_groups: String::new(),
+    }
+}
+
+/// `infer-batch 0.1.0 (0123456789ab)`: our version and git commit.
+pub fn build_name() -> String {
+    format!(
+        "infer-batch {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        env!("INFER_BATCH_GIT_COMMIT")
+    )
+}
+
+/// The manifest a run of `cfg` writes beside its output, before any run is recorded. Its
+/// machine is filled in once the engine has started ([`Manifest::set_machine`]).
 ///
 /// # Errors
 /// When the input cannot be hashed.
 pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest> {
-    let params = OutputParams {
-        max_tokens: cfg.max_tokens,
-        temperature: cfg.temperature,
-        seed: cfg.seed,
-        batch_size: cfg.batch_size,
-        flash_attn: format!("{:?}", cfg.flash_attn).to_lowercase(),
-        gpu_layers: cfg.gpu_layers,
-        no_prefix_cache: !cfg.prefix_cache,
-        ctx_size: cfg.ctx_size,
-        deterministic: cfg.deterministic,
-        chat_template: cfg.chat_template.identity(),
-        ignore_unknown_fields: cfg.fields.ignore_unknown,
-        pooling: cfg.pooling.map(|p| p.name().to_owned()),
-        no_normalize_embeddings: !cfg.normalize_embeddings,
-    };
     Ok(Manifest {
         version: MANIFEST_VERSION,
         input: InputRecord {
@@ -81,9 +135,10 @@ pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest>
         },
         model: ModelRecord {
             path: cfg.model.clone(),
-            sha256: hex::encode(model_sha256),
         },
-        params: params.to_map(),
+        identity: identity(cfg, model_sha256, pending_machine()).to_map(),
+        resume_anywhere: cfg.resume_anywhere,
+        other_machines: Vec::new(),
         runs: Vec::new(),
         state: RunState::Running,
         shard: cfg.shard,
@@ -166,18 +221,37 @@ impl Prepared {
         self.settings(cfg, plan.n_ctx, plan.n_seq_max)
     }
 
-    /// The prefix state store for states of sessions with `settings`: its identity is the
-    /// model's hash, llama.cpp's build and the layout, offloaded layers included.
+    /// The prefix state store, its files keyed and checked by the computation `identity`.
     ///
     /// # Errors
     /// When the model's states are of an untested layout or the directory cannot be created.
-    pub fn store(&self, cfg: &RunConfig, settings: &SessionSettings) -> Result<PrefixStore> {
-        prefix_store(
+    pub fn store(&self, cfg: &RunConfig, identity: &Identity) -> Result<PrefixStore> {
+        prefix_store(cfg, self.model(), identity)
+    }
+
+    /// The decode-group probe's decision in deterministic mode (`None` without it), found in
+    /// a session of the run's settings.
+    ///
+    /// # Errors
+    /// When the session cannot be made or a probe decode fails.
+    pub fn probe(&self, cfg: &RunConfig) -> Result<Option<Exact>> {
+        if self.preflight.plan.layout == KvLayout::Unified {
+            return Ok(None);
+        }
+        let mut session = self.model().new_session(&self.run_settings(cfg))?;
+        Ok(Some(Exact::probe(
+            &mut session,
+            self.preflight.parallel,
+            std::env::var_os(FIXED_SHAPE_ENV).is_some(),
+        )?))
+    }
+
+    /// The run's computation identity, once the probe has decided its decode groups.
+    pub fn identity(&self, cfg: &RunConfig, exact: Option<Exact>) -> Identity {
+        identity(
             cfg,
-            self.model(),
-            settings,
-            self.preflight.gpu_layers,
             self.model_sha256,
+            machine(cfg, self.preflight.gpu_layers, exact),
         )
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::cache::result_reuse::{Origin, ResultIndex};
+use crate::cache::result_reuse::{Earlier, Origin, ResultIndex};
 use crate::commands::cli::RunConfig;
 use crate::commands::outcome::RunOutcome;
 use crate::commands::preflight::Preflight;
@@ -28,7 +28,6 @@ use crate::formats::summary::{GpuUse, MemoryRecord};
 use crate::input::embeddings::EmbedInput;
 use crate::input::request::{Prompt, Request};
 use crate::plan::memory::{mib, peak_rss, Pressure, VramMonitor};
-use crate::plan::KvLayout;
 use crate::prompt::grammar::Grammars;
 use crate::prompt::PromptBuilder;
 use crate::report::metrics::Metrics;
@@ -85,15 +84,25 @@ impl RunReport {
 /// bad request is never an error here: it gets its error line and the batch goes on.
 pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Result<RunReport> {
     let started = Instant::now();
+    let model_hash = check_files(cfg)?;
+    let mut manifest = new_manifest(cfg, model_hash)?;
+    // Before the lock and the model: a refused --reuse leaves nothing behind.
+    let earlier = open_earlier(cfg, &manifest)?;
     let _lock = match worker {
         Some(w) => OutputLock::inherit(&cfg.output, w.lock_fd)?,
         None => OutputLock::acquire(&cfg.output)?,
     };
-    let model_hash = check_files(cfg)?;
-    let mut manifest = new_manifest(cfg, model_hash)?;
     let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
     let prepared = Prepared::load(cfg, model_hash, |_, _| {})?;
     let pf = &prepared.preflight;
+    let exact = prepared.probe(cfg)?;
+    log_decode_groups(exact);
+    let identity = prepared.identity(cfg, exact);
+    manifest.set_machine(&identity);
+    checkpoint::check_machine(&cfg.output, &mut manifest)?;
+    for e in &earlier {
+        e.check_machine(&manifest)?;
+    }
     manifest.input.total = pf.demand.lines;
     manifest.record_run(RunRecord {
         started_unix: unix_now(),
@@ -103,7 +112,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     log_plan(pf, done.len());
     let settings = prepared.run_settings(cfg);
     let store = (cfg.prefix_cache && cfg.disk_cache && pf.demand.distinct_prefixes > 0)
-        .then(|| prepared.store(cfg, &settings))
+        .then(|| prepared.store(cfg, &identity))
         .and_then(|store| {
             store
                 .map_err(|e| tracing::warn!("{e:#}; prefix states stay in memory for this run"))
@@ -111,15 +120,6 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         });
     let model = prepared.model();
     let mut session = model.new_session(&settings)?;
-    let exact = match pf.plan.layout {
-        KvLayout::Unified => None,
-        KvLayout::Streams => Some(Exact::probe(
-            &mut session,
-            pf.parallel,
-            std::env::var_os(FIXED_SHAPE_ENV).is_some(),
-        )?),
-    };
-    log_decode_groups(exact);
     let mut scheduler = Scheduler::new(
         &mut session,
         pf.parallel,
@@ -129,7 +129,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         exact,
     );
     let sink = Sink::open(&cfg.output, cfg.fsync_every)?;
-    let reuse = open_reuse(cfg, &manifest)?;
+    let reuse = open_reuse(cfg, &earlier)?;
     let mut feed = RunFeed {
         cfg,
         input: open_input(cfg)?,
@@ -172,7 +172,7 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         resumed_failed: done.failed.len() as u64,
         interrupted: end == LoopEnd::Interrupted,
     };
-    write_summary(cfg, &report, pf, feed.vram.gpus(), exact)?;
+    write_summary(cfg, &report, pf, feed.vram.gpus(), exact, &manifest)?;
     Ok(report)
 }
 
@@ -209,6 +209,7 @@ fn write_summary(
     pf: &Preflight,
     gpus: &[GpuUse],
     exact: Option<Exact>,
+    manifest: &Manifest,
 ) -> Result<()> {
     let memory = MemoryRecord {
         peak_rss_bytes: peak_rss(),
@@ -221,13 +222,15 @@ fn write_summary(
         // and peak.
         vram_use: gpus.to_vec(),
     };
-    let summary = summary::run_summary(
+    let mut summary = summary::run_summary(
         &report.metrics,
         &report.plan,
         report.wall,
         memory,
         Exact::describe(exact),
     );
+    summary.identity = manifest.identity.clone();
+    summary.other_machines = manifest.other_machines.clone();
     write_json_atomic(&summary::summary_path(&cfg.output), &summary)?;
     Ok(())
 }
@@ -239,24 +242,36 @@ struct Reuse {
     twins: Twins,
 }
 
+/// The earlier outputs of `--reuse`, each checked before the model loads (its machine is
+/// checked once the engine has started). The output itself is left out: its done requests
+/// are skipped anyway.
+fn open_earlier(cfg: &RunConfig, manifest: &Manifest) -> Result<Vec<Earlier>> {
+    let own = std::fs::canonicalize(&cfg.output).ok();
+    let mut out = Vec::new();
+    for given in &cfg.reuse {
+        let earlier = Earlier::open(given, manifest)?;
+        if own.as_deref() == Some(earlier.path()) {
+            tracing::info!(
+                "--reuse {}: the output itself, whose done requests are skipped anyway",
+                given.display()
+            );
+            continue;
+        }
+        out.push(earlier);
+    }
+    Ok(out)
+}
+
 /// The run's [`Reuse`]; `None` without deterministic mode, where a copy could differ from what
 /// the computation would give.
-fn open_reuse(cfg: &RunConfig, manifest: &Manifest) -> Result<Option<Reuse>> {
+fn open_reuse(cfg: &RunConfig, earlier: &[Earlier]) -> Result<Option<Reuse>> {
     if !cfg.deterministic {
         return Ok(None);
     }
     let mut index = ResultIndex::new();
-    let own = std::fs::canonicalize(&cfg.output).ok();
-    for earlier in &cfg.reuse {
-        if own.is_some() && std::fs::canonicalize(earlier).ok() == own {
-            tracing::info!(
-                "--reuse {}: the output itself, whose done requests are skipped anyway",
-                earlier.display()
-            );
-            continue;
-        }
-        let added = index.add_earlier(earlier, manifest)?;
-        tracing::info!("--reuse {}: {added} results to copy", earlier.display());
+    for e in earlier {
+        let added = index.add_earlier(e)?;
+        tracing::info!("--reuse {}: {added} results to copy", e.path().display());
     }
     if cfg.dedup {
         index.add_own(&cfg.output)?;
@@ -544,10 +559,6 @@ impl<'m> Embeddings<'m> {
 /// Longest embedding input: the embedding context holds one input at a time, and attention
 /// over it costs memory quadratic in its length.
 const EMBED_MAX_TOKENS: usize = 2048;
-
-/// Test hook: with this environment variable set, deterministic runs decode generated tokens
-/// in fixed-shape blocks even where the probe finds it unneeded (the path GPU kernels take).
-pub const FIXED_SHAPE_ENV: &str = "INFER_BATCH_TEST_FIXED_SHAPE";
 
 /// Result lines on their way to the output, counted, and reported to a supervisor.
 struct Results {

@@ -16,6 +16,7 @@ use crate::durability::StateError;
 use crate::error::{AtPath, FileError};
 use crate::formats::manifest::{manifest_path, Manifest};
 use crate::formats::result::LineHead;
+use crate::identity::Section;
 
 /// Deletes an output and its manifest, for `--restart`.
 ///
@@ -38,6 +39,9 @@ pub fn remove_output(output: &Path) -> Result<(), FileError> {
 /// - no output, or an empty one: a fresh start.
 /// - otherwise the stored manifest must describe the same computation; a torn last line is
 ///   cut off, and with `retry_failed` the error lines are dropped so those requests run again.
+///
+/// The machine is not compared here: it is known only once the engine has started, and
+/// [`check_machine`] compares it then.
 ///
 /// # Errors
 /// When the output holds results without a manifest, or of another computation: the message
@@ -62,7 +66,12 @@ pub fn prepare(
             manifest: manifest_path(output),
         });
     };
-    let differences = manifest.differences(&stored);
+    let differences: Vec<String> = manifest
+        .differences(&stored)
+        .into_iter()
+        .filter(|d| d.section != Section::Machine)
+        .map(|d| d.text)
+        .collect();
     manifest.runs = stored.runs;
     if !differences.is_empty() {
         return Err(StateError::OtherComputation {
@@ -89,6 +98,48 @@ pub fn prepare(
         done.len()
     );
     Ok(done)
+}
+
+/// Compares the machine of `manifest`, now known, with the one that computed the lines the
+/// output already holds. Another machine is refused unless `manifest` accepts it
+/// (`--resume-anywhere`); then the manifest records it among its other machines.
+///
+/// # Errors
+/// When the output holds lines of another machine and they are not accepted.
+pub fn check_machine(output: &Path, manifest: &mut Manifest) -> Result<(), StateError> {
+    let has_results = fs::metadata(output).is_ok_and(|m| m.len() > 0);
+    let Some(stored) = Manifest::read(output)?.filter(|_| has_results) else {
+        return Ok(());
+    };
+    manifest.other_machines = stored.other_machines.clone();
+    let accepted = manifest.resume_anywhere;
+    manifest.resume_anywhere |= stored.resume_anywhere;
+    let differences: Vec<String> = manifest
+        .differences(&stored)
+        .into_iter()
+        .filter(|d| d.section == Section::Machine)
+        .map(|d| d.text)
+        .collect();
+    if differences.is_empty() {
+        return Ok(());
+    }
+    if !accepted {
+        return Err(StateError::OtherMachine {
+            output: output.to_owned(),
+            differences,
+        });
+    }
+    tracing::warn!(
+        "resuming {} on another machine ({}): its lines will come from both",
+        output.display(),
+        differences.join("; ")
+    );
+    if let Some(machine) = stored.identity.get("machine") {
+        if !manifest.other_machines.contains(machine) {
+            manifest.other_machines.push(machine.clone());
+        }
+    }
+    Ok(())
 }
 
 /// What an existing output already holds.

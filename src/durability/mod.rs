@@ -86,6 +86,20 @@ pub enum StateError {
         /// What changed, in words.
         differences: Vec<String>,
     },
+    /// Results computed on another machine, which `--resume-anywhere` would accept.
+    #[error(
+        "cannot resume into {}: its lines were computed on another machine ({}), and this \
+         machine's bits may differ. Pass --resume-anywhere to accept results from both (the \
+         summary then says so), --restart to start over, or -o to write elsewhere",
+        output.display(),
+        differences.join("; ")
+    )]
+    OtherMachine {
+        /// The output.
+        output: PathBuf,
+        /// What changed, in words.
+        differences: Vec<String>,
+    },
     /// A line before the last that is not a result line.
     #[error(
         "{} line {line} is not a result line; the file was edited or is not an infer-batch \

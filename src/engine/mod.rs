@@ -21,40 +21,13 @@ use crate::formats::message::Message;
 
 mod backends;
 pub mod embed;
+pub mod machine;
 mod seam;
 pub mod state;
 
 pub use seam::{Engine, Vocab};
 
 use state::{MemoryKind, SeqState};
-
-/// The llama.cpp build this binary links: the `llama-cpp-sys-2` version (which pins the
-/// llama.cpp sources), the GPU backend compiled in and the CMake build type. A GPU build
-/// (`cuda`, `vulkan`) picks its kernels at run time (the CPU variant for this processor, the
-/// GPU), so its identity also names the devices the backends found; call it after a model
-/// loaded.
-pub fn llama_build() -> String {
-    let gpu = env!("INFER_BATCH_GPU_BACKEND");
-    let backend = if gpu.is_empty() {
-        "cpu".to_owned()
-    } else {
-        format!("{gpu} [{}]", backend_devices().join("; "))
-    };
-    format!(
-        "llama-cpp-sys-2 {} {backend} {}",
-        env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
-        env!("INFER_BATCH_LLAMA_LIB_PROFILE")
-    )
-}
-
-/// Each device of the started backends, as "name: description".
-#[cfg_attr(not(backend_modules), allow(dead_code))]
-fn backend_devices() -> Vec<String> {
-    devices()
-        .into_iter()
-        .map(|d| format!("{}: {}", d.name, d.description))
-        .collect()
-}
 
 /// A NUL-terminated string of ggml's, or nothing for a null pointer.
 fn c_text(p: *const std::ffi::c_char) -> Option<String> {
@@ -118,6 +91,9 @@ pub fn gpu_devices() -> Vec<Device> {
     }
     devices().into_iter().filter(|d| d.gpu).collect()
 }
+
+/// The KV cache's key and value type, as the computation identity names it.
+pub const KV_TYPE: &str = "f16";
 
 /// Positions of context the decode-group probe fills before it compares rows.
 const PROBE_DEPTH: u32 = 16;
@@ -462,7 +438,7 @@ impl Model {
             .with_n_threads_batch(threads)
             .with_flash_attention_policy(settings.flash_attn.policy())
             .with_kv_unified(settings.kv_unified)
-            // Named, not left to the default: saved states record and check them.
+            // Named, not left to the default: the computation identity records them.
             .with_type_k(KvCacheType::F16)
             .with_type_v(KvCacheType::F16);
         let ctx = self
@@ -485,19 +461,6 @@ impl Model {
             memory: self.memory_kind(),
             model: self,
         })
-    }
-}
-
-impl SessionSettings {
-    /// Every setting that changes the bytes of a sequence state: the model's memory layout,
-    /// the KV cache types, the attention path (which decides whether V is stored transposed),
-    /// the prefill chunk size (which changes rounding) and where the layers ran. Not the stream
-    /// layout: states are stored in one-stream form.
-    pub fn state_layout(&self, memory: MemoryKind, gpu_layers: u32) -> String {
-        format!(
-            "memory={memory} kv=f16/f16 flash_attn={:?} n_batch={} gpu_layers={gpu_layers}",
-            self.flash_attn, self.n_batch
-        )
     }
 }
 

@@ -1,9 +1,10 @@
 //! The manifest beside an output (`out.jsonl` → `out.manifest.json`): what its lines were
 //! computed from, so a run only ever resumes into results of the same computation.
 //!
-//! It records the input's hash, the model's hash and every setting that changes outputs
-//! (`params`, compared on resume), and, for the record only, the `--parallel` each run actually
-//! used (`runs`). Reading and writing it durably is [`crate::durability::manifest`]'s job.
+//! It records the input's hash, the model's path and the computation's [`Identity`] (compared on
+//! resume, by `--reuse` and by `merge`), and, for the record only, the `--parallel` each run
+//! actually used (`runs`). Reading and writing it durably is [`crate::durability::manifest`]'s
+//! job.
 
 use std::path::{Path, PathBuf};
 
@@ -12,9 +13,10 @@ use serde_json::{Map, Value};
 
 use crate::formats::paths::sibling_path;
 use crate::formats::shard::Shard;
+use crate::identity::{self, Difference, Identity, Section};
 
 /// Version of the manifest layout.
-pub const MANIFEST_VERSION: u64 = 1;
+pub const MANIFEST_VERSION: u64 = 2;
 
 /// Run records kept; older ones are dropped first.
 const MAX_RUN_RECORDS: usize = 100;
@@ -48,14 +50,12 @@ pub struct InputRecord {
     pub total: u64,
 }
 
-/// The model a manifest describes.
+/// The model a manifest describes (its content hash is the identity's `model`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelRecord {
     /// Where it was loaded from.
     pub path: PathBuf,
-    /// SHA-256 of its bytes, in hex.
-    pub sha256: String,
 }
 
 /// One run (or resumed run) into the output.
@@ -68,58 +68,6 @@ pub struct RunRecord {
     pub parallel: u32,
 }
 
-/// The `params` key of `--ignore-unknown-fields`, which the merge reads back.
-pub const IGNORE_UNKNOWN_FIELDS: &str = "ignore-unknown-fields";
-
-/// The settings that change what a request's line says, by flag name: a manifest's `params`.
-/// `--parallel` is not among them: in deterministic mode it changes nothing, and without it
-/// batch-mates change the last bits anyway, resumed or not. The manifest records it per run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct OutputParams {
-    /// `--max-tokens`.
-    pub max_tokens: u32,
-    /// `--temperature`.
-    pub temperature: f32,
-    /// `--seed`.
-    pub seed: u64,
-    /// `--batch-size`.
-    pub batch_size: u32,
-    /// `--flash-attn`, lower-case.
-    pub flash_attn: String,
-    /// `--gpu-layers` as asked.
-    pub gpu_layers: u32,
-    /// `--no-prefix-cache`.
-    pub no_prefix_cache: bool,
-    /// `--ctx-size`.
-    pub ctx_size: Option<u32>,
-    /// Whether outputs are independent of batch-mates.
-    pub deterministic: bool,
-    /// The chat template's identity.
-    pub chat_template: String,
-    /// `--ignore-unknown-fields`, written only when set, so that outputs written before the
-    /// flag existed still resume.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub ignore_unknown_fields: bool,
-    /// `--pooling`, written only when given (so outputs written before it existed resume).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pooling: Option<String>,
-    /// `--no-normalize-embeddings`, written only when set.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub no_normalize_embeddings: bool,
-}
-
-impl OutputParams {
-    /// As the manifest stores them: a map, compared key by key on resume, so a manifest with
-    /// settings this build does not know still reads, and the change is named.
-    pub fn to_map(&self) -> Map<String, Value> {
-        match serde_json::to_value(self) {
-            Ok(Value::Object(map)) => map,
-            _ => unreachable!("a struct of plain fields serialises to an object"),
-        }
-    }
-}
-
 /// What an output's lines were computed from.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,8 +78,16 @@ pub struct Manifest {
     pub input: InputRecord,
     /// The model.
     pub model: ModelRecord,
-    /// Every setting that changes outputs, by flag name; a resume must not mix two of them.
-    pub params: Map<String, Value>,
+    /// The computation's [`Identity`], as [`Identity::to_map`] writes it; a resume must not mix
+    /// two of them.
+    pub identity: Map<String, Value>,
+    /// Whether a run into it accepted another machine's results (`--resume-anywhere`): then
+    /// its lines may come from several machines, whose bits can differ.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_anywhere: bool,
+    /// The other machines whose lines it holds, as their identities' `machine` sections.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_machines: Vec<Value>,
     /// The runs so far, oldest first.
     #[serde(default)]
     pub runs: Vec<RunRecord>,
@@ -167,36 +123,40 @@ impl Manifest {
         }
     }
 
-    /// What differs between the manifest a run would write and the stored one, in words.
-    pub fn differences(&self, stored: &Self) -> Vec<String> {
+    /// Sets the identity's machine, once the engine has started and probed.
+    pub fn set_machine(&mut self, identity: &Identity) {
+        self.identity = identity.to_map();
+    }
+
+    /// A field of the identity's settings or output defaults (`deterministic`,
+    /// `ignore-unknown-fields`), as stored.
+    pub fn setting(&self, section: &str, field: &str) -> Option<&Value> {
+        self.identity.get(section)?.get(field)
+    }
+
+    /// What differs between the manifest a run would write and the stored one, each named and
+    /// placed in its section: the input and the shard count as settings.
+    pub fn differences(&self, stored: &Self) -> Vec<Difference> {
         let mut out = Vec::new();
         if self.input.sha256 != stored.input.sha256 {
-            out.push("the input file changed".to_owned());
-        }
-        if self.model.sha256 != stored.model.sha256 {
-            out.push("the model file changed".to_owned());
+            out.push(Difference {
+                section: Section::Settings,
+                text: "the input file changed".to_owned(),
+            });
         }
         if self.shard != stored.shard {
             let name =
                 |s: Option<Shard>| s.map_or("the whole input".to_owned(), |s| format!("shard {s}"));
-            out.push(format!(
-                "it holds {}, this run is {}",
-                name(stored.shard),
-                name(self.shard)
-            ));
+            out.push(Difference {
+                section: Section::Settings,
+                text: format!(
+                    "it holds {}, this run is {}",
+                    name(stored.shard),
+                    name(self.shard)
+                ),
+            });
         }
-        // A setting missing on one side reads as null, so one dropped or added is a change too.
-        let dropped = stored
-            .params
-            .keys()
-            .filter(|k| !self.params.contains_key(*k));
-        for k in self.params.keys().chain(dropped) {
-            let now = self.params.get(k).unwrap_or(&Value::Null);
-            let old = stored.params.get(k).unwrap_or(&Value::Null);
-            if old != now {
-                out.push(format!("--{k} was {old}, now {now}"));
-            }
-        }
+        out.extend(identity::differences(&self.identity, &stored.identity));
         out
     }
 }
@@ -208,7 +168,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    pub fn manifest(input_sha: &str, params: Value) -> Manifest {
+    pub fn manifest(input_sha: &str, settings: Value) -> Manifest {
+        let mut identity = crate::identity::tests::identity().to_map();
+        for (k, v) in settings.as_object().cloned().unwrap_or_default() {
+            identity["settings"].as_object_mut().unwrap().insert(k, v);
+        }
         Manifest {
             version: MANIFEST_VERSION,
             input: InputRecord {
@@ -218,9 +182,10 @@ mod tests {
             },
             model: ModelRecord {
                 path: "m.gguf".into(),
-                sha256: "m".into(),
             },
-            params: params.as_object().cloned().unwrap_or_default(),
+            identity,
+            resume_anywhere: false,
+            other_machines: Vec::new(),
             runs: Vec::new(),
             state: RunState::Running,
             shard: None,
@@ -235,18 +200,19 @@ mod tests {
         let mut b = a.clone();
         assert!(a.differences(&b).is_empty());
         b.input.sha256 = "y".into();
-        b.params = manifest("y", json!({"seed": 2, "max-tokens": 8})).params;
+        b.identity = manifest("y", json!({"seed": 2, "max-tokens": 8})).identity;
         let d = a.differences(&b);
         assert_eq!(d.len(), 2, "{d:?}");
-        assert!(d[0].contains("input"));
-        assert!(d[1].contains("--seed was 2, now 1"));
+        assert!(d[0].text.contains("input"));
+        assert_eq!(d[1].text, "--seed was 2, now 1");
         let flagged = manifest("x", json!({"seed": 1, "max-tokens": 8, "strict": true}));
+        let texts = |d: Vec<Difference>| d.into_iter().map(|d| d.text).collect::<Vec<_>>();
         assert_eq!(
-            a.differences(&flagged),
+            texts(a.differences(&flagged)),
             vec!["--strict was true, now null".to_owned()]
         );
         assert_eq!(
-            flagged.differences(&a),
+            texts(flagged.differences(&a)),
             vec!["--strict was null, now true".to_owned()]
         );
     }
@@ -290,7 +256,7 @@ mod tests {
         let e = Manifest::read(&out).unwrap_err().to_string();
         assert!(e.contains("version 9") && e.contains("--restart"), "{e}");
 
-        fs::write(manifest_path(&out), r#"{"version": 1, "what": 2}"#).unwrap();
+        fs::write(manifest_path(&out), r#"{"version": 2, "what": 2}"#).unwrap();
         let e = format!("{:#}", Manifest::read(&out).unwrap_err());
         assert!(e.contains("not a valid"), "{e}");
     }

@@ -216,6 +216,14 @@ pub struct RunSummary {
     pub memory: MemoryRecord,
     /// How exactness was kept: `any shape`, `fixed-shape, 2 to N rows a call`, or mixed.
     pub decode_groups: String,
+    /// The computation identity the run's lines were computed under (as the manifest
+    /// stores it).
+    #[serde(default)]
+    pub identity: serde_json::Map<String, serde_json::Value>,
+    /// Other machines whose lines the output holds, accepted by `--resume-anywhere`; empty
+    /// when one machine computed every line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_machines: Vec<serde_json::Value>,
 }
 
 /// Token counts summed from merged result lines.

@@ -85,6 +85,8 @@ pub fn run_summary(
         plan: plan.record(),
         memory,
         decode_groups,
+        identity: serde_json::Map::new(),
+        other_machines: Vec::new(),
     }
 }
 

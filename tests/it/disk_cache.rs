@@ -94,7 +94,7 @@ fn corrupt_or_foreign_state_files_are_detected_reported_and_rebuilt() {
     let file = &files[0];
 
     // Header layout: magic 0..8, version 8..12, header length 12..16, then the model hash
-    // (16..48), the build string's length (48..56) and the build string.
+    // (16..48), the computation identity's length (48..56) and the identity, as JSON.
     type Corrupt = fn(&mut Vec<u8>);
     let cases: [(&str, &str, Corrupt); 5] = [
         ("truncated", "truncated", |b| b.truncate(b.len() / 2)),
@@ -106,10 +106,18 @@ fn corrupt_or_foreign_state_files_are_detected_reported_and_rebuilt() {
             b[20] ^= 0xff;
             reseal(b);
         }),
-        ("other llama.cpp build", "written by", |b| {
-            b[56] ^= 0x20;
-            reseal(b);
-        }),
+        (
+            "another machine",
+            "the machine's backend was \"gpu\", now \"cpu\"",
+            |b| {
+                let at = b
+                    .windows(14)
+                    .position(|w| w == br#""backend":"cp"#)
+                    .expect("the identity names the backend");
+                b[at + 11] = b'g';
+                reseal(b);
+            },
+        ),
         ("other format version", "format version", |b| {
             b[8..12].copy_from_slice(&99u32.to_le_bytes());
             reseal(b);

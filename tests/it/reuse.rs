@@ -64,8 +64,14 @@ fn texts(path: &Path) -> BTreeMap<String, String> {
         .lines()
         .map(|line| {
             let v: Value = serde_json::from_str(line).unwrap();
-            let created = format!("\"created\":{}", v["response"]["body"]["created"]);
-            let text = line.replacen(&created, "\"created\":0", 1);
+            let mut text = line.to_owned();
+            // Chat and completions say `created`, a Responses object `created_at`.
+            for key in ["created", "created_at"] {
+                let at = &v["response"]["body"][key];
+                if !at.is_null() {
+                    text = text.replacen(&format!("\"{key}\":{at}"), &format!("\"{key}\":0"), 1);
+                }
+            }
             (v["custom_id"].as_str().unwrap().to_owned(), text)
         })
         .collect()
@@ -140,6 +146,57 @@ fn a_rerun_copies_what_did_not_change_and_equals_a_fresh_run() {
     assert_eq!(texts(&main), want);
 }
 
+fn line(custom_id: &str, url: &str, body: Value) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": url, "body": body}).to_string()
+}
+
+#[test]
+fn completions_responses_and_embeddings_are_reused_exactly() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let system = rubric(30);
+    let header = format!("{system}\nGrade each profile from 0 to 3.\n");
+    let batch = |edited: &str| {
+        vec![
+            line(
+                "c1",
+                "/v1/completions",
+                json!({"prompt": format!("{header}Profile: {}\nScore:", profile(1)),
+                       "max_tokens": 6, "temperature": 0, "logprobs": 2}),
+            ),
+            line(
+                "c2",
+                "/v1/completions",
+                json!({"prompt": format!("{header}Profile: {edited}\nScore:"),
+                       "max_tokens": 6, "temperature": 0}),
+            ),
+            line(
+                "p1",
+                "/v1/responses",
+                json!({"instructions": system, "input": profile(3),
+                       "max_output_tokens": 8, "temperature": 0}),
+            ),
+            line(
+                "e1",
+                "/v1/embeddings",
+                json!({"input": [profile(4), "a second input"], "encoding_format": "base64"}),
+            ),
+            line("e2", "/v1/embeddings", json!({"input": profile(5)})),
+        ]
+    };
+    let a = s.write_lines("a.jsonl", &batch(&profile(2)));
+    let b = s.write_lines("b.jsonl", &batch("an edited profile"));
+    run(&s, &a, "a.out.jsonl", &[]);
+    let a_out = s.path("a.out.jsonl");
+    let reran = run(&s, &b, "b.out.jsonl", &["--reuse", a_out.to_str().unwrap()]);
+    assert_eq!(counts(&s, "b.out.jsonl"), (5, 0, 4, 0), "{reran:?}");
+    run(&s, &b, "fresh.out.jsonl", &["--no-dedup"]);
+    let want = texts(&s.path("fresh.out.jsonl"));
+    assert_eq!(texts(&s.path("b.out.jsonl")), want);
+    assert!(want["e1"].contains("\"embedding\":\""), "base64: {}", want["e1"]);
+    assert!(want["c1"].contains("\"text_offset\""), "{}", want["c1"]);
+}
+
 #[test]
 fn a_killed_rerun_with_reuse_resumes_to_every_line_once() {
     let _lock = model_lock();
@@ -200,7 +257,7 @@ fn an_output_that_cannot_prove_the_same_computation_is_refused() {
         &s,
         "a.out.jsonl",
         "other.jsonl",
-        Some(("batch-size", json!(64))),
+        Some(("settings", "batch-size", json!(64))),
     );
     let e = refused(&other, &[]);
     assert!(e.contains("--batch-size was 64"), "{e}");
@@ -209,24 +266,111 @@ fn an_output_that_cannot_prove_the_same_computation_is_refused() {
         &s,
         "a.out.jsonl",
         "mixed.jsonl",
-        Some(("deterministic", json!(false))),
+        Some(("settings", "deterministic", json!(false))),
     );
     let e = refused(&mixed, &[]);
     assert!(e.contains("--no-deterministic"), "{e}");
+
+    // Computed on another machine (here: every layer on a GPU): its bits may differ, so
+    // nothing is copied, and the refusal comes before anything is written.
+    let gpu = copy_output(
+        &s,
+        "a.out.jsonl",
+        "gpu.jsonl",
+        Some(("machine", "gpu-layers", json!(31))),
+    );
+    let e = refused(&gpu, &[]);
+    assert!(e.contains("the machine's gpu-layers was 31, now 0"), "{e}");
+    let device = copy_output(
+        &s,
+        "a.out.jsonl",
+        "device.jsonl",
+        Some(("machine", "devices", json!(["Vulkan0: llvmpipe"]))),
+    );
+    let e = refused(&device, &[]);
+    assert!(
+        e.contains("the machine's devices was [\"Vulkan0: llvmpipe\"]"),
+        "{e}"
+    );
+    for leftover in ["b.out.jsonl", "b.out.manifest.json", "b.out.summary.json"] {
+        assert!(!s.path(leftover).exists(), "{leftover} left behind");
+    }
+
+    // A FIFO is never read (it would block), a link finds the manifest beside its target.
+    let fifo = s.path("fifo.jsonl");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let e = refused(&fifo, &[]);
+    assert!(e.contains("not a regular file"), "{e}");
+    std::fs::create_dir(s.path("links")).unwrap();
+    let link = s.path("links/a.jsonl");
+    std::os::unix::fs::symlink(s.path("a.out.jsonl"), &link).unwrap();
+    let (o, _) = run_batch(
+        &s,
+        &input,
+        "c.out.jsonl",
+        &["--reuse", link.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(
+        counts(&s, "c.out.jsonl").2,
+        1,
+        "the linked output's line was copied"
+    );
 
     let e = refused(&s.path("a.out.jsonl"), &["--no-deterministic"]);
     assert!(e.contains("--reuse") && e.contains("deterministic"), "{e}");
 }
 
-/// Copies an output, with its manifest (one setting changed) unless `manifest` is `None`.
-fn copy_output(s: &Scratch, from: &str, to: &str, manifest: Option<(&str, Value)>) -> PathBuf {
+#[test]
+fn a_resume_on_another_machine_is_refused_unless_accepted() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = s.write_lines("in.jsonl", &first(&rubric(20))[..2]);
+    run(&s, &input, "a.out.jsonl", &[]);
+    // The output's lines as another machine would have left them.
+    let manifest = s.path("a.out.manifest.json");
+    let mut m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    let ours = m["identity"]["machine"].clone();
+    m["identity"]["machine"]["backend"] = json!("cpu+vulkan");
+    m["identity"]["machine"]["gpu-layers"] = json!(31);
+    std::fs::write(&manifest, m.to_string()).unwrap();
+    let (o, _) = run_batch(&s, &input, "a.out.jsonl", &[]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("another machine")
+            && e.contains("the machine's backend was \"cpu+vulkan\", now \"cpu\"")
+            && e.contains("--resume-anywhere"),
+        "{e}"
+    );
+    let (o, _) = run_batch(&s, &input, "a.out.jsonl", &["--resume-anywhere"]);
+    assert!(o.status.success(), "{o:?}");
+    let summary = summary(&s, "a.out.jsonl");
+    assert_eq!(summary["other_machines"][0]["backend"], json!("cpu+vulkan"));
+    assert_eq!(summary["identity"]["machine"], ours);
+    let m: Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(m["resume_anywhere"], json!(true));
+}
+
+/// Copies an output, with its manifest (one field of its identity's `section` changed) unless
+/// `manifest` is `None`.
+fn copy_output(
+    s: &Scratch,
+    from: &str,
+    to: &str,
+    manifest: Option<(&str, &str, Value)>,
+) -> PathBuf {
     let path = s.path(to);
     std::fs::copy(s.path(from), &path).unwrap();
-    if let Some((key, value)) = manifest {
+    if let Some((section, key, value)) = manifest {
         let name = |f: &str| s.path(&f.replace(".jsonl", ".manifest.json"));
         let mut m: Value =
             serde_json::from_str(&std::fs::read_to_string(name(from)).unwrap()).unwrap();
-        m["params"][key] = value;
+        m["identity"][section][key] = value;
         std::fs::write(name(to), m.to_string()).unwrap();
     }
     path

@@ -186,7 +186,7 @@ fn merge_refuses_duplicates_disagreement_and_missing_shards() {
         })
         .collect();
     let shard_of = |id: &str| infer_batch::formats::shard::shard_of(id.as_bytes(), 2);
-    let write_shard = |k: u32, seed: u64, lines: &[&String]| {
+    let write_shard_on = |k: u32, seed: u64, backend: &str, anywhere: bool, lines: &[&String]| {
         let out = shard_out(&s, k);
         let body: String = lines
             .iter()
@@ -194,16 +194,20 @@ fn merge_refuses_duplicates_disagreement_and_missing_shards() {
             .collect();
         std::fs::write(&out, body).unwrap();
         let manifest = json!({
-            "version": 1,
+            "version": 2,
             "input": {"path": input, "sha256": sha, "total": lines.len()},
-            "model": {"path": "m.gguf", "sha256": "m"},
-            "params": {"seed": seed},
+            "model": {"path": "m.gguf"},
+            "identity": {"model": "m", "machine": {"backend": backend},
+                         "settings": {"batch-size": 256}, "output": {"seed": seed}},
+            "resume_anywhere": anywhere,
             "runs": [],
             "state": "finished",
             "shard": {"index": k, "count": 2},
         });
         std::fs::write(out.with_extension("manifest.json"), manifest.to_string()).unwrap();
     };
+    let write_shard =
+        |k: u32, seed: u64, lines: &[&String]| write_shard_on(k, seed, "cpu", false, lines);
     let in_shard = |k: u32| -> Vec<&String> { ids.iter().filter(|id| shard_of(id) == k).collect() };
     write_shard(0, 1, &in_shard(0));
     let o = merge(&main, &[]);
@@ -233,6 +237,37 @@ fn merge_refuses_duplicates_disagreement_and_missing_shards() {
     );
     assert!(!main.exists());
 
+    // Shards computed on other machines: refused, unless every shard accepted that.
+    write_shard_on(1, 1, "cpu+vulkan", false, &in_shard(1));
+    let o = merge(&main, &[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("the machine's backend was \"cpu\", now \"cpu+vulkan\""),
+        "{o:?}"
+    );
+    write_shard_on(0, 1, "cpu", true, &in_shard(0));
+    let o = merge(&main, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "one shard alone cannot accept for all"
+    );
+    write_shard_on(1, 1, "cpu+vulkan", true, &in_shard(1));
+    let o = merge(&main, &[]);
+    assert!(o.status.success(), "{o:?}");
+    let merged: Value = serde_json::from_str(
+        &std::fs::read_to_string(main.with_extension("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        merged["other_machines"],
+        json!([{"backend": "cpu+vulkan"}]),
+        "{merged}"
+    );
+    std::fs::remove_file(&main).unwrap();
+
+    write_shard(0, 1, &in_shard(0));
     write_shard(1, 1, &in_shard(1));
     let o = merge(&main, &[]);
     assert!(o.status.success(), "{o:?}");
