@@ -4,7 +4,8 @@
 use serde_json::{Map, Value};
 
 use crate::formats::line_error::ErrorCode;
-use crate::input::request::{parse_sampling, Fault, SamplingParams};
+use crate::input::fields::Fault;
+use crate::input::sampling::{parse_sampling, SamplingParams};
 
 /// Most alternatives per token the legacy `logprobs` may ask for, as in OpenAI's API.
 pub const MAX_LEGACY_LOGPROBS: u64 = 5;

@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::formats::line_error::ErrorCode;
-use crate::input::request::Fault;
+use crate::input::fields::Fault;
 
 /// Most inputs one request may embed, as in OpenAI's API.
 pub const MAX_INPUTS: usize = 2048;

@@ -7,6 +7,11 @@
 
 use serde_json::{Map, Value};
 
+use crate::formats::line_error::ErrorCode;
+
+/// A fault of one line: its code and what to do.
+pub type Fault = (ErrorCode, String);
+
 /// How strictly unknown fields are treated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FieldPolicy {
@@ -169,6 +174,13 @@ pub enum Refusal {
         /// The field's path.
         field: String,
     },
+}
+
+impl Refusal {
+    /// The line's fault: an invalid parameter, with what to do.
+    pub fn fault(&self) -> Fault {
+        (ErrorCode::InvalidParameter, self.to_string())
+    }
 }
 
 impl std::fmt::Display for Refusal {

@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 use crate::formats::line_error::ErrorCode;
 use crate::formats::message::Message;
 use crate::formats::result::ResponsesEcho;
-use crate::input::fields::{check_object, FieldPolicy, Refusal};
-use crate::input::request::{parse_sampling, ConstraintSpec, Fault, SamplingParams};
+use crate::input::fields::{check_object, Fault, FieldPolicy};
+use crate::input::sampling::{parse_sampling, ConstraintSpec, SamplingParams};
 
 /// Fields of an input message item that are read (`id` and `status` describe an item that
 /// came from an earlier response and change nothing).
@@ -133,8 +133,7 @@ fn input_messages(
                 )))
             }
         }
-        check_object(m, &ITEM, Some(&path), policy, &mut *ignore)
-            .map_err(|r: Refusal| (ErrorCode::InvalidParameter, r.to_string()))?;
+        check_object(m, &ITEM, Some(&path), policy, &mut *ignore).map_err(|r| r.fault())?;
         let role = match m.get("role").and_then(Value::as_str) {
             Some("developer" | "system") => "system",
             Some(r @ ("user" | "assistant")) => r,
