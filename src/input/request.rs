@@ -16,7 +16,7 @@ use crate::formats::result::Endpoint;
 use crate::formats::shard::Shard;
 use crate::input::embeddings::EmbedInput;
 use crate::input::fields::{
-    check_body, check_object, BodyFields, Fault, FieldPolicy, CHAT, COMPLETIONS, EMBEDDINGS,
+    check_body, check_object, Fault, FieldPolicy, Honoured, CHAT, COMPLETIONS, EMBEDDINGS,
     ENVELOPE, MESSAGE, RESPONSES,
 };
 use crate::input::sampling::{parse_sampling, SamplingParams};
@@ -97,15 +97,18 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
     };
     let mut ignored_fields = Vec::new();
     let mut ignore = |f: &str| ignored_fields.push(f.to_owned());
-    let (body, url) = request_body(&obj, policy, &mut ignore).map_err(fail)?;
-    check_stream(body).map_err(fail)?;
+    let (body, url) = request_body(obj, policy, &mut ignore).map_err(fail)?;
     let fields = match url {
         RESPONSES_URL => &RESPONSES,
         COMPLETIONS_URL => &COMPLETIONS,
         EMBEDDINGS_URL => &EMBEDDINGS,
         _ => &CHAT,
     };
-    check_body_fields(&obj, body, fields, policy, &mut ignore).map_err(fail)?;
+    // From here on only the endpoint's honoured fields exist: one that was skipped as unknown
+    // or accepted as free of effect cannot be read.
+    let honoured = check_body(body, fields, policy, &mut ignore).map_err(|r| fail(r.fault()))?;
+    let body = &honoured;
+    check_stream(body).map_err(fail)?;
     let (prompt, sampling, endpoint) = match url {
         RESPONSES_URL => {
             let r = responses::parse(body, policy, &mut ignore).map_err(fail)?;
@@ -161,13 +164,15 @@ fn read_custom_id(obj: &Map<String, Value>) -> Result<String, String> {
 }
 
 /// The request's fields and endpoint: under `body` in the full batch form (whose envelope is
-/// checked here), the line itself in the short form, which is a chat request.
-fn request_body<'a>(
-    obj: &'a Map<String, Value>,
+/// checked here), the line itself less its `custom_id` in the short form, which is a chat
+/// request.
+fn request_body(
+    mut obj: Map<String, Value>,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
-) -> Result<(&'a Map<String, Value>, &'static str), Fault> {
+) -> Result<(Map<String, Value>, &'static str), Fault> {
     if !(obj.contains_key("body") || obj.contains_key("url") || obj.contains_key("method")) {
+        obj.shift_remove("custom_id");
         return Ok((obj, CHAT_COMPLETIONS_URL));
     }
     if let Some(method) = obj.get("method") {
@@ -199,8 +204,8 @@ fn request_body<'a>(
             ))
         }
     };
-    check_object(obj, &ENVELOPE, None, policy, ignore).map_err(|r| r.fault())?;
-    match obj.get("body") {
+    check_object(&obj, &ENVELOPE, None, policy, ignore).map_err(|r| r.fault())?;
+    match obj.shift_remove("body") {
         Some(Value::Object(b)) => Ok((b, url)),
         _ => Err((
             ErrorCode::InvalidMessages,
@@ -209,7 +214,7 @@ fn request_body<'a>(
     }
 }
 
-fn check_stream(body: &Map<String, Value>) -> Result<(), Fault> {
+fn check_stream(body: &Honoured) -> Result<(), Fault> {
     match body.get("stream") {
         None | Some(Value::Null | Value::Bool(false)) => Ok(()),
         Some(Value::Bool(true)) => Err((
@@ -223,31 +228,10 @@ fn check_stream(body: &Map<String, Value>) -> Result<(), Fault> {
     }
 }
 
-/// Refuses body fields the tool does not honour; under `--ignore-unknown-fields` unknown ones
-/// go to `ignore` instead.
-fn check_body_fields(
-    obj: &Map<String, Value>,
-    body: &Map<String, Value>,
-    fields: &BodyFields,
-    policy: FieldPolicy,
-    ignore: &mut impl FnMut(&str),
-) -> Result<(), Fault> {
-    // In the short form the body is the line itself, envelope included.
-    if std::ptr::eq(body, obj) {
-        let line: Map<String, Value> = obj
-            .iter()
-            .filter(|(k, _)| k.as_str() != "custom_id")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        check_body(&line, fields, policy, ignore).map_err(|r| r.fault())
-    } else {
-        check_body(body, fields, policy, ignore).map_err(|r| r.fault())
-    }
-}
-
-/// The same for each message's fields.
+/// Refuses message fields the tool does not honour; under `--ignore-unknown-fields` unknown
+/// ones go to `ignore` instead.
 fn check_message_fields(
-    body: &Map<String, Value>,
+    body: &Honoured,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
 ) -> Result<(), Fault> {
@@ -263,7 +247,7 @@ fn check_message_fields(
     Ok(())
 }
 
-fn parse_messages(body: &Map<String, Value>) -> Result<Vec<Message>, (ErrorCode, String)> {
+fn parse_messages(body: &Honoured) -> Result<Vec<Message>, (ErrorCode, String)> {
     let list = match body.get("messages") {
         Some(Value::Array(list)) if !list.is_empty() => list,
         Some(Value::Array(_)) => {
@@ -481,6 +465,8 @@ impl<R: BufRead> Iterator for RequestReader<R> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
     use crate::input::sampling::ConstraintSpec;
 
@@ -643,6 +629,139 @@ mod tests {
         let r = parse_line(1, &format!(r#"{{{base},"temprature":0}}"#), lax).unwrap();
         assert_eq!(r.ignored_fields, ["temprature"]);
         assert!(parse_line(1, &format!(r#"{{{base},"tools":[1]}}"#), lax).is_err());
+    }
+
+    /// A value for `field` that asks for something on an endpoint that honours it.
+    fn asking(field: &str) -> Value {
+        match field {
+            "messages" => json!([{"role": "user", "content": "other"}]),
+            "prompt" | "input" => json!("other"),
+            "instructions" => json!("Be terse."),
+            "max_tokens" | "max_completion_tokens" | "max_output_tokens" | "top_logprobs" => {
+                json!(3)
+            }
+            "temperature" | "top_p" | "frequency_penalty" | "presence_penalty" => json!(0.5),
+            "min_p" => json!(0.1),
+            "top_k" | "seed" | "n" | "best_of" => json!(2),
+            "stop" => json!(["x"]),
+            "logprobs" | "stream" | "echo" => json!(true),
+            "suffix" => json!("end"),
+            "response_format" => json!({"type": "json_object"}),
+            "text" => json!({"format": {"type": "json_object"}}),
+            "json_schema" => json!({"type": "object"}),
+            "grammar" => json!("root ::= \"a\""),
+            "encoding_format" => json!("base64"),
+            "metadata" => json!({"k": "v"}),
+            _ => json!([{"type": "function"}]),
+        }
+    }
+
+    #[test]
+    fn an_ignored_unknown_field_changes_nothing_on_any_endpoint() {
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        let mut all: Vec<&str> = [&CHAT, &COMPLETIONS, &RESPONSES, &EMBEDDINGS]
+            .iter()
+            .flat_map(|f| f.names())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        let mut skipped = Vec::new();
+        for (url, fields, base) in [
+            (
+                CHAT_COMPLETIONS_URL,
+                &CHAT,
+                json!({"messages": [{"role": "user", "content": "hi"}]}),
+            ),
+            (COMPLETIONS_URL, &COMPLETIONS, json!({"prompt": "hi"})),
+            (RESPONSES_URL, &RESPONSES, json!({"input": "hi"})),
+            (EMBEDDINGS_URL, &EMBEDDINGS, json!({"input": "hi"})),
+        ] {
+            let line = |body: &Value| {
+                json!({"custom_id": "a", "method": "POST", "url": url, "body": body}).to_string()
+            };
+            let expected = parse_line(1, &line(&base), FieldPolicy::default()).unwrap();
+            let with = |field: &str| {
+                let mut body = base.clone();
+                body[field] = asking(field);
+                line(&body)
+            };
+            for &field in &all {
+                let strict = parse_line(1, &with(field), FieldPolicy::default());
+                if fields.honoured.contains(&field) {
+                    // The value asks for something, so the test would see it read.
+                    assert_ne!(strict.as_ref().ok(), Some(&expected), "{url}: {field}");
+                    continue;
+                }
+                let unknown = format!("unknown field `{field}`");
+                if fields.names().any(|f| f == field)
+                    || !strict.as_ref().is_err_and(|e| e.message.contains(&unknown))
+                {
+                    // Known there, or refused by name as not honoured.
+                    continue;
+                }
+                let got = parse_line(1, &with(field), lax)
+                    .unwrap_or_else(|e| panic!("{url}: {field}: {}", e.message));
+                assert_eq!(got.ignored_fields, [field], "{url}");
+                let got = Request {
+                    ignored_fields: Vec::new(),
+                    ..got
+                };
+                assert_eq!(got, expected, "{url}: `{field}` was skipped, and then read");
+                skipped.push(format!("{url} {field}"));
+            }
+        }
+        // What each endpoint knows and the others do not is skipped, when unknown, elsewhere.
+        for case in [
+            "/v1/completions grammar",
+            "/v1/completions max_completion_tokens",
+            "/v1/completions top_logprobs",
+            "/v1/completions response_format",
+            "/v1/completions json_schema",
+            "/v1/completions messages",
+            "/v1/completions input",
+            "/v1/chat/completions prompt",
+            "/v1/chat/completions input",
+            "/v1/chat/completions max_output_tokens",
+            "/v1/responses messages",
+            "/v1/responses grammar",
+            "/v1/responses max_tokens",
+            "/v1/embeddings messages",
+            "/v1/embeddings prompt",
+            "/v1/embeddings temperature",
+            "/v1/embeddings max_tokens",
+        ] {
+            assert!(skipped.iter().any(|s| s == case), "{case} not tried");
+        }
+    }
+
+    #[test]
+    fn ignored_message_and_item_fields_change_nothing() {
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        for (plain, extra, field) in [
+            (
+                r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#,
+                r#"{"custom_id":"a","messages":[{"role":"user","content":"x","mood":"glad"}]}"#,
+                "messages[0].mood",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/responses","body":{"input":[{"role":"user","content":"x"}]}}"#,
+                r#"{"custom_id":"a","url":"/v1/responses","body":{"input":[{"role":"user","content":"x","mood":"glad"}]}}"#,
+                "input[0].mood",
+            ),
+        ] {
+            let expected = parse_line(1, plain, FieldPolicy::default()).unwrap();
+            let got = parse_line(1, extra, lax).unwrap();
+            assert_eq!(got.ignored_fields, [field]);
+            let got = Request {
+                ignored_fields: Vec::new(),
+                ..got
+            };
+            assert_eq!(got, expected);
+        }
     }
 
     #[test]

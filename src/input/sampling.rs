@@ -1,7 +1,9 @@
 //! The sampling settings a request may carry, and the reader of the sampling fields that chat,
 //! completions and Responses share, so each endpoint's parser bounds them the same way.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::input::fields::Honoured;
 
 /// Sampling settings a request may carry; `None` falls back to the run's defaults.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -56,7 +58,7 @@ pub enum ConstraintSpec {
 ///
 /// # Errors
 /// The field at fault.
-pub fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
+pub fn parse_sampling(body: &Honoured) -> Result<SamplingParams, String> {
     let float = |name: &str, lo: f64, hi: f64| -> Result<Option<f32>, String> {
         match body.get(name) {
             None | Some(Value::Null) => Ok(None),
@@ -137,7 +139,7 @@ pub fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, Strin
 
 /// The constraint a body asks for: `response_format` (OpenAI), or llama.cpp's `json_schema`
 /// or `grammar`; at most one of them.
-fn parse_constraint(body: &Map<String, Value>) -> Result<Option<ConstraintSpec>, String> {
+fn parse_constraint(body: &Honoured) -> Result<Option<ConstraintSpec>, String> {
     let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
     let format = match body.get("response_format") {
         None | Some(Value::Null) => None,
