@@ -736,7 +736,10 @@ fn text_completion(c: &Completion, model: &str, created: u64) -> TextCompletion 
         .map(|(index, choice)| TextChoice {
             text: choice.content.clone(),
             index,
-            logprobs: choice.logprobs.as_deref().map(legacy_logprobs),
+            logprobs: choice
+                .logprobs
+                .as_deref()
+                .map(|t| legacy_logprobs(t, &choice.content)),
             finish_reason: choice.reason.to_string(),
         })
         .collect();
@@ -750,17 +753,15 @@ fn text_completion(c: &Completion, model: &str, created: u64) -> TextCompletion 
     }
 }
 
-fn legacy_logprobs(tokens: &[TokenLogprob]) -> LegacyLogprobs {
-    let mut offset = 0u64;
+/// The legacy log probabilities of `tokens`, whose bytes produced `text`.
+fn legacy_logprobs(tokens: &[TokenLogprob], text: &str) -> LegacyLogprobs {
     let mut out = LegacyLogprobs {
         tokens: Vec::with_capacity(tokens.len()),
         token_logprobs: Vec::with_capacity(tokens.len()),
         top_logprobs: Vec::with_capacity(tokens.len()),
-        text_offset: Vec::with_capacity(tokens.len()),
+        text_offset: text_offsets(tokens, text),
     };
     for t in tokens {
-        out.text_offset.push(offset);
-        offset += t.sampled.token.chars().count() as u64;
         out.tokens.push(t.sampled.token.clone());
         out.token_logprobs.push(f64::from(t.sampled.logprob));
         let mut top = Map::new();
@@ -772,6 +773,44 @@ fn legacy_logprobs(tokens: &[TokenLogprob]) -> LegacyLogprobs {
         out.top_logprobs.push(top);
     }
     out
+}
+
+/// Where each token starts in `text`, in characters: the index of the character that the
+/// token's first byte belongs to. One character may span several tokens (a byte-level piece
+/// of a multi-byte character is not text by itself): the tokens that continue it point at it
+/// too, so the offsets never run ahead of the text. Bytes that are not UTF-8 count as the one
+/// U+FFFD that `text` holds for them. No offset exceeds the text's length: tokens past a stop
+/// string that was cut from the text point at its end.
+fn text_offsets(tokens: &[TokenLogprob], text: &str) -> Vec<u64> {
+    let bytes: Vec<u8> = tokens
+        .iter()
+        .flat_map(|t| t.sampled.bytes.iter().copied())
+        .collect();
+    // The character each byte belongs to, in the lossy decoding of all of them (the one the
+    // text was built with), and one past the last byte.
+    let mut char_of = Vec::with_capacity(bytes.len() + 1);
+    let mut chars = 0u64;
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            char_of.extend(std::iter::repeat_n(chars, c.len_utf8()));
+            chars += 1;
+        }
+        if !chunk.invalid().is_empty() {
+            char_of.extend(std::iter::repeat_n(chars, chunk.invalid().len()));
+            chars += 1;
+        }
+    }
+    char_of.push(chars);
+    let end = text.chars().count() as u64;
+    let mut at = 0;
+    tokens
+        .iter()
+        .map(|t| {
+            let offset = char_of[at].min(end);
+            at += t.sampled.bytes.len();
+            offset
+        })
+        .collect()
 }
 
 /// A Responses request's `response` object: its one choice as an assistant message.
@@ -973,6 +1012,68 @@ mod tests {
         assert_eq!(lp["top_logprobs"][0]["logprob"], -0.5);
         assert_eq!(body["usage"]["total_tokens"], 14);
         assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 7);
+    }
+
+    /// A sampled token of these bytes, its text lossy as the sequence builds it.
+    fn piece(bytes: &[u8]) -> TokenLogprob {
+        TokenLogprob {
+            sampled: TopLogprob {
+                token: String::from_utf8_lossy(bytes).into_owned(),
+                bytes: bytes.to_vec(),
+                logprob: -1.0,
+            },
+            top: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn text_offsets_count_characters_of_byte_level_pieces() {
+        // "A可好😀x中!" with 可 and 😀 split into byte-level pieces, a piece that completes
+        // one character and starts the next, and one that starts another.
+        let pieces: Vec<&[u8]> = vec![
+            b"A",
+            b"\xe5",
+            b"\x8f",
+            b"\xaf",
+            "好".as_bytes(),
+            b"\xf0\x9f",
+            b"\x98\x80x",
+            b"\xe4",
+            b"\xb8\xad!",
+        ];
+        let tokens: Vec<TokenLogprob> = pieces.iter().map(|p| piece(p)).collect();
+        let all = pieces.concat();
+        let text = String::from_utf8(all.clone()).unwrap();
+        assert_eq!(text, "A可好😀x中!");
+        // Independently: the characters wholly decoded before the token's first byte, which
+        // is the index of the character that byte belongs to.
+        let mut at = 0;
+        let expected: Vec<u64> = pieces
+            .iter()
+            .map(|p| {
+                let before = &all[..at];
+                at += p.len();
+                let whole = match std::str::from_utf8(before) {
+                    Ok(s) => s,
+                    Err(e) => std::str::from_utf8(&before[..e.valid_up_to()]).unwrap(),
+                };
+                whole.chars().count() as u64
+            })
+            .collect();
+        assert_eq!(expected, [0, 1, 1, 1, 2, 3, 3, 5, 5]);
+        let lp = legacy_logprobs(&tokens, &text);
+        assert_eq!(lp.text_offset, expected);
+        let chars: Vec<char> = text.chars().collect();
+        assert_eq!(chars[lp.text_offset[1] as usize], '可');
+        assert_eq!(chars[lp.text_offset[8] as usize], '中');
+
+        // A stop string cut from the text: the tokens that made it point at the text's end.
+        let lp = legacy_logprobs(&tokens, "A可");
+        assert_eq!(lp.text_offset, [0, 1, 1, 1, 2, 2, 2, 2, 2]);
+        // Bytes that never become UTF-8 are one U+FFFD each run, as in the text.
+        let bad = [piece(b"a\xff"), piece(b"\xfeb"), piece(b"c")];
+        let lp = legacy_logprobs(&bad, "a\u{fffd}\u{fffd}bc");
+        assert_eq!(lp.text_offset, [0, 2, 4]);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! The body of a `/v1/completions` request: a raw prompt, continued as it is, with no chat
 //! template, and the legacy `logprobs: k`.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::formats::line_error::ErrorCode;
-use crate::input::request::{parse_sampling, Fault, SamplingParams};
+use crate::input::fields::{Fault, Honoured};
+use crate::input::sampling::{parse_sampling, SamplingParams};
 
 /// Most alternatives per token the legacy `logprobs` may ask for, as in OpenAI's API.
 pub const MAX_LEGACY_LOGPROBS: u64 = 5;
@@ -17,12 +18,12 @@ pub struct CompletionsRequest {
     pub sampling: SamplingParams,
 }
 
-/// Reads a completions body whose fields [`crate::input::fields::COMPLETIONS`] already
-/// checked.
+/// Reads a completions body as [`crate::input::fields::check_body`] left it: the fields
+/// [`crate::input::fields::COMPLETIONS`] honours, and no others.
 ///
 /// # Errors
 /// The field at fault, with its code.
-pub fn parse(body: &Map<String, Value>) -> Result<CompletionsRequest, Fault> {
+pub fn parse(body: &Honoured) -> Result<CompletionsRequest, Fault> {
     let invalid = |m: String| (ErrorCode::InvalidParameter, m);
     let prompt = match body.get("prompt") {
         Some(Value::String(s)) => s.clone(),
@@ -77,16 +78,7 @@ pub fn parse(body: &Map<String, Value>) -> Result<CompletionsRequest, Fault> {
         ));
     }
     // The chat fields `parse_sampling` shares; `logprobs` means something else here.
-    let shared: Map<String, Value> = body
-        .iter()
-        .filter(|(k, _)| {
-            !matches!(
-                k.as_str(),
-                "prompt" | "logprobs" | "echo" | "suffix" | "best_of"
-            )
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let shared = body.only(|k| !matches!(k, "prompt" | "logprobs" | "echo" | "suffix" | "best_of"));
     let mut sampling = parse_sampling(&shared).map_err(invalid)?;
     if let Some(best_of) = body.get("best_of").filter(|b| !b.is_null()) {
         match best_of.as_u64() {
@@ -123,9 +115,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::input::fields::{check_body, FieldPolicy, COMPLETIONS};
 
     fn parse_body(v: Value) -> Result<CompletionsRequest, Fault> {
-        parse(v.as_object().unwrap())
+        let body = v.as_object().unwrap().clone();
+        parse(&check_body(body, &COMPLETIONS, FieldPolicy::default(), |_| {}).unwrap())
     }
 
     #[test]

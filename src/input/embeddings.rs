@@ -1,9 +1,9 @@
 //! The body of a `/v1/embeddings` request: one input or a list of them, as text or token ids.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::formats::line_error::ErrorCode;
-use crate::input::request::Fault;
+use crate::input::fields::{Fault, Honoured};
 
 /// Most inputs one request may embed, as in OpenAI's API.
 pub const MAX_INPUTS: usize = 2048;
@@ -26,11 +26,12 @@ pub struct EmbeddingsRequest {
     pub base64: bool,
 }
 
-/// Reads an embeddings body whose fields [`crate::input::fields::EMBEDDINGS`] already checked.
+/// Reads an embeddings body as [`crate::input::fields::check_body`] left it: the fields
+/// [`crate::input::fields::EMBEDDINGS`] honours, and no others.
 ///
 /// # Errors
 /// The field at fault, with its code.
-pub fn parse(body: &Map<String, Value>) -> Result<EmbeddingsRequest, Fault> {
+pub fn parse(body: &Honoured) -> Result<EmbeddingsRequest, Fault> {
     let bad = |m: String| (ErrorCode::InvalidMessages, m);
     let inputs = match body.get("input") {
         Some(Value::String(s)) => vec![text(s, "input")?],
@@ -124,9 +125,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::input::fields::{check_body, FieldPolicy, EMBEDDINGS};
 
     fn parse_body(v: Value) -> Result<EmbeddingsRequest, Fault> {
-        parse(v.as_object().unwrap())
+        let body = v.as_object().unwrap().clone();
+        parse(&check_body(body, &EMBEDDINGS, FieldPolicy::default(), |_| {}).unwrap())
     }
 
     #[test]

@@ -7,6 +7,11 @@
 
 use serde_json::{Map, Value};
 
+use crate::formats::line_error::ErrorCode;
+
+/// A fault of one line: its code and what to do.
+pub type Fault = (ErrorCode, String);
+
 /// How strictly unknown fields are treated.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FieldPolicy {
@@ -25,6 +30,17 @@ pub struct BodyFields {
     unsupported: fn(&str, &Value) -> Option<&'static str>,
     /// Known fields besides the honoured and no-effect ones.
     known: &'static [&'static str],
+}
+
+impl BodyFields {
+    /// Every field the endpoint knows: honoured, free of effect, or known but not honoured.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.honoured
+            .iter()
+            .chain(self.no_effect)
+            .chain(self.known)
+            .copied()
+    }
 }
 
 /// `/v1/chat/completions`.
@@ -109,7 +125,7 @@ pub const COMPLETIONS: BodyFields = BodyFields {
 
 /// `/v1/embeddings`.
 pub const EMBEDDINGS: BodyFields = BodyFields {
-    honoured: &["input", "encoding_format"],
+    honoured: &["input", "encoding_format", "stream"],
     no_effect: &["model", "user"],
     unsupported: embeddings_unsupported,
     known: &["dimensions"],
@@ -171,6 +187,13 @@ pub enum Refusal {
     },
 }
 
+impl Refusal {
+    /// The line's fault: an invalid parameter, with what to do.
+    pub fn fault(&self) -> Fault {
+        (ErrorCode::InvalidParameter, self.to_string())
+    }
+}
+
 impl std::fmt::Display for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -186,25 +209,60 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-/// Checks the body fields that are neither honoured by the parser nor free of effect. A field
-/// whose value asks for nothing beyond the default (`"tools": []`, `"tool_choice": "none"`,
-/// null) is accepted.
+/// The body fields an endpoint honours, and no others: all that its parser may read. Only
+/// [`check_body`] makes one, so a field it skipped as unknown, or accepted because it changes
+/// nothing, cannot reach a parser.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Honoured(Map<String, Value>);
+
+impl Honoured {
+    /// The field's value, if the body gives it.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
+    /// The fields that `keep` selects, for a reader that endpoints share.
+    #[must_use]
+    pub fn only(&self, keep: impl Fn(&str) -> bool) -> Self {
+        Self(
+            self.0
+                .iter()
+                .filter(|(k, _)| keep(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// Checks the body fields that are neither honoured by the parser nor free of effect, and
+/// returns the honoured ones: all that the endpoint's parser may read. A field whose value
+/// asks for nothing beyond the default (`"tools": []`, `"tool_choice": "none"`, null) is
+/// accepted.
+///
+/// The parser reads what this returns, never the body itself, so a field skipped as unknown or
+/// accepted as free of effect cannot change the request: what the parser honours and what it
+/// may read are one list.
 ///
 /// # Errors
 /// The first field refused, in the order the body lists them. Unknown fields are refused
 /// unless `policy` ignores them; `unknown` then sees each one.
 pub fn check_body(
-    body: &Map<String, Value>,
+    body: Map<String, Value>,
     fields: &BodyFields,
     policy: FieldPolicy,
     mut unknown: impl FnMut(&str),
-) -> Result<(), Refusal> {
+) -> Result<Honoured, Refusal> {
+    let mut honoured = Map::new();
     for (name, value) in body {
-        let name = name.as_str();
-        if fields.honoured.contains(&name) || fields.no_effect.contains(&name) || value.is_null() {
+        if fields.honoured.contains(&name.as_str()) {
+            honoured.insert(name, value);
             continue;
         }
-        if let Some(reason) = (fields.unsupported)(name, value) {
+        let name = name.as_str();
+        if fields.no_effect.contains(&name) || value.is_null() {
+            continue;
+        }
+        if let Some(reason) = (fields.unsupported)(name, &value) {
             return Err(Refusal::Unsupported {
                 field: name.to_owned(),
                 reason: reason.to_owned(),
@@ -219,7 +277,7 @@ pub fn check_body(
             unknown(name);
         }
     }
-    Ok(())
+    Ok(Honoured(honoured))
 }
 
 /// Checks the fields of the full form's envelope, or of a chat message (`path` names it, such
@@ -350,7 +408,7 @@ mod tests {
     }
 
     fn refusal(v: Value) -> Option<Refusal> {
-        check_body(&body(v), &CHAT, FieldPolicy::default(), |_| {}).err()
+        check_body(body(v), &CHAT, FieldPolicy::default(), |_| {}).err()
     }
 
     #[test]
@@ -385,7 +443,8 @@ mod tests {
 
     #[test]
     fn responses_fields_that_need_a_server_or_tools_are_refused_by_name() {
-        let check = |v: Value| check_body(&body(v), &RESPONSES, FieldPolicy::default(), |_| {});
+        let check =
+            |v: Value| check_body(body(v), &RESPONSES, FieldPolicy::default(), |_| {}).map(|_| ());
         let ok = json!({
             "model": "m", "input": "x", "instructions": "i", "store": false, "tools": [],
             "tool_choice": "auto", "background": false, "truncation": "disabled",
@@ -420,7 +479,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_refused_unless_ignored() {
         let b = body(json!({"temprature": 0.5, "messages": []}));
-        let e = check_body(&b, &CHAT, FieldPolicy::default(), |_| {}).unwrap_err();
+        let e = check_body(b.clone(), &CHAT, FieldPolicy::default(), |_| {}).unwrap_err();
         assert_eq!(
             e,
             Refusal::Unknown {
@@ -432,11 +491,13 @@ mod tests {
         let lax = FieldPolicy {
             ignore_unknown: true,
         };
-        check_body(&b, &CHAT, lax, |f| seen.push(f.to_owned())).unwrap();
+        let honoured = check_body(b, &CHAT, lax, |f| seen.push(f.to_owned())).unwrap();
         assert_eq!(seen, ["temprature"]);
+        // The parser sees the honoured fields alone.
+        assert_eq!(honoured, Honoured(body(json!({"messages": []}))));
         // Known but unsupported stays refused even then.
         assert!(check_body(
-            &body(json!({"tools": [{"type": "function"}]})),
+            body(json!({"tools": [{"type": "function"}]})),
             &CHAT,
             lax,
             |_| {}

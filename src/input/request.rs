@@ -16,9 +16,10 @@ use crate::formats::result::Endpoint;
 use crate::formats::shard::Shard;
 use crate::input::embeddings::EmbedInput;
 use crate::input::fields::{
-    check_body, check_object, BodyFields, FieldPolicy, Refusal, CHAT, COMPLETIONS, EMBEDDINGS,
+    check_body, check_object, Fault, FieldPolicy, Honoured, CHAT, COMPLETIONS, EMBEDDINGS,
     ENVELOPE, MESSAGE, RESPONSES,
 };
+use crate::input::sampling::{parse_sampling, SamplingParams};
 use crate::input::{completions, embeddings, responses};
 
 /// The Chat Completions endpoint, and the one a short-form line targets.
@@ -43,55 +44,6 @@ const URLS: [&str; 4] = [
 
 /// Roles a chat message may carry.
 const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
-
-/// Sampling settings a request may carry; `None` falls back to the run's defaults.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SamplingParams {
-    /// Upper bound on generated tokens (`max_tokens` or `max_completion_tokens`).
-    pub max_tokens: Option<u32>,
-    /// 0 selects greedy decoding.
-    pub temperature: Option<f32>,
-    /// Nucleus sampling mass.
-    pub top_p: Option<f32>,
-    /// Keep only the k most likely tokens (0 disables).
-    pub top_k: Option<i32>,
-    /// Minimum probability relative to the most likely token.
-    pub min_p: Option<f32>,
-    /// The request's own sampling seed.
-    pub seed: Option<u64>,
-    /// Strings that end generation; they are not part of the output.
-    pub stop: Vec<String>,
-    /// OpenAI's frequency penalty, in [-2, 2].
-    pub frequency_penalty: Option<f32>,
-    /// OpenAI's presence penalty, in [-2, 2].
-    pub presence_penalty: Option<f32>,
-    /// Choices to sample from the one prompt, 1 to [`MAX_CHOICES`].
-    pub n: u32,
-    /// Log probabilities to return: `Some(k)` with the `k` most likely alternatives per token.
-    pub logprobs: Option<u8>,
-    /// The constraint the answer must follow.
-    pub constraint: Option<ConstraintSpec>,
-}
-
-/// Most choices one request may ask for (`n`); a run also needs as many slots (`--parallel`).
-pub const MAX_CHOICES: u32 = 32;
-
-/// Most alternatives per token that `top_logprobs` may ask for, as in OpenAI's API.
-pub const MAX_TOP_LOGPROBS: u64 = 20;
-
-/// What a request constrains its answer to, as it asked.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ConstraintSpec {
-    /// A JSON schema (`response_format` `json_schema` or `json_object`, or `json_schema`).
-    JsonSchema {
-        /// The schema.
-        schema: Value,
-        /// The field it came from, for error messages.
-        field: &'static str,
-    },
-    /// A GBNF grammar (llama.cpp's `grammar` field).
-    Gbnf(String),
-}
 
 /// What a request asks the model to continue.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,15 +97,18 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
     };
     let mut ignored_fields = Vec::new();
     let mut ignore = |f: &str| ignored_fields.push(f.to_owned());
-    let (body, url) = request_body(&obj, policy, &mut ignore).map_err(fail)?;
-    check_stream(body).map_err(fail)?;
+    let (body, url) = request_body(obj, policy, &mut ignore).map_err(fail)?;
     let fields = match url {
         RESPONSES_URL => &RESPONSES,
         COMPLETIONS_URL => &COMPLETIONS,
         EMBEDDINGS_URL => &EMBEDDINGS,
         _ => &CHAT,
     };
-    check_body_fields(&obj, body, fields, policy, &mut ignore).map_err(fail)?;
+    // From here on only the endpoint's honoured fields exist: one that was skipped as unknown
+    // or accepted as free of effect cannot be read.
+    let honoured = check_body(body, fields, policy, &mut ignore).map_err(|r| fail(r.fault()))?;
+    let body = &honoured;
+    check_stream(body).map_err(fail)?;
     let (prompt, sampling, endpoint) = match url {
         RESPONSES_URL => {
             let r = responses::parse(body, policy, &mut ignore).map_err(fail)?;
@@ -187,13 +142,6 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
     })
 }
 
-/// A fault of one line: its code and what to do.
-pub type Fault = (ErrorCode, String);
-
-fn refused(r: Refusal) -> Fault {
-    (ErrorCode::InvalidParameter, r.to_string())
-}
-
 fn parse_object(text: &str) -> Result<Map<String, Value>, String> {
     match serde_json::from_str(text) {
         Ok(Value::Object(obj)) => Ok(obj),
@@ -216,13 +164,15 @@ fn read_custom_id(obj: &Map<String, Value>) -> Result<String, String> {
 }
 
 /// The request's fields and endpoint: under `body` in the full batch form (whose envelope is
-/// checked here), the line itself in the short form, which is a chat request.
-fn request_body<'a>(
-    obj: &'a Map<String, Value>,
+/// checked here), the line itself less its `custom_id` in the short form, which is a chat
+/// request.
+fn request_body(
+    mut obj: Map<String, Value>,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
-) -> Result<(&'a Map<String, Value>, &'static str), Fault> {
+) -> Result<(Map<String, Value>, &'static str), Fault> {
     if !(obj.contains_key("body") || obj.contains_key("url") || obj.contains_key("method")) {
+        obj.shift_remove("custom_id");
         return Ok((obj, CHAT_COMPLETIONS_URL));
     }
     if let Some(method) = obj.get("method") {
@@ -254,8 +204,8 @@ fn request_body<'a>(
             ))
         }
     };
-    check_object(obj, &ENVELOPE, None, policy, ignore).map_err(refused)?;
-    match obj.get("body") {
+    check_object(&obj, &ENVELOPE, None, policy, ignore).map_err(|r| r.fault())?;
+    match obj.shift_remove("body") {
         Some(Value::Object(b)) => Ok((b, url)),
         _ => Err((
             ErrorCode::InvalidMessages,
@@ -264,7 +214,7 @@ fn request_body<'a>(
     }
 }
 
-fn check_stream(body: &Map<String, Value>) -> Result<(), Fault> {
+fn check_stream(body: &Honoured) -> Result<(), Fault> {
     match body.get("stream") {
         None | Some(Value::Null | Value::Bool(false)) => Ok(()),
         Some(Value::Bool(true)) => Err((
@@ -278,31 +228,10 @@ fn check_stream(body: &Map<String, Value>) -> Result<(), Fault> {
     }
 }
 
-/// Refuses body fields the tool does not honour; under `--ignore-unknown-fields` unknown ones
-/// go to `ignore` instead.
-fn check_body_fields(
-    obj: &Map<String, Value>,
-    body: &Map<String, Value>,
-    fields: &BodyFields,
-    policy: FieldPolicy,
-    ignore: &mut impl FnMut(&str),
-) -> Result<(), Fault> {
-    // In the short form the body is the line itself, envelope included.
-    if std::ptr::eq(body, obj) {
-        let line: Map<String, Value> = obj
-            .iter()
-            .filter(|(k, _)| k.as_str() != "custom_id")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        check_body(&line, fields, policy, ignore).map_err(refused)
-    } else {
-        check_body(body, fields, policy, ignore).map_err(refused)
-    }
-}
-
-/// The same for each message's fields.
+/// Refuses message fields the tool does not honour; under `--ignore-unknown-fields` unknown
+/// ones go to `ignore` instead.
 fn check_message_fields(
-    body: &Map<String, Value>,
+    body: &Honoured,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
 ) -> Result<(), Fault> {
@@ -310,14 +239,15 @@ fn check_message_fields(
         for (i, m) in list.iter().enumerate() {
             if let Value::Object(m) = m {
                 let path = format!("messages[{i}]");
-                check_object(m, &MESSAGE, Some(&path), policy, &mut *ignore).map_err(refused)?;
+                check_object(m, &MESSAGE, Some(&path), policy, &mut *ignore)
+                    .map_err(|r| r.fault())?;
             }
         }
     }
     Ok(())
 }
 
-fn parse_messages(body: &Map<String, Value>) -> Result<Vec<Message>, (ErrorCode, String)> {
+fn parse_messages(body: &Honoured) -> Result<Vec<Message>, (ErrorCode, String)> {
     let list = match body.get("messages") {
         Some(Value::Array(list)) if !list.is_empty() => list,
         Some(Value::Array(_)) => {
@@ -406,164 +336,6 @@ fn text_parts(parts: &[Value]) -> Option<String> {
         out.push_str(p.get("text")?.as_str()?);
     }
     Some(out)
-}
-
-/// The sampling fields chat shares with completions.
-///
-/// # Errors
-/// The field at fault.
-pub fn parse_sampling(body: &Map<String, Value>) -> Result<SamplingParams, String> {
-    let float = |name: &str, lo: f64, hi: f64| -> Result<Option<f32>, String> {
-        match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_f64() {
-                Some(x) if (lo..=hi).contains(&x) => Ok(Some(x as f32)),
-                _ => Err(format!(
-                    "field `{name}` is {v}; expected a number in [{lo}, {hi}]"
-                )),
-            },
-        }
-    };
-    let uint = |name: &str, hi: u64| -> Result<Option<u64>, String> {
-        match body.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => match v.as_u64() {
-                Some(x) if x <= hi => Ok(Some(x)),
-                _ => Err(format!(
-                    "field `{name}` is {v}; expected an integer in [0, {hi}]"
-                )),
-            },
-        }
-    };
-    let max_tokens = match uint("max_completion_tokens", u64::from(u32::MAX))? {
-        Some(n) => Some(n),
-        None => uint("max_tokens", u64::from(u32::MAX))?,
-    };
-    if max_tokens == Some(0) {
-        return Err("field `max_tokens` is 0; ask for at least one token".into());
-    }
-    let stop = match body.get("stop") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|s| s.as_str().map(str::to_owned))
-            .collect::<Option<Vec<_>>>()
-            .ok_or("field `stop` must be a string or an array of strings")?,
-        Some(v) => return Err(format!("field `stop` is {v}; expected a string or array")),
-    };
-    if stop.iter().any(String::is_empty) {
-        return Err("field `stop` holds an empty string".into());
-    }
-    let n = match body.get("n") {
-        None | Some(Value::Null) => 1,
-        Some(v) => match v.as_u64() {
-            Some(n) if (1..=u64::from(MAX_CHOICES)).contains(&n) => n as u32,
-            _ => {
-                return Err(format!(
-                    "field `n` is {v}; expected an integer in [1, {MAX_CHOICES}]"
-                ))
-            }
-        },
-    };
-    let logprobs = match body.get("logprobs") {
-        None | Some(Value::Null | Value::Bool(false)) => false,
-        Some(Value::Bool(true)) => true,
-        Some(v) => return Err(format!("field `logprobs` is {v}; expected true or false")),
-    };
-    let top = uint("top_logprobs", MAX_TOP_LOGPROBS)?;
-    if top.is_some() && !logprobs {
-        return Err("field `top_logprobs` needs `logprobs`: true".into());
-    }
-    Ok(SamplingParams {
-        n,
-        logprobs: logprobs.then(|| top.unwrap_or(0) as u8),
-        constraint: parse_constraint(body)?,
-        max_tokens: max_tokens.map(|n| n as u32),
-        temperature: float("temperature", 0.0, 2.0)?,
-        top_p: float("top_p", 0.0, 1.0)?,
-        top_k: uint("top_k", i32::MAX as u64)?.map(|k| k as i32),
-        min_p: float("min_p", 0.0, 1.0)?,
-        seed: uint("seed", u64::MAX)?,
-        stop,
-        frequency_penalty: float("frequency_penalty", -2.0, 2.0)?,
-        presence_penalty: float("presence_penalty", -2.0, 2.0)?,
-    })
-}
-
-/// The constraint a body asks for: `response_format` (OpenAI), or llama.cpp's `json_schema`
-/// or `grammar`; at most one of them.
-fn parse_constraint(body: &Map<String, Value>) -> Result<Option<ConstraintSpec>, String> {
-    let given = |k: &str| body.get(k).is_some_and(|v| !v.is_null());
-    let format = match body.get("response_format") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(f)) => match f.get("type").and_then(Value::as_str) {
-            Some("text") => None,
-            Some("json_object") => Some(ConstraintSpec::JsonSchema {
-                schema: serde_json::json!({"type": "object"}),
-                field: "response_format",
-            }),
-            Some("json_schema") => match f.get("json_schema").and_then(|j| j.get("schema")) {
-                Some(schema @ (Value::Object(_) | Value::Bool(_))) => {
-                    Some(ConstraintSpec::JsonSchema {
-                        schema: schema.clone(),
-                        field: "response_format.json_schema.schema",
-                    })
-                }
-                _ => {
-                    return Err(
-                        "field `response_format.json_schema.schema` is missing or not \
-                                a JSON schema object"
-                            .into(),
-                    )
-                }
-            },
-            _ => {
-                return Err(format!(
-                    "field `response_format.type` is {}; expected text, json_object or json_schema",
-                    f.get("type").unwrap_or(&Value::Null)
-                ))
-            }
-        },
-        Some(v) => {
-            return Err(format!(
-                "field `response_format` is {v}; expected an object"
-            ))
-        }
-    };
-    let schema = match body.get("json_schema") {
-        None | Some(Value::Null) => None,
-        Some(schema @ (Value::Object(_) | Value::Bool(_))) => Some(ConstraintSpec::JsonSchema {
-            schema: schema.clone(),
-            field: "json_schema",
-        }),
-        Some(v) => {
-            return Err(format!(
-                "field `json_schema` is {v}; expected a JSON schema object"
-            ))
-        }
-    };
-    let grammar = match body.get("grammar") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(g)) if !g.trim().is_empty() => Some(ConstraintSpec::Gbnf(g.clone())),
-        Some(v) => {
-            return Err(format!(
-                "field `grammar` is {v}; expected a GBNF grammar string"
-            ))
-        }
-    };
-    let chosen: Vec<ConstraintSpec> = [format, schema, grammar].into_iter().flatten().collect();
-    if chosen.len() > 1 {
-        let names: Vec<&str> = ["response_format", "json_schema", "grammar"]
-            .into_iter()
-            .filter(|k| given(k))
-            .collect();
-        return Err(format!(
-            "fields {} each constrain the answer; give one of them",
-            names.join(" and ")
-        ));
-    }
-    Ok(chosen.into_iter().next())
 }
 
 /// One item read from the input: a request, or the error its line gets.
@@ -693,7 +465,10 @@ impl<R: BufRead> Iterator for RequestReader<R> {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::input::sampling::ConstraintSpec;
 
     fn code(text: &str) -> ErrorCode {
         parse_line(7, text, FieldPolicy::default())
@@ -854,6 +629,139 @@ mod tests {
         let r = parse_line(1, &format!(r#"{{{base},"temprature":0}}"#), lax).unwrap();
         assert_eq!(r.ignored_fields, ["temprature"]);
         assert!(parse_line(1, &format!(r#"{{{base},"tools":[1]}}"#), lax).is_err());
+    }
+
+    /// A value for `field` that asks for something on an endpoint that honours it.
+    fn asking(field: &str) -> Value {
+        match field {
+            "messages" => json!([{"role": "user", "content": "other"}]),
+            "prompt" | "input" => json!("other"),
+            "instructions" => json!("Be terse."),
+            "max_tokens" | "max_completion_tokens" | "max_output_tokens" | "top_logprobs" => {
+                json!(3)
+            }
+            "temperature" | "top_p" | "frequency_penalty" | "presence_penalty" => json!(0.5),
+            "min_p" => json!(0.1),
+            "top_k" | "seed" | "n" | "best_of" => json!(2),
+            "stop" => json!(["x"]),
+            "logprobs" | "stream" | "echo" => json!(true),
+            "suffix" => json!("end"),
+            "response_format" => json!({"type": "json_object"}),
+            "text" => json!({"format": {"type": "json_object"}}),
+            "json_schema" => json!({"type": "object"}),
+            "grammar" => json!("root ::= \"a\""),
+            "encoding_format" => json!("base64"),
+            "metadata" => json!({"k": "v"}),
+            _ => json!([{"type": "function"}]),
+        }
+    }
+
+    #[test]
+    fn an_ignored_unknown_field_changes_nothing_on_any_endpoint() {
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        let mut all: Vec<&str> = [&CHAT, &COMPLETIONS, &RESPONSES, &EMBEDDINGS]
+            .iter()
+            .flat_map(|f| f.names())
+            .collect();
+        all.sort_unstable();
+        all.dedup();
+        let mut skipped = Vec::new();
+        for (url, fields, base) in [
+            (
+                CHAT_COMPLETIONS_URL,
+                &CHAT,
+                json!({"messages": [{"role": "user", "content": "hi"}]}),
+            ),
+            (COMPLETIONS_URL, &COMPLETIONS, json!({"prompt": "hi"})),
+            (RESPONSES_URL, &RESPONSES, json!({"input": "hi"})),
+            (EMBEDDINGS_URL, &EMBEDDINGS, json!({"input": "hi"})),
+        ] {
+            let line = |body: &Value| {
+                json!({"custom_id": "a", "method": "POST", "url": url, "body": body}).to_string()
+            };
+            let expected = parse_line(1, &line(&base), FieldPolicy::default()).unwrap();
+            let with = |field: &str| {
+                let mut body = base.clone();
+                body[field] = asking(field);
+                line(&body)
+            };
+            for &field in &all {
+                let strict = parse_line(1, &with(field), FieldPolicy::default());
+                if fields.honoured.contains(&field) {
+                    // The value asks for something, so the test would see it read.
+                    assert_ne!(strict.as_ref().ok(), Some(&expected), "{url}: {field}");
+                    continue;
+                }
+                let unknown = format!("unknown field `{field}`");
+                if fields.names().any(|f| f == field)
+                    || !strict.as_ref().is_err_and(|e| e.message.contains(&unknown))
+                {
+                    // Known there, or refused by name as not honoured.
+                    continue;
+                }
+                let got = parse_line(1, &with(field), lax)
+                    .unwrap_or_else(|e| panic!("{url}: {field}: {}", e.message));
+                assert_eq!(got.ignored_fields, [field], "{url}");
+                let got = Request {
+                    ignored_fields: Vec::new(),
+                    ..got
+                };
+                assert_eq!(got, expected, "{url}: `{field}` was skipped, and then read");
+                skipped.push(format!("{url} {field}"));
+            }
+        }
+        // What each endpoint knows and the others do not is skipped, when unknown, elsewhere.
+        for case in [
+            "/v1/completions grammar",
+            "/v1/completions max_completion_tokens",
+            "/v1/completions top_logprobs",
+            "/v1/completions response_format",
+            "/v1/completions json_schema",
+            "/v1/completions messages",
+            "/v1/completions input",
+            "/v1/chat/completions prompt",
+            "/v1/chat/completions input",
+            "/v1/chat/completions max_output_tokens",
+            "/v1/responses messages",
+            "/v1/responses grammar",
+            "/v1/responses max_tokens",
+            "/v1/embeddings messages",
+            "/v1/embeddings prompt",
+            "/v1/embeddings temperature",
+            "/v1/embeddings max_tokens",
+        ] {
+            assert!(skipped.iter().any(|s| s == case), "{case} not tried");
+        }
+    }
+
+    #[test]
+    fn ignored_message_and_item_fields_change_nothing() {
+        let lax = FieldPolicy {
+            ignore_unknown: true,
+        };
+        for (plain, extra, field) in [
+            (
+                r#"{"custom_id":"a","messages":[{"role":"user","content":"x"}]}"#,
+                r#"{"custom_id":"a","messages":[{"role":"user","content":"x","mood":"glad"}]}"#,
+                "messages[0].mood",
+            ),
+            (
+                r#"{"custom_id":"a","url":"/v1/responses","body":{"input":[{"role":"user","content":"x"}]}}"#,
+                r#"{"custom_id":"a","url":"/v1/responses","body":{"input":[{"role":"user","content":"x","mood":"glad"}]}}"#,
+                "input[0].mood",
+            ),
+        ] {
+            let expected = parse_line(1, plain, FieldPolicy::default()).unwrap();
+            let got = parse_line(1, extra, lax).unwrap();
+            assert_eq!(got.ignored_fields, [field]);
+            let got = Request {
+                ignored_fields: Vec::new(),
+                ..got
+            };
+            assert_eq!(got, expected);
+        }
     }
 
     #[test]

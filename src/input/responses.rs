@@ -2,13 +2,13 @@
 //! (the instructions its system message, so the shared prefix), `max_output_tokens`,
 //! `temperature`, `top_p` and `text.format` its sampling and constraint.
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use crate::formats::line_error::ErrorCode;
 use crate::formats::message::Message;
 use crate::formats::result::ResponsesEcho;
-use crate::input::fields::{check_object, FieldPolicy, Refusal};
-use crate::input::request::{parse_sampling, ConstraintSpec, Fault, SamplingParams};
+use crate::input::fields::{check_object, Fault, FieldPolicy, Honoured};
+use crate::input::sampling::{parse_sampling, ConstraintSpec, SamplingParams};
 
 /// Fields of an input message item that are read (`id` and `status` describe an item that
 /// came from an earlier response and change nothing).
@@ -24,12 +24,13 @@ pub struct ResponsesRequest {
     pub echo: ResponsesEcho,
 }
 
-/// Reads a Responses body whose fields [`crate::input::fields::RESPONSES`] already checked.
+/// Reads a Responses body as [`crate::input::fields::check_body`] left it: the fields
+/// [`crate::input::fields::RESPONSES`] honours, and no others.
 ///
 /// # Errors
 /// The field at fault, with its code.
 pub fn parse(
-    body: &Map<String, Value>,
+    body: &Honoured,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
 ) -> Result<ResponsesRequest, Fault> {
@@ -70,11 +71,7 @@ pub fn parse(
     };
     let (text, constraint) = text_format(body.get("text")).map_err(invalid)?;
     // The sampling fields Responses shares with chat, read and bounded the same way.
-    let shared: Map<String, Value> = body
-        .iter()
-        .filter(|(k, _)| matches!(k.as_str(), "temperature" | "top_p"))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let shared = body.only(|k| matches!(k, "temperature" | "top_p"));
     Ok(ResponsesRequest {
         messages,
         sampling: SamplingParams {
@@ -95,7 +92,7 @@ pub fn parse(
 
 /// `input`: a string (one user message) or a list of message items.
 fn input_messages(
-    body: &Map<String, Value>,
+    body: &Honoured,
     policy: FieldPolicy,
     ignore: &mut impl FnMut(&str),
 ) -> Result<Vec<Message>, Fault> {
@@ -133,8 +130,7 @@ fn input_messages(
                 )))
             }
         }
-        check_object(m, &ITEM, Some(&path), policy, &mut *ignore)
-            .map_err(|r: Refusal| (ErrorCode::InvalidParameter, r.to_string()))?;
+        check_object(m, &ITEM, Some(&path), policy, &mut *ignore).map_err(|r| r.fault())?;
         let role = match m.get("role").and_then(Value::as_str) {
             Some("developer" | "system") => "system",
             Some(r @ ("user" | "assistant")) => r,
@@ -234,9 +230,12 @@ fn text_format(text: Option<&Value>) -> Result<(Value, Option<ConstraintSpec>), 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::input::fields::{check_body, RESPONSES};
 
     fn parse_body(v: Value) -> Result<ResponsesRequest, Fault> {
-        parse(v.as_object().unwrap(), FieldPolicy::default(), &mut |_| {})
+        let body = v.as_object().unwrap().clone();
+        let body = check_body(body, &RESPONSES, FieldPolicy::default(), |_| {}).unwrap();
+        parse(&body, FieldPolicy::default(), &mut |_| {})
     }
 
     #[test]

@@ -14,7 +14,7 @@ use llguidance::{Matcher, ParserFactory};
 
 use crate::digest::sha256_parts;
 use crate::engine::{Constraint, Model};
-use crate::input::request::ConstraintSpec;
+use crate::input::sampling::ConstraintSpec;
 
 /// Distinct constraints kept compiled; past this the cache starts over.
 const CACHE_CAPACITY: usize = 1024;

@@ -7,8 +7,9 @@ use crate::engine::{Constraint, SamplerSpec};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint};
 use crate::input::request::{
-    ConstraintSpec, Request, CHAT_COMPLETIONS_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL,
+    Request, CHAT_COMPLETIONS_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL,
 };
+use crate::input::sampling::ConstraintSpec;
 use crate::prompt::grammar::Grammars;
 use crate::prompt::{PromptBuilder, SplitPrompt};
 

@@ -12,7 +12,8 @@ use super::scheduler::{Admission, Exact, Outcome, Scheduler};
 use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint, StopReason};
-use crate::input::request::{Prompt, Request, SamplingParams};
+use crate::input::request::{Prompt, Request};
+use crate::input::sampling::SamplingParams;
 use crate::prompt::SplitPrompt;
 use crate::report::metrics::Metrics;
 

@@ -162,6 +162,76 @@ fn responses_and_chat_bodies_validate_against_the_openai_types() {
     }
 }
 
+/// Checks a legacy `logprobs` against its choice's `text`, independently of how the offsets
+/// are computed: they never decrease and stay inside the text, each token whose piece is whole
+/// UTF-8 is found in the text at its offset, and a byte-level piece of a character points at a
+/// multi-byte character. Returns the tokens.
+fn check_text_offsets<'a>(lp: &'a Value, text: &str) -> Vec<&'a str> {
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let offsets: Vec<usize> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| usize::try_from(o.as_u64().unwrap()).unwrap())
+        .collect();
+    assert_eq!(offsets.len(), tokens.len(), "{lp}");
+    let chars: Vec<char> = text.chars().collect();
+    assert!(offsets.is_sorted(), "{offsets:?}");
+    for (t, &at) in tokens.iter().zip(&offsets) {
+        // No stop string was cut, so every token has text: its offset is inside it.
+        assert!(at < chars.len(), "{t:?} at {at} of {text:?}");
+        let whole: String = t.chars().take_while(|&c| c != '\u{fffd}').collect();
+        let found: String = chars[at..].iter().take(whole.chars().count()).collect();
+        assert_eq!(found, whole, "{t:?} at {at} of {text:?}");
+        if whole.is_empty() {
+            assert!(chars[at].len_utf8() > 1, "{t:?} at {at} of {text:?}");
+        }
+    }
+    if !tokens.concat().contains('\u{fffd}') {
+        assert_eq!(tokens.concat(), text, "{lp}");
+    }
+    tokens
+}
+
+#[test]
+fn completions_text_offsets_count_characters_of_multibyte_text() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    // SmolLM2 answers these in Chinese, many characters as byte-level pieces, one per token.
+    let prompts = [
+        "用中文回答：什么是机器学习？\n答：",
+        "English: thank you\nChinese: 谢谢\n\nEnglish: good morning\nChinese: 早上好\n\n\
+         English: I love you\nChinese:",
+    ];
+    let lines: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            completion(
+                &format!("zh{i}"),
+                json!({"prompt": p, "max_tokens": 16, "temperature": 0, "logprobs": 0}),
+            )
+        })
+        .collect();
+    let input = s.write_lines("in.jsonl", &lines);
+    let (o, out) = run_batch(&s, &input, "out.jsonl", &[]);
+    assert!(o.status.success(), "{o:?}");
+    for id in ["zh0", "zh1"] {
+        let text = text(&out[id], 0);
+        let lp = &out[id]["response"]["body"]["choices"][0]["logprobs"];
+        let tokens = check_text_offsets(lp, text);
+        assert!(
+            tokens.iter().any(|t| t.contains('\u{fffd}')) && !text.contains('\u{fffd}'),
+            "{id}: the answer should hold characters split into byte pieces: {text:?} {tokens:?}"
+        );
+    }
+}
+
 fn completion(custom_id: &str, body: Value) -> String {
     line(custom_id, "/v1/completions", body)
 }
@@ -248,28 +318,7 @@ fn completions_compute_their_common_header_once_and_equal_naive() {
     );
 
     let lp = &shared["c-logprobs"]["response"]["body"]["choices"][0]["logprobs"];
-    let tokens: Vec<&str> = lp["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
-    assert_eq!(tokens.concat(), text(&shared["c-logprobs"], 0), "{lp}");
-    let offsets: Vec<u64> = lp["text_offset"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|o| o.as_u64().unwrap())
-        .collect();
-    let starts: Vec<u64> = tokens
-        .iter()
-        .scan(0, |at, t| {
-            let start = *at;
-            *at += t.chars().count() as u64;
-            Some(start)
-        })
-        .collect();
-    assert_eq!(offsets, starts);
+    let tokens = check_text_offsets(lp, text(&shared["c-logprobs"], 0));
     assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), tokens.len());
     for top in lp["top_logprobs"].as_array().unwrap() {
         let n = top.as_object().unwrap().len();
