@@ -111,7 +111,7 @@ fn corrupt_or_foreign_state_files_are_detected_reported_and_rebuilt() {
             "the machine's backend was \"gpu\", now \"cpu\"",
             |b| {
                 let at = b
-                    .windows(14)
+                    .windows(13)
                     .position(|w| w == br#""backend":"cp"#)
                     .expect("the identity names the backend");
                 b[at + 11] = b'g';

@@ -193,7 +193,11 @@ fn completions_responses_and_embeddings_are_reused_exactly() {
     run(&s, &b, "fresh.out.jsonl", &["--no-dedup"]);
     let want = texts(&s.path("fresh.out.jsonl"));
     assert_eq!(texts(&s.path("b.out.jsonl")), want);
-    assert!(want["e1"].contains("\"embedding\":\""), "base64: {}", want["e1"]);
+    assert!(
+        want["e1"].contains("\"embedding\":\""),
+        "base64: {}",
+        want["e1"]
+    );
     assert!(want["c1"].contains("\"text_offset\""), "{}", want["c1"]);
 }
 
