@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod embeddings;
 pub mod merge;
 pub mod outcome;
 pub mod preflight;

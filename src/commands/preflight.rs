@@ -9,15 +9,16 @@ use anyhow::{Context, Result};
 
 use crate::cache::prefix_store::{PrefixStore, StateIdentity};
 use crate::commands::cli::RunConfig;
+use crate::engine::embed::context_size;
 use crate::engine::{gpu_available, FlashAttn, Model, ModelInfo, ModelSettings, Token};
-use crate::formats::summary::{DryRun, VramPlan};
+use crate::formats::summary::{DryRun, EmbeddingContextPlan, VramPlan};
 use crate::identity::Identity;
 use crate::input::request::{parse_line, Prompt, RequestReader, COMPLETIONS_URL, EMBEDDINGS_URL};
 use crate::plan::memory::{
     compute_bytes, fit, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Fitted,
     Footprint, NoFit, PROCESS_ALLOWANCE,
 };
-use crate::plan::{plan, Demand, KvLayout, Plan};
+use crate::plan::{plan, Demand, KvLayout, Plan, CTX_STEP};
 use crate::prompt::text_prefix::CommonText;
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::schedule::job::fits_trained_context;
@@ -74,6 +75,45 @@ pub struct Preflight {
     pub gpu_layers: u32,
     /// With offloaded layers and a VRAM budget: (VRAM the plan needs, VRAM it may use).
     pub vram: Option<(u64, u64)>,
+    /// When the input has embeddings lines: the second context that computes them, whose
+    /// buffers the footprint counts (in its KV cache and compute parts).
+    pub embeddings: Option<EmbeddingContext>,
+}
+
+/// The embedding context's share of a plan: its own KV cache and compute buffer (the weights
+/// are the model's, counted once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingContext {
+    /// Its cells: one input at a time, of up to this many tokens.
+    pub n_ctx: u32,
+    /// Its KV cache.
+    pub kv: u64,
+    /// Its compute buffer, for one input of `n_ctx` tokens a call.
+    pub compute: u64,
+}
+
+impl EmbeddingContext {
+    /// The context the run makes for a model like `info` ([`context_size`]): cells allocated
+    /// in llama.cpp's steps, a whole input a call, without flash attention, as
+    /// [`Model::new_embedder`] makes it.
+    pub fn plan(info: &ModelInfo) -> Self {
+        let n_ctx = context_size(info.n_ctx_train);
+        let cells = u32::try_from((n_ctx as usize).next_multiple_of(CTX_STEP)).unwrap_or(n_ctx);
+        Self {
+            n_ctx,
+            kv: kv_bytes(info, cells),
+            compute: compute_bytes(info, cells, n_ctx, false),
+        }
+    }
+
+    /// As `--dry-run` reports it.
+    pub fn record(&self) -> EmbeddingContextPlan {
+        EmbeddingContextPlan {
+            n_ctx: self.n_ctx,
+            kv_bytes: self.kv,
+            compute_bytes: self.compute,
+        }
+    }
 }
 
 impl Preflight {
@@ -99,13 +139,15 @@ impl Preflight {
             budget_bytes: self.budget,
             gpu_layers: self.gpu_layers,
             vram: self.vram_plan(),
+            embedding_context: self.embeddings.map(|e| e.record()),
             peak_rss_bytes: peak_rss(),
         }
     }
 }
 
 /// Scans the input and plans the context; lowers `--parallel` until the plan fits the memory
-/// budget (`--memory-budget`, else 90% of the RAM free now).
+/// budget (`--memory-budget`, else 90% of the RAM free now). With `embeddings` (the input has
+/// embeddings lines) the plan counts the embedding context too.
 ///
 /// # Errors
 /// When even one slot does not fit: the message gives the numbers and what to change.
@@ -113,6 +155,7 @@ pub fn preflight(
     cfg: &RunConfig,
     model: &Model,
     prompts: &mut PromptBuilder<'_>,
+    embeddings: bool,
     on_new_prefix: impl FnMut(PrefixKey, &[Token]),
 ) -> Result<Preflight> {
     let file = File::open(&cfg.input)
@@ -151,6 +194,10 @@ pub fn preflight(
             layout,
         )
     };
+    let embeddings = embeddings.then(|| EmbeddingContext::plan(&info));
+    // Its buffers sit beside the run's own, in RAM and, with offloaded layers, in VRAM: its
+    // cache is split by layer as the run's is, and its compute buffer goes to the GPU with any.
+    let (embed_kv, embed_compute) = embeddings.map_or((0, 0), |e| (e.kv, e.compute));
     let fitted = fit(
         cfg.parallel as usize,
         gpu_layers,
@@ -160,8 +207,9 @@ pub fn preflight(
         |parallel| {
             plan_at(parallel).map(|plan| Footprint {
                 weights: info.size,
-                kv: kv_bytes(&info, plan.n_ctx),
-                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
+                kv: kv_bytes(&info, plan.n_ctx) + embed_kv,
+                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn)
+                    + embed_compute,
                 process: PROCESS_ALLOWANCE,
             })
         },
@@ -170,13 +218,17 @@ pub fn preflight(
         Ok(f) => f,
         Err(NoFit { footprint }) => anyhow::bail!(
             "not enough memory even for one slot: the plan needs {} (weights {}, KV cache {}, \
-             compute {}, process {}) but the budget is {}. Lower max_tokens or --ctx-size, \
+             compute {}, process {}{}) but the budget is {}. Lower max_tokens or --ctx-size, \
              shorten the prompts, use a smaller model, free memory, or raise --memory-budget",
             mib(footprint.total()),
             mib(footprint.weights),
             mib(footprint.kv),
             mib(footprint.compute),
             mib(footprint.process),
+            embeddings.map_or(String::new(), |e| format!(
+                "; the embedding context's {} of them",
+                mib(e.kv + e.compute)
+            )),
             mib(budget)
         ),
     };
@@ -195,6 +247,7 @@ pub fn preflight(
         parallel,
         gpu_layers: fitted_layers,
         vram: vram.map(|free| (gpu_share(&footprint, fitted_layers, info.n_layer), free)),
+        embeddings,
     })
 }
 
@@ -304,7 +357,7 @@ pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
     let kinds = input_kinds(cfg)?;
     let (model, renderer) = load_model(cfg, 0, kinds.conversations)?;
     let mut prompts = PromptBuilder::new(&model, &renderer, kinds.text_prefix.as_deref());
-    preflight(cfg, &model, &mut prompts, |_, _| {})
+    preflight(cfg, &model, &mut prompts, kinds.embeddings, |_, _| {})
 }
 
 /// The prefix state store of `--prefix-cache-dir`, its files keyed and checked by the
@@ -328,15 +381,18 @@ pub fn prefix_store(cfg: &RunConfig, model: &Model, identity: &Identity) -> Resu
 }
 
 /// What a light pass over the whole input (whatever the shard) finds: the text its
-/// `/v1/completions` prompts share ([`crate::prompt::text_prefix`]), and whether any line asks
-/// for a conversation, which needs a chat template. Only lines that name the completions or
-/// embeddings endpoint are parsed; any other line counts as a conversation.
+/// `/v1/completions` prompts share ([`crate::prompt::text_prefix`]), whether any line asks
+/// for a conversation, which needs a chat template, and whether any asks for embeddings, which
+/// need a context of their own. Only lines that name the completions or embeddings endpoint are
+/// parsed; any other line counts as a conversation.
 #[derive(Debug, Default)]
 pub struct InputKinds {
     /// The shared text of the completions prompts.
     pub text_prefix: Option<String>,
     /// Whether a line may be a chat or Responses request.
     pub conversations: bool,
+    /// Whether a line is a valid embeddings request.
+    pub embeddings: bool,
 }
 
 /// Reads the input's [`InputKinds`].
@@ -348,6 +404,7 @@ pub fn input_kinds(cfg: &RunConfig) -> Result<InputKinds> {
         .with_context(|| format!("cannot read input {}", cfg.input.display()))?;
     let mut common = CommonText::new();
     let mut conversations = false;
+    let mut embeddings = false;
     for (i, line) in BufReader::new(file).split(b'\n').enumerate() {
         let line = line.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
         let text = String::from_utf8_lossy(&line);
@@ -362,12 +419,14 @@ pub fn input_kinds(cfg: &RunConfig) -> Result<InputKinds> {
         match parse_line(i as u64 + 1, text, cfg.fields).map(|r| r.prompt) {
             Ok(Prompt::Text(prompt)) => common.add(&prompt),
             Ok(Prompt::Chat(_)) => conversations = true,
-            Ok(Prompt::Embed(_)) | Err(_) => {}
+            Ok(Prompt::Embed(_)) => embeddings = true,
+            Err(_) => {}
         }
     }
     Ok(InputKinds {
         text_prefix: common.finish(),
         conversations,
+        embeddings,
     })
 }
 

@@ -180,7 +180,13 @@ impl Prepared {
         let (planning, renderer) = load_model(cfg, 0, kinds.conversations)?;
         let text_prefix = kinds.text_prefix;
         let mut prompts = PromptBuilder::new(&planning, &renderer, text_prefix.as_deref());
-        let preflight = preflight(cfg, &planning, &mut prompts, on_new_prefix)?;
+        let preflight = preflight(
+            cfg,
+            &planning,
+            &mut prompts,
+            kinds.embeddings,
+            on_new_prefix,
+        )?;
         let offloaded = load_offloaded(cfg, preflight.gpu_layers)?;
         Ok(Self {
             planning,

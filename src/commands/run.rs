@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 
 use crate::cache::result_reuse::{Earlier, Origin, ResultIndex};
 use crate::commands::cli::RunConfig;
+use crate::commands::embeddings::{EmbedWork, Embeddings, Step};
 use crate::commands::outcome::RunOutcome;
 use crate::commands::preflight::Preflight;
 use crate::commands::prepare::{check_files, new_manifest, open_input, Input, Prepared};
@@ -17,15 +18,11 @@ use crate::durability::durable::write_json_atomic;
 use crate::durability::lock::OutputLock;
 use crate::durability::sink::Placed;
 use crate::durability::sink::Sink;
-use crate::engine::embed::{normalize, Embedder, Pooling};
-use crate::engine::{Model, Token};
-use crate::formats::line_error::ErrorCode;
 use crate::formats::line_error::LineError;
 use crate::formats::manifest::{Manifest, RunRecord};
 use crate::formats::result::Endpoint;
 use crate::formats::result::{model_name, Completion, ComputationKey, ResultLine};
 use crate::formats::summary::{GpuUse, MemoryRecord};
-use crate::input::embeddings::EmbedInput;
 use crate::input::request::{Prompt, Request};
 use crate::plan::memory::{mib, peak_rss, Pressure, VramMonitor};
 use crate::prompt::grammar::Grammars;
@@ -33,10 +30,10 @@ use crate::prompt::PromptBuilder;
 use crate::report::metrics::Metrics;
 use crate::report::progress::Progress;
 use crate::report::summary;
-use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd};
-use crate::schedule::job::{embedding_key, prepare, Job, Limits};
+use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd, Piece};
+use crate::schedule::job::{prepare, Job, Limits};
 use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
-use crate::schedule::twins::Twins;
+use crate::schedule::twins::{Finished, Release, Twins};
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -302,6 +299,7 @@ struct RunFeed<'a, 'm> {
 
 impl Feed for RunFeed<'_, '_> {
     type Error = anyhow::Error;
+    type Work = EmbedWork;
 
     fn next_request(&mut self) -> Result<Option<Result<Request, LineError>>> {
         for item in self.input.by_ref() {
@@ -318,11 +316,17 @@ impl Feed for RunFeed<'_, '_> {
         Ok(None)
     }
 
-    fn prepare(&mut self, request: Request, metrics: &mut Metrics) -> Result<Intake> {
-        if let Prompt::Embed(inputs) = &request.prompt {
-            let base64 = matches!(request.endpoint, Endpoint::Embeddings { base64: true });
-            return self.embed(&request, inputs, base64, metrics);
-        }
+    fn prepare(&mut self, request: Request, metrics: &mut Metrics) -> Result<Intake<EmbedWork>> {
+        let request = match request.prompt {
+            // Embeddings take no generation slot: the loop computes them beside the slots.
+            Prompt::Embed(inputs) => {
+                let base64 = matches!(request.endpoint, Endpoint::Embeddings { base64: true });
+                let line = request.line;
+                let work = EmbedWork::new(line, request.custom_id, inputs, base64);
+                return Ok(Intake::Work { line, work });
+            }
+            prompt => Request { prompt, ..request },
+        };
         let job = match prepare(
             request,
             &mut self.prompts,
@@ -347,20 +351,65 @@ impl Feed for RunFeed<'_, '_> {
         abort_if_poisoned(&job.custom_id);
     }
 
-    fn write(&mut self, metrics: &mut Metrics, outcome: Outcome) -> Result<()> {
+    fn work(&mut self, work: &mut EmbedWork, metrics: &mut Metrics) -> Result<Piece> {
+        let line = work.line;
+        match self.embeddings.advance(work, self.cfg.threads, metrics) {
+            Step::More => return Ok(Piece::More),
+            Step::Keyed(key) => {
+                if !self.copy_earlier(&key, line, &work.custom_id, metrics)? {
+                    // In flight from here: a supervisor sets apart a line whose inputs crash
+                    // the worker.
+                    self.results.reporter.report(Event::Admitted(line));
+                    return Ok(Piece::More);
+                }
+            }
+            Step::Failed(code, message) => {
+                let failed = LineError::new(line, Some(&work.custom_id), code, message);
+                self.results.write(metrics, &Err(failed), None)?;
+            }
+            Step::Done(key, vectors) => {
+                let r = &mut self.results;
+                let n_tokens = work.n_tokens();
+                let mut success = ResultLine::embeddings(
+                    &work.custom_id,
+                    &vectors,
+                    work.base64,
+                    n_tokens,
+                    &r.model_name,
+                );
+                if self.reuse.is_some() {
+                    success = success.with_computation(key);
+                }
+                let placed = r.write_ok(metrics, &success, line)?;
+                if let Some(reuse) = &mut self.reuse {
+                    reuse.index.record(key, placed);
+                }
+            }
+        }
+        Ok(Piece::Done)
+    }
+
+    fn write(&mut self, metrics: &mut Metrics, outcome: Outcome) -> Result<Option<Job>> {
         let line = outcome.as_ref().map_or_else(|e| e.line, |c| c.line);
         let Some(reuse) = &mut self.reuse else {
-            return self.results.write(metrics, &outcome, None).map(drop);
+            self.results.write(metrics, &outcome, None)?;
+            return Ok(None);
         };
-        let finished = reuse.twins.finished(line);
-        let key = finished.as_ref().map(|f| f.0);
-        let written = self.results.write(metrics, &outcome, key)?;
-        let Some((key, twins)) = finished else {
-            return Ok(());
+        let finished = reuse.twins.finished(line, &outcome);
+        let written = self
+            .results
+            .write(metrics, &outcome, finished.as_ref().map(|f| f.key))?;
+        let Some(Finished { key, release }) = finished else {
+            return Ok(None);
         };
         if let Some(place) = written {
             reuse.index.record(key, place);
         }
+        let twins = match release {
+            Release::Copy(twins) => twins,
+            // It failed for a reason of the moment: its twins compute their own outcome.
+            Release::Run(job) => return Ok(Some(*job)),
+        };
         // Each twin gets what it would have computed: the same line, with its own ids.
         for twin in twins {
             match &outcome {
@@ -373,6 +422,8 @@ impl Feed for RunFeed<'_, '_> {
                     );
                     r.write_copy(metrics, &copy, twin.line, Origin::ThisOutput)?;
                 }
+                // An error of the request's own content (a transient one is run again): the
+                // twin's is the same.
                 Err(e) => {
                     let failed = LineError {
                         line: twin.line,
@@ -383,7 +434,7 @@ impl Feed for RunFeed<'_, '_> {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     fn memory_short(&mut self) -> bool {
@@ -418,147 +469,7 @@ impl RunFeed<'_, '_> {
         r.write_copy(metrics, &copy, line, origin)?;
         Ok(true)
     }
-
-    /// Settles an embeddings request here, at once: a copy of an earlier result with its key,
-    /// else its vectors, computed input by input. It takes no generation slot.
-    fn embed(
-        &mut self,
-        request: &Request,
-        inputs: &[EmbedInput],
-        base64: bool,
-        metrics: &mut Metrics,
-    ) -> Result<Intake> {
-        let fail = |code, message: String| {
-            Ok(Intake::Failed(LineError::new(
-                request.line,
-                Some(&request.custom_id),
-                code,
-                message,
-            )))
-        };
-        let e = &self.embeddings;
-        let tokens = match e.tokenize(inputs) {
-            Ok(t) => t,
-            Err((code, message)) => return fail(code, message),
-        };
-        let key = embedding_key(&tokens, e.pooling.name(), e.normalize, base64);
-        if self.copy_earlier(&key, request.line, &request.custom_id, metrics)? {
-            return Ok(Intake::Settled);
-        }
-        // In flight from here: a supervisor sets apart a line whose inputs crash the worker.
-        self.results.reporter.report(Event::Admitted(request.line));
-        let started = Instant::now();
-        let vectors = match self.embeddings.compute(&tokens, self.cfg.threads) {
-            Ok(v) => v,
-            Err(err) => return fail(ErrorCode::EngineError, err.to_string()),
-        };
-        let n_tokens: u64 = tokens.iter().map(|t| t.len() as u64).sum();
-        metrics.embedded_tokens += n_tokens;
-        metrics.embedding_time += started.elapsed();
-        let r = &mut self.results;
-        let mut line = ResultLine::embeddings(
-            &request.custom_id,
-            &vectors,
-            base64,
-            n_tokens,
-            &r.model_name,
-        );
-        if self.reuse.is_some() {
-            line = line.with_computation(key);
-        }
-        let placed = r.write_ok(metrics, &line, request.line)?;
-        if let Some(reuse) = &mut self.reuse {
-            reuse.index.record(key, placed);
-        }
-        Ok(Intake::Settled)
-    }
 }
-
-/// The run's embeddings: how vectors are pooled and scaled, and the context that computes
-/// them, made at the first embeddings request.
-struct Embeddings<'m> {
-    model: &'m Model,
-    pooling: Pooling,
-    normalize: bool,
-    embedder: Option<Embedder<'m>>,
-}
-
-impl<'m> Embeddings<'m> {
-    fn new(model: &'m Model, cfg: &RunConfig) -> Self {
-        Self {
-            model,
-            pooling: cfg
-                .pooling
-                .or_else(|| model.gguf_pooling())
-                .unwrap_or(Pooling::Mean),
-            normalize: cfg.normalize_embeddings,
-            embedder: None,
-        }
-    }
-
-    /// Most tokens an input may have: the trained context, up to [`EMBED_MAX_TOKENS`].
-    fn max_tokens(&self) -> usize {
-        (self.model.info().n_ctx_train as usize).min(EMBED_MAX_TOKENS)
-    }
-
-    /// Each input's tokens, checked against the vocabulary and the length limit.
-    fn tokenize(&self, inputs: &[EmbedInput]) -> Result<Vec<Vec<Token>>, (ErrorCode, String)> {
-        let n_vocab = self.model.info().n_vocab;
-        let max = self.max_tokens();
-        inputs
-            .iter()
-            .enumerate()
-            .map(|(i, input)| {
-                let tokens = match input {
-                    EmbedInput::Text(t) => self.model.tokenize(t),
-                    EmbedInput::Tokens(ids) => {
-                        if let Some(bad) = ids.iter().find(|&&t| t as u64 >= u64::from(n_vocab)) {
-                            return Err((
-                                ErrorCode::InvalidMessages,
-                                format!("`input[{i}]` holds token id {bad}; the vocabulary has {n_vocab}"),
-                            ));
-                        }
-                        ids.iter().map(|&t| Token(t)).collect()
-                    }
-                };
-                if tokens.len() > max {
-                    return Err((
-                        ErrorCode::ContextLengthExceeded,
-                        format!("input {i} has {} tokens; at most {max} are embedded", tokens.len()),
-                    ));
-                }
-                Ok(tokens)
-            })
-            .collect()
-    }
-
-    /// The inputs' vectors, normalized unless asked not to.
-    fn compute(&mut self, inputs: &[Vec<Token>], threads: u32) -> Result<Vec<Vec<f32>>> {
-        let max = self.max_tokens() as u32;
-        if self.embedder.is_none() {
-            tracing::info!(
-                pooling = self.pooling.name(),
-                "embedding context: {max} tokens"
-            );
-            self.embedder = Some(self.model.new_embedder(threads, max, self.pooling)?);
-        }
-        let embedder = self.embedder.as_mut().expect("made above");
-        inputs
-            .iter()
-            .map(|tokens| {
-                let mut v = embedder.embed(tokens)?;
-                if self.normalize {
-                    normalize(&mut v);
-                }
-                Ok(v)
-            })
-            .collect()
-    }
-}
-
-/// Longest embedding input: the embedding context holds one input at a time, and attention
-/// over it costs memory quadratic in its length.
-const EMBED_MAX_TOKENS: usize = 2048;
 
 /// Result lines on their way to the output, counted, and reported to a supervisor.
 struct Results {

@@ -11,6 +11,16 @@ use llama_cpp_2::token::LlamaToken;
 
 use crate::engine::{backend, EngineError, Model, Token};
 
+/// Longest embedding input: the embedding context holds one input at a time, and attention
+/// over it costs memory quadratic in its length.
+pub const MAX_TOKENS: u32 = 2048;
+
+/// The embedding context's size for a model trained on `n_ctx_train` tokens: its trained
+/// context, up to [`MAX_TOKENS`]. Both the run and its memory plan take it from here.
+pub fn context_size(n_ctx_train: u32) -> u32 {
+    n_ctx_train.min(MAX_TOKENS)
+}
+
 /// How a sequence's token vectors become one vector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pooling {

@@ -44,6 +44,14 @@ impl ErrorCode {
             Self::EngineError => "engine_error",
         }
     }
+
+    /// Whether the error is of the moment, not of the request: an engine failure (a decode
+    /// that failed, a full KV cache) says "run it again", and the same request may well
+    /// succeed then. Every other code follows from the request's own content and the run's
+    /// settings, so an identical request in the same run gets it too.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Self::EngineError)
+    }
 }
 
 impl std::fmt::Display for ErrorCode {

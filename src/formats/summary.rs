@@ -129,6 +129,17 @@ pub struct FootprintRecord {
     pub total_bytes: u64,
 }
 
+/// The embedding context a plan counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingContextPlan {
+    /// Its cells: the longest input it embeds.
+    pub n_ctx: u32,
+    /// Its KV cache.
+    pub kv_bytes: u64,
+    /// Its compute buffer.
+    pub compute_bytes: u64,
+}
+
 /// VRAM a plan needs and may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VramPlan {
@@ -318,6 +329,9 @@ pub struct DryRun {
     pub gpu_layers: u32,
     /// With offloaded layers and a VRAM budget: the VRAM plan.
     pub vram: Option<VramPlan>,
+    /// When the input has embeddings lines: the context that computes them (its buffers are
+    /// in `memory`, and in `vram`).
+    pub embedding_context: Option<EmbeddingContextPlan>,
     /// The process's peak resident memory so far.
     pub peak_rss_bytes: Option<u64>,
 }

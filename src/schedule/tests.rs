@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeSet, VecDeque};
 
-use super::admission::{admit_all, Apart, Feed, Intake, LoopEnd};
+use super::admission::{admit_all, Apart, Feed, Intake, LoopEnd, Piece};
 use super::fake::{hash_pick, FakeEngine, Pick, Row, EOS};
 use super::job::{GenParams, Job};
 use super::scheduler::{Admission, Exact, Outcome, Scheduler};
+use super::twins::{Release, Twins};
 use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint, StopReason};
@@ -508,7 +509,17 @@ fn end_of_generation_and_max_tokens_set_the_finish_reason() {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Seen {
     Admitted(u64),
+    /// A piece of the feed's own work on that line.
+    Piece(u64),
     Written(u64, Result<(), ErrorCode>),
+}
+
+/// The fake's own work: a number of pieces to do.
+#[derive(Debug)]
+struct FakeWork {
+    line: u64,
+    left: usize,
+    started: bool,
 }
 
 /// An in-memory feed: requests by line (an `Err` stands for a line that failed to parse), and
@@ -519,10 +530,23 @@ struct TestFeed {
     seen: Vec<Seen>,
     /// Stop once this many outcomes are written.
     stop_after: Option<usize>,
-    /// Report memory short for this many polls first.
-    short_polls: usize,
+    /// Stop once this many pieces of work are done.
+    stop_after_pieces: Option<usize>,
+    /// Polls of `memory_short` (by their count from 0) that report memory short.
+    short: std::ops::Range<usize>,
+    polls: usize,
+    /// What the last poll said (before any, whether the first will say short).
+    short_now: bool,
+    /// Lines admitted, or whose work started, while memory was short.
+    admitted_while_short: Vec<u64>,
     /// Lines the feed settles itself (copies of earlier results).
     settle: BTreeSet<u64>,
+    /// Lines that are work of the feed's own, with their number of pieces.
+    work: std::collections::BTreeMap<u64, usize>,
+    /// Identical requests: a line's content, by the line whose prompt and seed it has.
+    content: std::collections::BTreeMap<u64, u64>,
+    /// Identical requests wait on one another, as in a deterministic run.
+    twins: Option<Twins>,
 }
 
 impl TestFeed {
@@ -532,9 +556,22 @@ impl TestFeed {
             prepared: Vec::new(),
             seen: Vec::new(),
             stop_after: None,
-            short_polls: 0,
+            stop_after_pieces: None,
+            short: 0..0,
+            polls: 0,
+            short_now: false,
+            admitted_while_short: Vec::new(),
             settle: BTreeSet::new(),
+            work: std::collections::BTreeMap::new(),
+            content: std::collections::BTreeMap::new(),
+            twins: None,
         }
+    }
+
+    /// Memory is short for polls `short` of `memory_short`.
+    fn short_for(&mut self, short: std::ops::Range<usize>) {
+        self.short_now = short.contains(&0);
+        self.short = short;
     }
 
     fn written(&self) -> Vec<(u64, Result<(), ErrorCode>)> {
@@ -542,14 +579,36 @@ impl TestFeed {
             .iter()
             .filter_map(|s| match s {
                 Seen::Written(line, r) => Some((*line, *r)),
-                Seen::Admitted(_) => None,
+                Seen::Admitted(_) | Seen::Piece(_) => None,
             })
             .collect()
+    }
+
+    fn pieces(&self) -> usize {
+        self.seen
+            .iter()
+            .filter(|s| matches!(s, Seen::Piece(_)))
+            .count()
+    }
+
+    fn at(&self, s: &Seen) -> usize {
+        self.seen
+            .iter()
+            .position(|x| x == s)
+            .unwrap_or_else(|| panic!("{s:?} not in {:?}", self.seen))
+    }
+
+    fn start(&mut self, line: u64) {
+        self.seen.push(Seen::Admitted(line));
+        if self.short_now {
+            self.admitted_while_short.push(line);
+        }
     }
 }
 
 impl Feed for TestFeed {
     type Error = std::convert::Infallible;
+    type Work = FakeWork;
 
     fn next_request(&mut self) -> Result<Option<Result<Request, LineError>>, Self::Error> {
         Ok(self.requests.pop_front().map(|r| match r {
@@ -570,35 +629,84 @@ impl Feed for TestFeed {
         }))
     }
 
-    fn prepare(&mut self, request: Request, _metrics: &mut Metrics) -> Result<Intake, Self::Error> {
-        self.prepared.push(request.line);
-        if self.settle.contains(&request.line) {
+    fn prepare(
+        &mut self,
+        request: Request,
+        _metrics: &mut Metrics,
+    ) -> Result<Intake<FakeWork>, Self::Error> {
+        let line = request.line;
+        self.prepared.push(line);
+        if self.settle.contains(&line) {
             return Ok(Intake::Settled);
         }
-        let own = [i32::try_from(request.line).unwrap() + 100, 7];
-        Ok(Intake::Run(job(request.line, &[11, 12, 13], &own, 1, 6)))
+        if let Some(&left) = self.work.get(&line) {
+            let work = FakeWork {
+                line,
+                left,
+                started: false,
+            };
+            return Ok(Intake::Work { line, work });
+        }
+        let content = self.content.get(&line).copied().unwrap_or(line);
+        let own = [i32::try_from(content).unwrap() + 100, 7];
+        let mut job = job(content, &[11, 12, 13], &own, 1, 6);
+        (job.line, job.custom_id) = (line, request.custom_id);
+        if self.twins.as_mut().is_some_and(|t| t.hold(&job)) {
+            return Ok(Intake::Settled);
+        }
+        Ok(Intake::Run(job))
     }
 
     fn admitted(&mut self, job: &Job) {
-        self.seen.push(Seen::Admitted(job.line));
+        self.start(job.line);
     }
 
-    fn write(&mut self, _metrics: &mut Metrics, outcome: Outcome) -> Result<(), Self::Error> {
-        self.seen.push(match outcome {
-            Ok(c) => Seen::Written(c.line, Ok(())),
-            Err(e) => Seen::Written(e.line, Err(e.code)),
-        });
-        Ok(())
+    fn work(&mut self, work: &mut FakeWork, _metrics: &mut Metrics) -> Result<Piece, Self::Error> {
+        if !work.started {
+            work.started = true;
+            self.start(work.line);
+        }
+        self.seen.push(Seen::Piece(work.line));
+        work.left -= 1;
+        if work.left > 0 {
+            return Ok(Piece::More);
+        }
+        self.seen.push(Seen::Written(work.line, Ok(())));
+        Ok(Piece::Done)
+    }
+
+    fn write(
+        &mut self,
+        _metrics: &mut Metrics,
+        outcome: Outcome,
+    ) -> Result<Option<Job>, Self::Error> {
+        let (line, result) = match &outcome {
+            Ok(c) => (c.line, Ok(())),
+            Err(e) => (e.line, Err(e.code)),
+        };
+        self.seen.push(Seen::Written(line, result));
+        let finished = self.twins.as_mut().and_then(|t| t.finished(line, &outcome));
+        match finished.map(|f| f.release) {
+            Some(Release::Copy(twins)) => {
+                for twin in twins {
+                    self.seen.push(Seen::Written(twin.line, result));
+                }
+                Ok(None)
+            }
+            Some(Release::Run(job)) => Ok(Some(*job)),
+            None => Ok(None),
+        }
     }
 
     fn memory_short(&mut self) -> bool {
-        let short = self.short_polls > 0;
-        self.short_polls = self.short_polls.saturating_sub(1);
-        short
+        self.short_now = self.short.contains(&self.polls);
+        self.polls += 1;
+        self.short_now
     }
 
     fn stop_requested(&self) -> bool {
         self.stop_after.is_some_and(|n| self.written().len() >= n)
+            || self.stop_after_pieces.is_some_and(|n| self.pieces() >= n)
     }
 
     fn stepped(&mut self, _metrics: &Metrics) {}
@@ -676,17 +784,158 @@ fn a_stop_request_ends_the_loop_and_admits_nothing_more() {
 
 #[test]
 fn admission_pauses_while_memory_is_short() {
+    // Short from the start: nothing starts until memory frees up.
     let mut feed = TestFeed::new(&[Ok(1), Ok(2)]);
-    feed.short_polls = 2;
+    feed.short_for(0..2);
+    assert_eq!(
+        admit_feed(&mut feed, 2, Apart::default()),
+        LoopEnd::Finished
+    );
+    assert!(feed.polls > 2, "the loop asked again until memory freed up");
+    assert_eq!(feed.admitted_while_short, Vec::<u64>::new());
+    assert_eq!(feed.written().len(), 2);
+
+    // Short while requests run: they go on, and nothing more starts, job or work, until memory
+    // frees up. Poll 0 admits request 1; polls 1 to 9 say short.
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4), Ok(5)]);
+    feed.work = [(3, 2)].into();
+    feed.short_for(1..10);
     assert_eq!(
         admit_feed(&mut feed, 2, Apart::default()),
         LoopEnd::Finished
     );
     assert_eq!(
-        feed.short_polls, 0,
-        "the loop asked again until memory freed up"
+        feed.admitted_while_short,
+        Vec::<u64>::new(),
+        "{:?}",
+        feed.seen
     );
-    assert_eq!(feed.written().len(), 2);
+    assert!(feed.polls > 10);
+    // Request 1 ran on through the pause: it was written before anything else started.
+    assert_eq!(
+        feed.seen[..2],
+        [Seen::Admitted(1), Seen::Written(1, Ok(()))]
+    );
+    let mut written: Vec<u64> = feed.written().iter().map(|w| w.0).collect();
+    written.sort_unstable();
+    assert_eq!(written, [1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn work_goes_a_piece_at_a_time_between_steps() {
+    // A job of six tokens beside work of forty pieces: the job is not held up until the work
+    // is done, and each turn does one piece.
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3)]);
+    feed.work = [(2, 40)].into();
+    assert_eq!(
+        admit_feed(&mut feed, 2, Apart::default()),
+        LoopEnd::Finished
+    );
+    let first_piece = feed.at(&Seen::Piece(2));
+    let work_done = feed.at(&Seen::Written(2, Ok(())));
+    for line in [1, 3] {
+        let written = feed.at(&Seen::Written(line, Ok(())));
+        assert!(
+            first_piece < written && written < work_done,
+            "request {line} was written while the work went on: {:?}",
+            feed.seen
+        );
+    }
+    assert_eq!(feed.pieces(), 40);
+}
+
+#[test]
+fn a_stop_request_is_seen_within_one_piece_of_work() {
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2)]);
+    feed.work = [(1, 1000)].into();
+    feed.stop_after_pieces = Some(3);
+    assert_eq!(
+        admit_feed(&mut feed, 1, Apart::default()),
+        LoopEnd::Interrupted
+    );
+    assert_eq!(feed.pieces(), 3);
+    // The interrupted work is not written: a resumed run computes it again.
+    assert!(!feed.written().iter().any(|w| w.0 == 1), "{:?}", feed.seen);
+}
+
+#[test]
+fn work_waits_for_the_lane_and_jobs_overtake_it() {
+    // Two works take turns in the one lane; the jobs behind the second are not held up.
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4)]);
+    feed.work = [(1, 30), (2, 3)].into();
+    assert_eq!(
+        admit_feed(&mut feed, 1, Apart::default()),
+        LoopEnd::Finished
+    );
+    let first_done = feed.at(&Seen::Written(1, Ok(())));
+    assert!(first_done < feed.at(&Seen::Piece(2)), "{:?}", feed.seen);
+    assert!(feed.at(&Seen::Written(3, Ok(()))) < first_done);
+    assert_eq!(feed.pieces(), 33);
+    assert_eq!(feed.written().len(), 4);
+}
+
+#[test]
+fn isolated_work_runs_alone() {
+    let isolate: BTreeSet<u64> = [2].into();
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3)]);
+    feed.work = [(2, 5)].into();
+    let apart = Apart {
+        isolate: Some(&isolate),
+        quarantine: None,
+    };
+    assert_eq!(admit_feed(&mut feed, 3, apart), LoopEnd::Finished);
+    let (start, end) = (
+        feed.at(&Seen::Admitted(2)),
+        feed.at(&Seen::Written(2, Ok(()))),
+    );
+    assert_eq!(
+        feed.seen[..start],
+        [Seen::Admitted(1), Seen::Written(1, Ok(()))]
+    );
+    assert!(feed.seen[start + 1..end]
+        .iter()
+        .all(|s| *s == Seen::Piece(2)));
+    assert_eq!(
+        feed.seen[end + 1..],
+        [Seen::Admitted(3), Seen::Written(3, Ok(()))]
+    );
+}
+
+#[test]
+fn twins_of_a_transient_failure_are_computed_not_copied() {
+    // Lines 1, 2 and 3 are one request; 4 another. The first computation of that request's
+    // prompt fails (a decode error): 1 gets it, 2 runs in its place, 3 copies 2.
+    let mut engine = FakeEngine::new(64);
+    let mut failed = false;
+    engine.fail_when = Some(Box::new(move |rows: &[Row]| {
+        let hit = !failed && rows.iter().any(|r| r.token == Token(101));
+        failed |= hit;
+        hit
+    }));
+    let mut feed = TestFeed::new(&[Ok(1), Ok(2), Ok(3), Ok(4)]);
+    feed.content = [(2, 1), (3, 1)].into();
+    feed.twins = Some(Twins::new(true));
+    let mut s = exact_any(2).scheduler(&mut engine);
+    assert_eq!(
+        admit_all(&mut s, &mut feed, Apart::default()).unwrap(),
+        LoopEnd::Finished
+    );
+    let mut written = feed.written();
+    written.sort_by_key(|w| w.0);
+    assert_eq!(
+        written,
+        vec![
+            (1, Err(ErrorCode::EngineError)),
+            (2, Ok(())),
+            (3, Ok(())),
+            (4, Ok(())),
+        ],
+        "{:?}",
+        feed.seen
+    );
+    // 2 was computed; 3 waited on it and was copied.
+    assert!(feed.seen.contains(&Seen::Admitted(2)));
+    assert!(!feed.seen.contains(&Seen::Admitted(3)));
 }
 
 #[test]

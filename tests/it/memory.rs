@@ -225,3 +225,99 @@ fn offloaded_layers_are_planned_against_vram_or_said_to_be_cpu_only() {
         }
     }
 }
+
+#[test]
+fn the_plan_counts_the_embedding_context_only_when_the_input_has_embeddings() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let chat = small_batch(&s, 2);
+    let mut lines: Vec<String> = std::fs::read_to_string(&chat)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.push(
+        json!({"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+               "body": {"input": "Embed me."}})
+        .to_string(),
+    );
+    let mixed = s.write_lines("mixed.jsonl", &lines);
+    let (o, without) = dry_run(&chat, &[]);
+    assert!(o.status.success(), "{o:?}");
+    let (o, with) = dry_run(&mixed, &[]);
+    assert!(o.status.success(), "{o:?}");
+    let (without, with) = (without.unwrap(), with.unwrap());
+    assert!(without["embedding_context"].is_null(), "{without}");
+    let e = &with["embedding_context"];
+    assert_eq!(
+        e["n_ctx"], 2048,
+        "SmolLM2's trained context, capped: {with}"
+    );
+    let part = |plan: &Value, f: &str| plan["memory"][f].as_u64().unwrap();
+    let (kv, compute) = (
+        e["kv_bytes"].as_u64().unwrap(),
+        e["compute_bytes"].as_u64().unwrap(),
+    );
+    // Its cache: 2,048 cells of 23,040 bytes (30 layers, K and V, 3 heads of 64, f16).
+    assert_eq!(kv, 2048 * 23_040);
+    assert!(compute > 0);
+    // The same plan otherwise, with its buffers on top; the weights are shared.
+    assert_eq!(with["parallel"], without["parallel"]);
+    assert_eq!(
+        part(&with, "weights_bytes"),
+        part(&without, "weights_bytes")
+    );
+    assert_eq!(part(&with, "kv_bytes"), part(&without, "kv_bytes") + kv);
+    assert_eq!(
+        part(&with, "compute_bytes"),
+        part(&without, "compute_bytes") + compute
+    );
+    assert_eq!(
+        part(&with, "total_bytes"),
+        part(&without, "total_bytes") + kv + compute
+    );
+    // A budget that holds one slot of the chat plan but not the embedding context beside it:
+    // the chat input fits, the mixed one does not, and the message says why.
+    let (_, one) = dry_run(&chat, &["--parallel", "1"]);
+    let budget = (part(&one.unwrap(), "total_bytes") + kv + compute - 1).to_string();
+    let (o, _) = dry_run(&chat, &["--parallel", "1", "--memory-budget", &budget]);
+    assert!(o.status.success(), "{o:?}");
+    let (o, _) = dry_run(&mixed, &["--parallel", "1", "--memory-budget", &budget]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("the embedding context's"),
+        "{o:?}"
+    );
+}
+
+#[test]
+fn the_embedding_context_is_planned_as_llama_cpp_allocates_it() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let line = json!({"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                      "body": {"input": "Embed me."}});
+    let input = s.write_lines("in.jsonl", &[line.to_string()]);
+    let (_, plan) = dry_run(&input, &[]);
+    let plan = plan.unwrap();
+    let (o, results) = run_batch(&s, &input, "out.jsonl", &["-v", "--parallel", "1"]);
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(results.len(), 1);
+    // The embedding context is the second one made: its buffers are logged after the run's.
+    let log = String::from_utf8_lossy(&o.stderr);
+    let at = log
+        .find("embedding context:")
+        .expect("the run says when it makes the embedding context");
+    let log = &log[at..];
+    let kv = logged_mib(log, "CPU KV buffer size =");
+    let compute = logged_mib(log, "CPU compute buffer size =");
+    let mib = |v: &Value| v.as_f64().unwrap() / f64::from(1 << 20);
+    let e = &plan["embedding_context"];
+    assert!(
+        (mib(&e["kv_bytes"]) - kv).abs() <= 0.1,
+        "KV {e} vs {kv} MiB"
+    );
+    assert!(
+        (mib(&e["compute_bytes"]) - compute).abs() <= compute * 0.2,
+        "compute {e} vs {compute} MiB"
+    );
+}

@@ -141,3 +141,96 @@ fn sigterm_stops_cleanly_with_exit_75_and_resumes() {
     assert_eq!(by_key(&out).len(), 9);
     assert_eq!(status_json(&out)["status"], "completed");
 }
+
+/// Runs `args` with the run's log on, and once it starts embedding sends `signal` when one is
+/// given. Returns the exit code, and the time from the start of embedding (the signal) to the
+/// exit.
+fn run_from_embedding(
+    args: &[String],
+    signal: Option<&str>,
+) -> (Option<i32>, std::time::Duration, String) {
+    use std::io::BufRead;
+    let mut child = spawn_with(args, &[("INFER_BATCH_LOG", "info")]);
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Reads to the end, so the child never blocks on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut log = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if line.contains("embedding context") {
+                tx.send(std::time::Instant::now()).ok();
+            }
+            log.push_str(&line);
+            log.push('\n');
+        }
+        log
+    });
+    let embedding = rx.recv_timeout(std::time::Duration::from_secs(600));
+    let embedding = embedding.expect("the run made its embedding context");
+    if let Some(signal) = signal {
+        send_signal(signal, i64::from(child.id()));
+    }
+    let code = child.wait().unwrap().code();
+    let took = embedding.elapsed();
+    (code, took, reader.join().unwrap())
+}
+
+#[test]
+fn sigint_during_a_large_embeddings_request_stops_promptly_and_resumes() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let inputs: Vec<String> = (0..80).map(|i| format!("item {i}")).collect();
+    let lines = [
+        request(
+            "before",
+            None,
+            "Say hi.",
+            json!({"max_tokens": 4, "temperature": 0}),
+        ),
+        json!({"custom_id": "many", "method": "POST", "url": "/v1/embeddings",
+               "body": {"input": inputs}})
+        .to_string(),
+        request(
+            "after",
+            None,
+            "Say bye.",
+            json!({"max_tokens": 4, "temperature": 0}),
+        ),
+    ];
+    let input = s.write_lines("in.jsonl", &lines);
+
+    // Uninterrupted: how long embedding every input takes.
+    let reference = s.path("reference.jsonl");
+    let (code, whole, log) = run_from_embedding(&args(&s, &input, &reference, "1"), None);
+    assert_eq!(code, Some(0), "{log}");
+
+    // Interrupted as the first input is embedded: it stops within a piece, not at the end of
+    // the request, and writes nothing of it.
+    let out = s.path("out.jsonl");
+    let a = args(&s, &input, &out, "1");
+    let (code, stopping, log) = run_from_embedding(&a, Some("-INT"));
+    assert_eq!(code, Some(75), "{log}");
+    assert!(
+        stopping < whole / 4,
+        "stopped {stopping:?} after the signal; the whole request takes {whole:?}"
+    );
+    assert!(
+        !by_key(&out).contains_key("many"),
+        "an interrupted request is not written"
+    );
+    assert_eq!(status_json(&out)["status"], "interrupted");
+
+    // The resumed run completes it: every line once, the same vectors as without a stop.
+    assert_eq!(spawn(&a).wait().unwrap().code(), Some(0));
+    let (got, want) = (by_key(&out), by_key(&reference));
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        ["after", "before", "many"],
+        "every line exactly once"
+    );
+    let data = |v: &serde_json::Value| v["response"]["body"]["data"].clone();
+    assert_eq!(data(&got["many"]).as_array().unwrap().len(), 80);
+    assert_eq!(data(&got["many"]), data(&want["many"]));
+    assert_eq!(status_json(&out)["status"], "completed");
+}
