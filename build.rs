@@ -12,6 +12,14 @@ fn main() {
         .map(|v| v.trim_matches('"').to_owned())
         .unwrap_or_else(|| "unknown".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_CPP_SYS_VERSION={version}");
+    // The commit the sources come from, for `--version`: git's, or INFER_BATCH_GIT_COMMIT
+    // where there is no history (the offline source bundle sets it in .cargo/config.toml).
+    println!("cargo:rerun-if-env-changed=INFER_BATCH_GIT_COMMIT");
+    let commit = git_commit()
+        .or_else(|| std::env::var("INFER_BATCH_GIT_COMMIT").ok())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=INFER_BATCH_GIT_COMMIT={commit}");
     // The CMake build type changes floating-point code generation, so it is part of the build
     // identity too (`.cargo/config.toml` sets it).
     println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
@@ -45,4 +53,35 @@ fn main() {
         }
         println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
     }
+}
+
+/// This checkout's commit (12 hex digits), `None` outside a git checkout of this project (never
+/// the commit of a repository the sources were unpacked into). Asks cargo to rerun when HEAD
+/// moves.
+fn git_commit() -> Option<String> {
+    let dir = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let top = std::path::PathBuf::from(git(&["rev-parse", "--show-toplevel"])?);
+    if top.canonicalize().ok()? != dir.canonicalize().ok()? {
+        return None;
+    }
+    let head = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+            println!("cargo:rerun-if-changed={}", dir.join(path).display());
+        }
+    }
+    Some(head)
 }

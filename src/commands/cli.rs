@@ -26,10 +26,13 @@ pub const DEFAULT_FSYNC_MS: u64 = 2000;
 /// Default number of distinct shared prefixes kept in the KV cache at once.
 pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
 
-/// `--version`: ours and the llama.cpp build we link, so a benchmark can record both.
+/// `--version`: ours (and its commit) and the llama.cpp build we link, so a benchmark can record
+/// both.
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (llama-cpp-sys-2 ",
+    " (commit ",
+    env!("INFER_BATCH_GIT_COMMIT"),
+    ", llama-cpp-sys-2 ",
     env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
     ", llama.cpp ",
     env!("INFER_BATCH_LLAMA_LIB_PROFILE"),

@@ -20,6 +20,7 @@ use llama_cpp_2::token::LlamaToken;
 use crate::formats::message::Message;
 
 mod backends;
+pub use backends::not_loaded as gpu_modules_not_loaded;
 pub mod embed;
 mod seam;
 pub mod state;
