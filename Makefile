@@ -50,14 +50,17 @@ test-vulkan: vulkan-build
 dist: vulkan-build
 	./scripts/dist.sh
 
-# The archive proved as root in a minimal Debian root with no network, no compiler and no
-# Vulkan loader (scripts/dist-test.sh): the example batch, results equal to the build tree's.
+# Every artifact proved as root with no network (scripts/dist-test.sh): the archive in a
+# minimal Debian root with no compiler and no Vulkan loader (the example batch, results equal
+# to the build tree's), then with lavapipe added; the wheel in a fresh venv; the OCI image
+# under podman --network none (scripts/dist-oci.sh).
 dist-test: dist
 	@./models/fetch.sh smollm2
 	./scripts/dist-test.sh
+	./scripts/dist-oci.sh
 
 # An OCI image archive of that release on a minimal Debian root, assembled with umoci (no
-# registry), then run with podman --network none (scripts/dist-oci.sh; root). Not part of CI.
+# registry), then run with podman --network none (scripts/dist-oci.sh; root). Part of dist-test.
 dist-oci: dist
 	./scripts/dist-oci.sh
 

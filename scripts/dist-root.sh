@@ -2,9 +2,16 @@
 # A minimal Debian 12 root (mmdebstrap --variant=minbase: no compiler, Rust, Python or Vulkan
 # loader), made once as root from the host's own apt sources and kept in
 # target/dist/root-bookworm, for scripts/dist-test.sh and scripts/dist-oci.sh. Prints its path.
+# `dist-root.sh vulkan`: the same root with the Vulkan loader and Mesa's drivers (lavapipe)
+# added, in target/dist/root-bookworm-vulkan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cache=target/dist/root-bookworm
+include=()
+if [ "${1:-}" = vulkan ]; then
+    cache=$cache-vulkan
+    include=(--include=libvulkan1,mesa-vulkan-drivers)
+fi
 if [ ! -d "$cache" ]; then
     [ "$(id -u)" -eq 0 ] || { echo "error: making the root needs root" >&2; exit 1; }
     command -v mmdebstrap >/dev/null 2>&1 || {
@@ -15,7 +22,8 @@ if [ ! -d "$cache" ]; then
     rm -rf "$cache.tmp"
     mkdir -p "$(dirname "$cache")"
     sources=$(ls /etc/apt/sources.list.d/*.sources 2>/dev/null | head -n 1 || true)
-    mmdebstrap --variant=minbase --quiet bookworm "$cache.tmp" "${sources:-/etc/apt/sources.list}" >&2
+    mmdebstrap --variant=minbase --quiet "${include[@]}" bookworm "$cache.tmp" \
+        "${sources:-/etc/apt/sources.list}" >&2
     mv "$cache.tmp" "$cache"
 fi
 echo "$cache"

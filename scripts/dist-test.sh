@@ -7,7 +7,9 @@
 #     (texts, finish reasons, usage), and says which CPU variant it loaded;
 #   - says once that the Vulkan module did not load, and why, and runs on the CPU;
 #   - still runs with every CPU variant but the baseline (x64) removed;
-#   - leaves unresolved, under ldd, only what is loaded at run time (the Vulkan loader).
+#   - leaves unresolved, under ldd, only what is loaded at run time (the Vulkan loader);
+#   - with libvulkan1 and Mesa's drivers added to the root, runs --gpu-layers all on lavapipe,
+#     and the summary names the device.
 # On the host: every ELF file's run path is $ORIGIN-relative; SHA256SUMS passes and fails on a
 # tampered copy; the SBOM parses and names every crate of Cargo.lock; packing twice gives the
 # same bytes; the wheel installs into a fresh venv with --no-index and gives the same results.
@@ -161,6 +163,35 @@ variant=$(run x64-only x64-only)
 lines=$(grep -c '"custom_id"' "$work/x64-only.results.jsonl")
 [ "$lines" = "$(grep -c . examples/rubric.jsonl)" ] || fail "x64 run: $lines results"
 log "only the x64 variant left: $variant, $lines results"
+
+# --- With a Vulkan loader: the root again, plus libvulkan1 and Mesa's lavapipe ------------
+# lavapipe is a CPU-type device, which ggml takes only when GGML_VK_VISIBLE_DEVICES names it;
+# a few tokens a second, so one short request, without the decode-group probe (exact mode's
+# start-up check, minutes on lavapipe; make test-vulkan covers it).
+vkroot=$work/vkroot
+cp -a "$(./scripts/dist-root.sh vulkan)" "$vkroot"
+cp "$archive" "$vkroot/tmp/"
+cp "$model" "$vkroot/opt/model.gguf"
+chmod 0644 "$vkroot/opt/model.gguf"
+printf '%s\n' '{"custom_id":"hi","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":4}}' \
+    >"$vkroot/tmp/hi.jsonl"
+chmod 0644 "$vkroot/tmp/hi.jsonl"
+root=$vkroot in_root 0:0 tar -C /opt -xzf "/tmp/$name.tar.gz"
+root=$vkroot in_root 65534:65534 /usr/bin/env GGML_VK_VISIBLE_DEVICES=0 "/opt/$name/bin/infer-batch" \
+    --model /opt/model.gguf /tmp/hi.jsonl -o /tmp/vk.results.jsonl --gpu-layers all \
+    --parallel 1 --no-deterministic --prefix-cache-dir /tmp/vk-cache 2>"$work/vk.log" ||
+    fail "the run on lavapipe (log: $work/vk.log)"
+python3 - "$vkroot/tmp/vk.results.summary.json" "$vkroot/tmp/vk.results.jsonl" <<'PY' || fail "the lavapipe run's summary (log: $work/vk.log)"
+import json, sys
+summary = json.load(open(sys.argv[1]))
+gpu = summary["memory"]["vram_use"][0]
+assert gpu["name"].startswith("llvmpipe"), f"the summary names {gpu['name']!r}"
+assert summary["memory"]["gpu_layers"] > 0, "no layer offloaded"
+line = json.loads(open(sys.argv[2]).readline())
+assert line["response"]["status_code"] == 200, line
+print(f"dist-test: with libvulkan1 and Mesa: --gpu-layers all ran on {gpu['device']} "
+      f"({gpu['name']}), {summary['memory']['gpu_layers']} layers")
+PY
 
 # --- The wheel: a fresh venv, installed from dist/ alone ---------------------------------
 wheel=$(ls dist/infer_batch-*.whl)
