@@ -35,6 +35,7 @@ use crate::report::metrics::Metrics;
 use crate::report::progress::Progress;
 use crate::report::summary;
 use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd};
+use crate::schedule::groups::DecodeGroups;
 use crate::schedule::job::{embedding_key, prepare, Job, Limits};
 use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
 use crate::schedule::twins::Twins;
@@ -110,16 +111,21 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
                 .ok()
         });
     let model = prepared.model();
-    let mut session = model.new_session(&settings)?;
     let exact = match pf.plan.layout {
         KvLayout::Unified => None,
-        KvLayout::Streams => Some(Exact::probe(
-            &mut session,
-            pf.parallel,
+        KvLayout::Streams => Some(Exact::probe_with(
+            model,
+            &settings,
+            pf.gpu_layers > 0,
             std::env::var_os(FIXED_SHAPE_ENV).is_some(),
         )?),
     };
     log_decode_groups(exact);
+    let settings = match exact {
+        Some(e) => e.session_settings(&settings, pf.parallel),
+        None => settings,
+    };
+    let mut session = model.new_session(&settings)?;
     let mut scheduler = Scheduler::new(
         &mut session,
         pf.parallel,
@@ -191,15 +197,21 @@ fn log_plan(pf: &Preflight, already_done: u64) {
 }
 
 fn log_decode_groups(exact: Option<Exact>) {
-    tracing::info!(
-        "decode groups: {}{}",
-        Exact::describe(exact),
-        match exact.map(|e| e.fixed_block) {
-            Some(None) => " (the probe found rows independent of their batch-mates)",
-            Some(Some(_)) => " (fixed-shape blocks: the probe found rows that depend on how many share a call, or the test hook asked for them)",
-            None => "",
-        }
-    );
+    let record = Exact::record(exact);
+    let why = match exact.map(|e| e.groups) {
+        Some(DecodeGroups::Any) => " (rows alike at every size)",
+        Some(DecodeGroups::Fixed { .. }) => " (rows alike within that class of sizes, or the test hook asked for fixed shapes)",
+        Some(DecodeGroups::Alone) => " (no class of 2 rows or more is usable: rows change with the row count, a deeper batch-mate or their place in the call)",
+        None => "",
+    };
+    match record.sizes_tried {
+        Some([first, last]) => tracing::info!(
+            "decode groups: {}{why}; the probe tried sizes {first} to {last}: classes {}",
+            record.decision,
+            record.classes.join(" | ")
+        ),
+        None => tracing::info!("decode groups: {}", record.decision),
+    }
 }
 
 /// Writes the run's summary file beside its output.
@@ -226,7 +238,7 @@ fn write_summary(
         &report.plan,
         report.wall,
         memory,
-        Exact::describe(exact),
+        Exact::record(exact),
     );
     write_json_atomic(&summary::summary_path(&cfg.output), &summary)?;
     Ok(())
