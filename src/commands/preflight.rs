@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::cache::prefix_store::{PrefixStore, StateIdentity};
 use crate::commands::cli::RunConfig;
+use crate::engine::probe;
 use crate::engine::{
     gpu_available, llama_build, FlashAttn, Model, ModelInfo, ModelSettings, SessionSettings, Token,
 };
@@ -22,6 +23,7 @@ use crate::plan::{plan, Demand, KvLayout, Plan};
 use crate::prompt::text_prefix::CommonText;
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::schedule::job::fits_trained_context;
+use crate::schedule::scheduler::Exact;
 
 /// Loads the model of a run, with `gpu_layers` offloaded, and the chat template its prompts
 /// are rendered with.
@@ -142,6 +144,17 @@ pub fn preflight(
     } else {
         KvLayout::Unified
     };
+    // The decode-group probe's session comes and goes before the run's: the plan holds the
+    // larger of the two.
+    let (probe_kv, probe_compute) = if layout == KvLayout::Streams {
+        let cells = Exact::probe_cells(gpu_layers > 0, cfg.batch_size);
+        (
+            kv_bytes(&info, cells),
+            compute_bytes(&info, probe::STREAM_CELLS, cfg.batch_size, flash_attn),
+        )
+    } else {
+        (0, 0)
+    };
     let plan_at = |parallel: usize| {
         plan(
             &demand,
@@ -161,8 +174,9 @@ pub fn preflight(
         |parallel| {
             plan_at(parallel).map(|plan| Footprint {
                 weights: info.size,
-                kv: kv_bytes(&info, plan.n_ctx),
-                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn),
+                kv: kv_bytes(&info, plan.n_ctx).max(probe_kv),
+                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn)
+                    .max(probe_compute),
                 process: PROCESS_ALLOWANCE,
             })
         },
