@@ -236,7 +236,7 @@ impl Prepared {
     }
 
     /// The decode-group probe's decision in deterministic mode (`None` without it), found in
-    /// a session of the run's settings.
+    /// a session of its own with the run's settings.
     ///
     /// # Errors
     /// When the session cannot be made or a probe decode fails.
@@ -244,10 +244,10 @@ impl Prepared {
         if self.preflight.plan.layout == KvLayout::Unified {
             return Ok(None);
         }
-        let mut session = self.model().new_session(&self.run_settings(cfg))?;
-        Ok(Some(Exact::probe(
-            &mut session,
-            self.preflight.parallel,
+        Ok(Some(Exact::probe_with(
+            self.model(),
+            &self.run_settings(cfg),
+            self.preflight.gpu_layers > 0,
             std::env::var_os(FIXED_SHAPE_ENV).is_some(),
         )?))
     }

@@ -31,6 +31,7 @@ use crate::report::metrics::Metrics;
 use crate::report::progress::Progress;
 use crate::report::summary;
 use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd, Piece};
+use crate::schedule::groups::DecodeGroups;
 use crate::schedule::job::{prepare, Job, Limits};
 use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
 use crate::schedule::twins::{Finished, Release, Twins};
@@ -116,6 +117,10 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
                 .ok()
         });
     let model = prepared.model();
+    let settings = match exact {
+        Some(e) => e.session_settings(&settings, pf.parallel),
+        None => settings,
+    };
     let mut session = model.new_session(&settings)?;
     let mut scheduler = Scheduler::new(
         &mut session,
@@ -188,15 +193,21 @@ fn log_plan(pf: &Preflight, already_done: u64) {
 }
 
 fn log_decode_groups(exact: Option<Exact>) {
-    tracing::info!(
-        "decode groups: {}{}",
-        Exact::describe(exact),
-        match exact.map(|e| e.fixed_block) {
-            Some(None) => " (the probe found rows independent of their batch-mates)",
-            Some(Some(_)) => " (fixed-shape blocks: the probe found rows that depend on how many share a call, or the test hook asked for them)",
-            None => "",
-        }
-    );
+    let record = Exact::record(exact);
+    let why = match exact.map(|e| e.groups) {
+        Some(DecodeGroups::Any) => " (rows alike at every size)",
+        Some(DecodeGroups::Fixed { .. }) => " (rows alike within that class of sizes, or the test hook asked for fixed shapes)",
+        Some(DecodeGroups::Alone) => " (no class of 2 rows or more is usable: rows change with the row count, a deeper batch-mate or their place in the call)",
+        None => "",
+    };
+    match record.sizes_tried {
+        Some([first, last]) => tracing::info!(
+            "decode groups: {}{why}; the probe tried sizes {first} to {last}: classes {}",
+            record.decision,
+            record.classes.join(" | ")
+        ),
+        None => tracing::info!("decode groups: {}", record.decision),
+    }
 }
 
 /// Writes the run's summary file beside its output.
@@ -224,7 +235,7 @@ fn write_summary(
         &report.plan,
         report.wall,
         memory,
-        Exact::describe(exact),
+        Exact::record(exact),
     );
     summary.identity = manifest.identity.clone();
     summary.other_machines = manifest.other_machines.clone();

@@ -39,6 +39,10 @@ fn short_profile(i: usize) -> String {
     format!("{} years of {}.", 2 + i, langs[i % langs.len()])
 }
 
+/// Tokens a call holds in these tests: it also caps the decode-group probe at 8 rows, where a
+/// GPU run's default would try every size up to 64, minutes of lavapipe's time each run.
+const BATCH: &str = "8";
+
 /// A run's arguments on the device: the batch into `out`, with the prefix states in `cache`.
 fn args(input: &Path, out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
     let model = model_path();
@@ -47,6 +51,8 @@ fn args(input: &Path, out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
         model.to_str().unwrap(),
         "--threads",
         "2",
+        "--batch-size",
+        BATCH,
         "--prefix-cache-dir",
         cache.to_str().unwrap(),
         "-o",
@@ -116,6 +122,8 @@ struct Baseline {
     cache: PathBuf,
     bodies: BTreeMap<String, Value>,
     prefix_tokens: u64,
+    /// The summary's `decode_groups`: the probe's decision, sizes and classes.
+    decode_groups: Value,
 }
 
 fn baseline() -> &'static Baseline {
@@ -154,6 +162,7 @@ fn baseline() -> &'static Baseline {
         let prefix_tokens = tokens(&sum, "prefix_prefilled");
         assert!(prefix_tokens > 20, "{sum}");
         Baseline {
+            decode_groups: sum["decode_groups"].clone(),
             bodies: bodies(&out),
             _scratch: s,
             input,
@@ -196,6 +205,28 @@ fn outputs_are_equal_across_parallel_and_a_device_state_restores_without_prefill
         base.bodies,
         "a restored prefix changed outputs"
     );
+}
+
+#[test]
+fn rows_far_deeper_in_the_same_call_leave_a_rows_bits_as_they_were() {
+    let _lock = model_lock();
+    // The baseline's probe ran on the device: every group size from 1 to 8, each once with
+    // shallow rows beside a row 257 positions deeper (so the call attends over the next
+    // 256-cell step) and once with shallow rows only, the rows compared bit for bit.
+    let groups = &baseline().decode_groups;
+    assert_eq!(groups["sizes_tried"], json!([1, 8]), "{groups}");
+    let classes: Vec<&str> = groups["classes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(!classes.is_empty(), "{groups}");
+    assert!(
+        classes.iter().all(|c| !c.contains("deeper batch-mate")),
+        "a shallow row changed beside a deeper one on the device: {groups}"
+    );
+    assert_ne!(groups["decision"], "one row a call", "{groups}");
 }
 
 #[test]
