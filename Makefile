@@ -3,7 +3,7 @@
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test test-slurm test-vulkan cuda-build vulkan-build setup deps lint bench
+.PHONY: example test test-slurm test-vulkan cuda-build vulkan-build dist dist-test dist-oci setup deps lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
 example: deps
@@ -43,6 +43,23 @@ test-vulkan: vulkan-build
 	@./models/fetch.sh smollm2
 	cargo build --release
 	$(VULKAN) test $(VULKAN_FLAGS) --test it vulkan:: -- --test-threads 1
+
+# The archives for machines with no network, in dist/ (scripts/dist.sh): the Vulkan build with
+# llama.cpp's libraries and every backend module, which runs wherever it is unpacked, and the
+# sources with every crate vendored for an offline build. Reuses the Vulkan build's objects.
+dist: vulkan-build
+	./scripts/dist.sh
+
+# The archive proved as root in a minimal Debian root with no network, no compiler and no
+# Vulkan loader (scripts/dist-test.sh): the example batch, results equal to the build tree's.
+dist-test: dist
+	@./models/fetch.sh smollm2
+	./scripts/dist-test.sh
+
+# An OCI image archive of that release on a minimal Debian root, assembled with umoci (no
+# registry), then run with podman --network none (scripts/dist-oci.sh; root). Not part of CI.
+dist-oci: dist
+	./scripts/dist-oci.sh
 
 setup: deps
 	@./models/fetch.sh

@@ -4,12 +4,10 @@
 //! also tells the binary where its shared libraries are.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
 fn main() {
-    git_commit();
     println!("cargo:rerun-if-changed=Cargo.lock");
     let lock = std::fs::read_to_string("Cargo.lock").unwrap_or_default();
     let version = lock
@@ -23,6 +21,14 @@ fn main() {
         "cargo:rustc-env=INFER_BATCH_LLAMA_CPP_SOURCES={}",
         llama_sources(&version)
     );
+    // The commit the sources come from, for `--version`: git's, or INFER_BATCH_GIT_COMMIT
+    // where there is no history (the offline source bundle sets it in .cargo/config.toml).
+    println!("cargo:rerun-if-env-changed=INFER_BATCH_GIT_COMMIT");
+    let commit = git_commit()
+        .or_else(|| std::env::var("INFER_BATCH_GIT_COMMIT").ok())
+        .filter(|c| !c.is_empty())
+        .unwrap_or_else(|| "unknown".to_owned());
+    println!("cargo:rustc-env=INFER_BATCH_GIT_COMMIT={commit}");
     // The CMake build type changes floating-point code generation, so it is part of the build
     // identity too (`.cargo/config.toml` sets it).
     println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
@@ -56,37 +62,6 @@ fn main() {
         }
         println!("cargo:rustc-link-arg=-Wl,-rpath,{rpath}");
     }
-}
-
-/// Our git commit (12 hex digits), or `INFER_BATCH_GIT_COMMIT` when the sources come without
-/// their history (a source bundle), or `unknown`.
-fn git_commit() {
-    println!("cargo:rerun-if-env-changed=INFER_BATCH_GIT_COMMIT");
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    let commit = std::env::var("INFER_BATCH_GIT_COMMIT")
-        .ok()
-        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]))
-        .unwrap_or_else(|| "unknown".to_owned());
-    // A new commit moves HEAD or the branch it names.
-    for path in [
-        Some("HEAD".to_owned()),
-        git(&["symbolic-ref", "-q", "HEAD"]),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        if let Some(p) = git(&["rev-parse", "--git-path", &path]) {
-            println!("cargo:rerun-if-changed={p}");
-        }
-    }
-    println!("cargo:rustc-env=INFER_BATCH_GIT_COMMIT={commit}");
 }
 
 /// The llama.cpp sources that `llama-cpp-sys-2` `version` vendors: the llama-cpp-rs commit it
@@ -152,4 +127,35 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
             out.push(p);
         }
     }
+}
+
+/// This checkout's commit (12 hex digits), `None` outside a git checkout of this project (never
+/// the commit of a repository the sources were unpacked into). Asks cargo to rerun when HEAD
+/// moves.
+fn git_commit() -> Option<String> {
+    let dir = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    let git = |args: &[&str]| -> Option<String> {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    let top = std::path::PathBuf::from(git(&["rev-parse", "--show-toplevel"])?);
+    if top.canonicalize().ok()? != dir.canonicalize().ok()? {
+        return None;
+    }
+    let head = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let mut watched = vec!["HEAD".to_owned(), "packed-refs".to_owned()];
+    watched.extend(git(&["symbolic-ref", "-q", "HEAD"]));
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+            println!("cargo:rerun-if-changed={}", dir.join(path).display());
+        }
+    }
+    Some(head)
 }

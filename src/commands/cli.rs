@@ -30,7 +30,7 @@ pub const DEFAULT_RESIDENT_PREFIXES: u32 = 4;
 /// identity names them, so a benchmark or a bug report can record both.
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
-    " (",
+    " (commit ",
     env!("INFER_BATCH_GIT_COMMIT"),
     ")\nllama.cpp: llama-cpp-sys-2 ",
     env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),

@@ -340,13 +340,14 @@ pub fn offloadable_layers(requested: u32) -> u32 {
     }
     static SAID: std::sync::Once = std::sync::Once::new();
     SAID.call_once(|| {
+        let failed = crate::engine::gpu_modules_not_loaded();
         let why = match env!("INFER_BATCH_GPU_BACKEND") {
-            "" => "this build has no GPU backend (build with --features cuda or vulkan)",
-            "vulkan" => {
-                "the Vulkan backend found no GPU (a CPU-type device such as lavapipe is used \
-                 only when GGML_VK_VISIBLE_DEVICES names it)"
-            }
-            _ => "the GPU backend found no device or driver",
+            "" => "this build has no GPU backend (build with --features cuda or vulkan)".to_owned(),
+            _ if !failed.is_empty() => failed.join("; "),
+            "vulkan" => "the Vulkan backend found no GPU (a CPU-type device such as lavapipe is \
+                         used only when GGML_VK_VISIBLE_DEVICES names it)"
+                .to_owned(),
+            _ => "the GPU backend found no device or driver".to_owned(),
         };
         tracing::warn!("no GPU: {why}; running on the CPU");
     });

@@ -1,6 +1,7 @@
 //! One batch run: lock the output, plan, then stream every request through the scheduler into
 //! the output, resuming where an earlier run of the same computation stopped.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,8 +94,8 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
     let prepared = Prepared::load(cfg, model_hash, |_, _| {})?;
     let pf = &prepared.preflight;
-    let exact = prepared.probe(cfg)?;
-    log_decode_groups(exact);
+    let (exact, remembered) = prepared.probe(cfg)?;
+    log_decode_groups(exact, remembered.as_deref());
     let identity = prepared.identity(cfg, exact);
     manifest.set_machine(&identity);
     checkpoint::check_machine(&cfg.output, &mut manifest)?;
@@ -174,7 +175,15 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         resumed_failed: done.failed.len() as u64,
         interrupted: end == LoopEnd::Interrupted,
     };
-    write_summary(cfg, &report, pf, feed.vram.gpus(), exact, &manifest)?;
+    write_summary(
+        cfg,
+        &report,
+        pf,
+        feed.vram.gpus(),
+        exact,
+        remembered.as_deref(),
+        &manifest,
+    )?;
     Ok(report)
 }
 
@@ -192,8 +201,15 @@ fn log_plan(pf: &Preflight, already_done: u64) {
     );
 }
 
-fn log_decode_groups(exact: Option<Exact>) {
+fn log_decode_groups(exact: Option<Exact>, remembered: Option<&Path>) {
     let record = Exact::record(exact);
+    if let Some(path) = remembered {
+        tracing::info!(
+            "decode groups: the probe's findings on this machine, model, build and settings, \
+             remembered in {}",
+            path.display()
+        );
+    }
     let why = match exact.map(|e| e.groups) {
         Some(DecodeGroups::Any) => " (rows alike at every size)",
         Some(DecodeGroups::Fixed { .. }) => " (rows alike within that class of sizes, or the test hook asked for fixed shapes)",
@@ -217,6 +233,7 @@ fn write_summary(
     pf: &Preflight,
     gpus: &[GpuUse],
     exact: Option<Exact>,
+    remembered: Option<&Path>,
     manifest: &Manifest,
 ) -> Result<()> {
     let memory = MemoryRecord {
@@ -237,6 +254,7 @@ fn write_summary(
         memory,
         Exact::record(exact),
     );
+    summary.decode_groups.remembered_from = remembered.map(Path::to_path_buf);
     summary.identity = manifest.identity.clone();
     summary.other_machines = manifest.other_machines.clone();
     write_json_atomic(&summary::summary_path(&cfg.output), &summary)?;

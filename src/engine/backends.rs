@@ -14,13 +14,23 @@ use std::ffi::c_int;
 #[cfg(backend_modules)]
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 /// CPU variants never loaded (see the module's comment).
 const SKIPPED_CPU_VARIANTS: &[&str] = &["libggml-cpu-sapphirerapids.so"];
 
+/// Why each GPU module found did not load, for the run's one "no GPU" line.
+static NOT_LOADED: OnceLock<Vec<String>> = OnceLock::new();
+
+/// The GPU modules that were found but did not load, each with the loader's reason (such as
+/// `libvulkan.so.1: cannot open shared object file`); empty before [`load`] and on a CPU build.
+pub fn not_loaded() -> &'static [String] {
+    NOT_LOADED.get().map_or(&[], Vec::as_slice)
+}
+
 /// Loads the backends from the first place that has CPU variants: beside the executable, its
-/// `lib/`, or where the build put them. Never the current directory: a library planted there
-/// would run as this process.
+/// `lib/`, `../lib/infer-batch/` (the release archive's layout), or where the build put them.
+/// Never the current directory: a library planted there would run as this process.
 #[cfg(backend_modules)]
 pub fn load() -> Result<(), String> {
     let exe_dir = std::env::current_exe()
@@ -28,7 +38,7 @@ pub fn load() -> Result<(), String> {
         .and_then(|exe| exe.parent().map(Path::to_path_buf));
     let places: Vec<PathBuf> = exe_dir
         .iter()
-        .flat_map(|dir| [dir.clone(), dir.join("lib")])
+        .flat_map(|dir| [dir.clone(), dir.join("lib"), dir.join("../lib/infer-batch")])
         .chain(llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from))
         .collect();
     let found = places
@@ -51,10 +61,17 @@ pub fn load() -> Result<(), String> {
     let best = best_cpu_variant(&cpu, score)
         .ok_or("no llama.cpp CPU backend variant runs on this processor")?;
     register(best)?;
-    for module in &others {
-        // A module that cannot load (no CUDA runtime or Vulkan loader here) is left out.
-        let _ = register(module);
-    }
+    tracing::info!(
+        "CPU backend: variant {} ({})",
+        file_name(best)
+            .trim_start_matches("libggml-cpu-")
+            .trim_end_matches(".so"),
+        best.display()
+    );
+    // A module that cannot load (no CUDA runtime or Vulkan loader here) is left out; the run
+    // says why once, where it falls back to the CPU.
+    let failed = others.iter().filter_map(|m| register(m).err()).collect();
+    let _ = NOT_LOADED.set(failed);
     Ok(())
 }
 
@@ -123,7 +140,12 @@ fn register(path: &Path) -> Result<(), String> {
     // SAFETY: a plain call into ggml's registry with a valid C string.
     let reg = unsafe { llama_cpp_sys_2::ggml_backend_load(c_path.as_ptr()) };
     if reg.is_null() {
-        Err(format!("{} did not load", path.display()))
+        // ggml logs the loader's reason only under -v: ask the loader again for it.
+        // SAFETY: as in `score`; the module's constructors already ran once in this process.
+        let why = unsafe { libloading::Library::new(path) }
+            .err()
+            .map_or_else(|| "it did not register".to_owned(), |e| e.to_string());
+        Err(format!("{} did not load ({why})", file_name(path)))
     } else {
         Ok(())
     }

@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 mod backends;
+pub use backends::not_loaded as gpu_modules_not_loaded;
 mod device;
 pub mod embed;
 mod logprobs;

@@ -90,7 +90,7 @@ pub enum Flaw {
 }
 
 /// What the probe found, size by size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Findings {
     tried: usize,
     /// Bit `n - 1`: a class starts at size `n`.

@@ -252,6 +252,10 @@ pub struct DecodeGroupsRecord {
     /// batch-mate or with their place in the call on its own, with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<String>,
+    /// Where the findings were remembered from, when an earlier probe on this machine, model,
+    /// build and settings measured them; absent when this run probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remembered_from: Option<std::path::PathBuf>,
 }
 
 /// Token counts summed from merged result lines.

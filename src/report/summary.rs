@@ -122,6 +122,7 @@ mod tests {
                 decision: "any shape, 1 to 32 rows a call".into(),
                 sizes_tried: Some([1, 32]),
                 classes: vec!["1-32".into()],
+                remembered_from: None,
             },
         )
     }

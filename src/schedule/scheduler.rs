@@ -225,6 +225,7 @@ impl Exact {
             classes: findings
                 .map(|f| f.classes().iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
+            remembered_from: None,
         }
     }
 }

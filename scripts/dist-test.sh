@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# Proves the release archive from `make dist` on a machine with no network (`make dist-test`,
+# as root): a minimal Debian 12 root (mmdebstrap --variant=minbase: no compiler, no Rust, no
+# Python, no Vulkan loader), entered with no network (unshare --net, then chroot), as an
+# unprivileged user. Inside it the archive unpacked in /opt
+#   - runs the example batch, with results equal to the build tree's binary's on this host
+#     (texts, finish reasons, usage), and says which CPU variant it loaded;
+#   - says once that the Vulkan module did not load, and why, and runs on the CPU;
+#   - still runs with every CPU variant but the baseline (x64) removed;
+#   - leaves unresolved, under ldd, only what is loaded at run time (the Vulkan loader).
+# On the host: every ELF file's run path is $ORIGIN-relative; SHA256SUMS passes and fails on a
+# tampered copy; the SBOM parses and names every crate of Cargo.lock; packing twice gives the
+# same bytes; the wheel installs into a fresh venv with --no-index and gives the same results.
+# DIST_TEST_SOURCE=1 also builds the source bundle with no network and an empty cargo home.
+# It prints the archives' sizes and the glibc floor (scripts/glibc-floor.sh).
+#
+# The root is made once (scripts/dist-root.sh, from the host's own apt sources) and kept in
+# target/dist/root-bookworm; each run works on a copy. Results and logs: target/dist-test/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+here=$(pwd)
+start=$SECONDS
+
+[ "$(id -u)" -eq 0 ] || { echo "error: dist-test needs root (chroot, unshare)" >&2; exit 1; }
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
+name=infer-batch-$version-linux-x86_64
+archive=dist/$name.tar.gz
+model=models/SmolLM2-135M-Instruct.Q4_1.gguf
+reference=${DIST_BUILD:-target/vulkan/release}/infer-batch
+[ -e "$archive" ] || { echo "error: no $archive: run make dist" >&2; exit 1; }
+[ -e "$model" ] || ./models/fetch.sh smollm2
+
+work=target/dist-test
+rm -rf "$work"
+mkdir -p "$work"
+log() { echo "dist-test: $*"; }
+fail() { echo "dist-test: FAIL: $*" >&2; exit 1; }
+
+# --- On the host --------------------------------------------------------------------------
+(cd dist && sha256sum --quiet -c SHA256SUMS) || fail "dist/SHA256SUMS"
+mkdir -p "$work/x"
+tar -C "$work/x" -xzf "$archive"
+tree=$work/x/$name
+(cd "$tree" && sha256sum --quiet -c SHA256SUMS) || fail "SHA256SUMS inside the archive"
+cp -a "$tree" "$work/tampered"
+printf '\0' >>"$work/tampered/lib/infer-batch/libllama.so.0"
+if (cd "$work/tampered" && sha256sum --quiet -c SHA256SUMS >/dev/null 2>&1); then
+    fail "sha256sum -c passes on a tampered copy"
+fi
+rm -rf "$work/tampered"
+log "SHA256SUMS: passes, and fails on a tampered copy"
+
+is_elf() { [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; }
+elves=0
+while IFS= read -r -d '' f; do
+    is_elf "$f" || continue
+    elves=$((elves + 1))
+    runpath=$(readelf -d "$f" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p')
+    case "$f" in
+    */bin/*) want='$ORIGIN/../lib/infer-batch' ;;
+    *) want='$ORIGIN' ;;
+    esac
+    [ "$runpath" = "$want" ] || fail "$f: run path '$runpath', not '$want'"
+done < <(find "$tree" -type f -print0)
+for lib in libvulkan.so.1 libcuda.so.1; do
+    [ ! -e "$tree/lib/infer-batch/$lib" ] || fail "$lib is bundled"
+done
+ls "$tree"/lib/infer-batch/libggml-cpu-x64.so "$tree"/lib/infer-batch/libggml-vulkan.so >/dev/null ||
+    fail "a CPU baseline or the Vulkan module is missing"
+log "run paths: all $elves ELF files relative to \$ORIGIN; no Vulkan loader or driver bundled"
+
+python3 - "$tree/sbom.cdx.json" Cargo.lock <<'EOF' || fail "SBOM"
+import json, sys, tomllib
+bom = json.load(open(sys.argv[1]))
+assert bom["bomFormat"] == "CycloneDX", "not CycloneDX"
+have = {(c["name"], c["version"]) for c in bom["components"]}
+lock = tomllib.load(open(sys.argv[2], "rb"))["package"]
+want = {(p["name"], p["version"]) for p in lock if "source" in p}
+missing = want - have
+assert not missing, f"missing from the SBOM: {sorted(missing)}"
+assert any(c["name"] == "llama.cpp" for c in bom["components"]), "no llama.cpp component"
+print(f"dist-test: SBOM: CycloneDX {bom['specVersion']}, all {len(want)} crates of Cargo.lock and llama.cpp")
+EOF
+
+log "packing again, to compare the bytes ..."
+DIST_OUT=$work/again ./scripts/dist.sh >"$work/again.log" 2>&1 || fail "second dist.sh (log: $work/again.log)"
+for f in dist/*.tar.gz dist/*.whl; do
+    cmp -s "$f" "$work/again/$(basename "$f")" || fail "$(basename "$f") differs when packed again"
+done
+log "reproducible: packing twice gave identical archives"
+
+# The reference: the build tree's binary on this host, same batch and flags.
+run_flags=(--model /opt/model.gguf /opt/"$name"/examples/rubric.jsonl)
+"$reference" --model "$model" examples/rubric.jsonl -o "$work/host.results.jsonl" \
+    --prefix-cache-dir "$work/host-cache" 2>"$work/host.log" || fail "the build tree's binary (log: $work/host.log)"
+
+# --- In a minimal root with no network --------------------------------------------------
+cache=$(./scripts/dist-root.sh)
+root=$work/root
+cp -a "$cache" "$root"
+cp "$archive" "$root/tmp/"
+cp "$model" "$root/opt/model.gguf"
+chmod 0644 "$root/opt/model.gguf"
+
+# in_root USER CMD...: CMD in the root, with no network, its own /proc, as USER (uid:gid).
+in_root() {
+    local user=$1
+    shift
+    unshare --net --mount --pid --fork -- sh -c '
+        root=$1 user=$2
+        shift 2
+        mount -t proc proc "$root/proc" && mount -t sysfs sysfs "$root/sys" || exit 1
+        exec chroot --userspec="$user" "$root" /usr/bin/env -i HOME=/tmp LC_ALL=C.UTF-8 \
+            PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"' sh "$root" "$user" "$@"
+}
+
+for tool in cc gcc clang rustc cargo python3 vulkaninfo; do
+    ! in_root 0:0 sh -c "command -v $tool" >/dev/null || fail "the root has $tool"
+done
+[ -z "$(find "$root" -name 'libvulkan.so*' -print -quit)" ] || fail "the root has a Vulkan loader"
+nets=$(in_root 0:0 ls /sys/class/net | tr '\n' ' ')
+[ "$nets" = "lo " ] || fail "the root has a network: $nets"
+log "root: minbase, no compiler, Rust, Python or Vulkan loader; network interfaces: $nets"
+
+in_root 0:0 tar -C /opt -xzf "/tmp/$name.tar.gz"
+# ldd: everything resolves but the Vulkan loader, which only the Vulkan module needs.
+in_root 0:0 sh -c "cd /opt/$name && for f in bin/* lib/infer-batch/*; do ldd \$f | sed \"s|^|\$f: |\"; done" \
+    >"$work/ldd.txt"
+unresolved=$(grep 'not found' "$work/ldd.txt" || true)
+bad=$(grep -v '^lib/infer-batch/libggml-vulkan.so:[[:space:]]*libvulkan.so.1 => not found' <<<"$unresolved" || true)
+[ -z "$bad" ] || fail "ldd finds nothing for: $bad"
+log "ldd: everything resolves but what is loaded at run time: $(sed 's/[[:space:]]\+/ /g' <<<"${unresolved:-nothing}")"
+
+version_line=$(in_root 65534:65534 "/opt/$name/bin/infer-batch" --version)
+grep -q "commit $(git rev-parse --short=12 HEAD)" <<<"$version_line" || fail "--version: $version_line"
+log "--version: $version_line"
+
+# run NAME [PREFIX]: the example batch as nobody, from the archive unpacked at /opt/PREFIX.
+run() {
+    local label=$1 dir=${2:-$name}
+    in_root 65534:65534 "/opt/$dir/bin/infer-batch" --model /opt/model.gguf \
+        "/opt/$dir/examples/rubric.jsonl" -o "/tmp/$label.results.jsonl" \
+        --prefix-cache-dir "/tmp/$label-cache" 2>"$work/$label.log" ||
+        fail "the $label run (log: $work/$label.log)"
+    cp "$root/tmp/$label.results.jsonl" "$work/"
+    grep -o 'CPU backend: variant [a-z0-9_]*' "$work/$label.log" | head -n 1
+}
+variant=$(run full)
+[ -n "$variant" ] || fail "the run does not say which CPU variant it loaded (log: $work/full.log)"
+no_gpu=$(grep -c 'no GPU:' "$work/full.log" || true)
+[ "$no_gpu" = 1 ] && grep 'no GPU:' "$work/full.log" | grep -q 'libvulkan.so.1' ||
+    fail "without a Vulkan loader the run should say why once ($no_gpu lines; log: $work/full.log)"
+log "run: $variant; $(grep -o 'no GPU:.*' "$work/full.log")"
+python3 scripts/dist_compare.py "$work/host.results.jsonl" "$work/full.results.jsonl" ||
+    fail "the archive's results differ from the build tree's"
+
+in_root 0:0 sh -c "cp -a /opt/$name /opt/x64-only && cd /opt/x64-only/lib/infer-batch &&
+    for f in libggml-cpu-*.so; do [ \$f = libggml-cpu-x64.so ] || rm \$f; done"
+variant=$(run x64-only x64-only)
+[ "$variant" = "CPU backend: variant x64" ] || fail "with only x64 left it loaded '$variant'"
+lines=$(grep -c '"custom_id"' "$work/x64-only.results.jsonl")
+[ "$lines" = "$(grep -c . examples/rubric.jsonl)" ] || fail "x64 run: $lines results"
+log "only the x64 variant left: $variant, $lines results"
+
+# --- The wheel: a fresh venv, installed from dist/ alone ---------------------------------
+wheel=$(ls dist/infer_batch-*.whl)
+python3 -m venv "$work/venv"
+env -u PIP_FIND_LINKS "$work/venv/bin/pip" install --quiet --no-index --find-links dist infer-batch ||
+    fail "pip install --no-index"
+"$work/venv/bin/infer-batch" --version | grep -q "commit $(git rev-parse --short=12 HEAD)" ||
+    fail "the wheel's --version"
+"$work/venv/bin/infer-batch" --model "$model" examples/rubric.jsonl -o "$work/wheel.results.jsonl" \
+    --prefix-cache-dir "$work/wheel-cache" 2>"$work/wheel.log" || fail "the wheel's run (log: $work/wheel.log)"
+python3 scripts/dist_compare.py "$work/host.results.jsonl" "$work/wheel.results.jsonl" >/dev/null ||
+    fail "the wheel's results differ from the build tree's"
+tools=target/dist/tools
+[ -x "$tools/bin/auditwheel" ] || { python3 -m venv "$tools" && "$tools/bin/pip" install --quiet auditwheel; }
+"$tools/bin/auditwheel" show "$wheel" >"$work/auditwheel.txt" 2>&1 || true
+log "wheel: $(basename "$wheel") installs with --no-index, runs the example, results equal"
+log "auditwheel show: $(tr '\n' ' ' <"$work/auditwheel.txt" | sed 's/  */ /g' | cut -c1-400)"
+
+# --- The source bundle, built with no network (DIST_TEST_SOURCE=1: a whole llama.cpp build) --
+if [ "${DIST_TEST_SOURCE:-0}" = 1 ]; then
+    src=$(ls dist/infer-batch-*-src.tar.gz)
+    mkdir -p "$work/src"
+    tar -C "$work/src" -xzf "$src"
+    srcdir=$(ls -d "$work"/src/infer-batch-*)
+    # An empty cargo home: no registry cache to fall back on.
+    (cd "$srcdir" && CARGO_HOME=$here/$work/cargo-home unshare --net \
+        cargo build --offline --locked --release) >"$work/src-build.log" 2>&1 ||
+        fail "the source bundle's offline build (log: $work/src-build.log)"
+    "$srcdir/target/release/infer-batch" --version | grep -q "commit $(git rev-parse --short=12 HEAD)" ||
+        fail "the source bundle's build does not name its commit"
+    log "source bundle: cargo build --offline --locked --release with no network: $("$srcdir/target/release/infer-batch" --version)"
+fi
+
+# --- Measures ---------------------------------------------------------------------------
+log "sizes:"
+for f in dist/*; do printf '  %-48s %s\n' "$(basename "$f")" "$(du -h --apparent-size "$f" | cut -f1)"; done
+printf '  %-48s %s\n' "$name/ (unpacked)" "$(du -sh --apparent-size "$tree" | cut -f1)"
+log "glibc floor: $(./scripts/glibc-floor.sh "$tree")"
+log "passed in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s"
