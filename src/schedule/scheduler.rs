@@ -102,9 +102,14 @@ impl Exact {
     /// The probe session's settings: the run's batch, threads, attention and KV types, with
     /// [`Self::probe_cells`] cells in one stream per sequence.
     pub fn probe_settings(run: &SessionSettings, gpu: bool) -> SessionSettings {
+        let n_seq_max = Self::probe_seqs(gpu, run.n_batch);
         SessionSettings {
             n_ctx: Self::probe_cells(gpu, run.n_batch),
-            n_seq_max: Self::probe_seqs(gpu, run.n_batch),
+            n_seq_max,
+            // llama.cpp reserves an output row per sequence within the batch, and aborts where
+            // the sequences outnumber it. The probe's calls hold at most the run's batch, so a
+            // larger reservation changes no call's shape.
+            n_batch: run.n_batch.max(n_seq_max),
             kv_unified: false,
             ..run.clone()
         }
