@@ -7,12 +7,14 @@ use std::collections::{BTreeSet, VecDeque};
 
 use super::admission::{admit_all, Apart, Feed, Intake, LoopEnd, Piece};
 use super::fake::{
-    by_depth, differs_at, gpu_like, hash_pick, passes, uniform, FakeEngine, Kernel, Pick, Row, EOS,
+    blocks_of_4, by_depth, differs_at, gpu_like, hash_pick, passes, uniform, FakeEngine, Kernel,
+    Pick, Row, EOS,
 };
 use super::groups::DecodeGroups;
 use super::job::{GenParams, Job};
 use super::scheduler::{Admission, Exact, Outcome, Scheduler, EXACT_MAX_ROWS};
 use super::twins::{Release, Twins};
+use crate::engine::probe::{DEEP, SHALLOW};
 use crate::engine::{FlashAttn, SamplerSpec, SessionSettings, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint, StopReason};
@@ -348,7 +350,7 @@ fn probed(kernel: Kernels, gpu: bool, force_fixed: bool) -> (FakeEngine, Exact) 
 #[test]
 fn the_probe_tries_every_size_and_decides_from_the_kernels() {
     let fixed = |lo, hi| DecodeGroups::Fixed { lo, hi };
-    let cases: [(Kernels, bool, &str, DecodeGroups); 9] = [
+    let cases: [(Kernels, bool, &str, DecodeGroups); 11] = [
         (uniform, false, "1-32", DecodeGroups::Any),
         (uniform, true, "1-64", DecodeGroups::Any),
         (|| differs_at(3..=3), false, "1-2 | 3 | 4-32", fixed(1, 2)),
@@ -358,6 +360,9 @@ fn the_probe_tries_every_size_and_decides_from_the_kernels() {
         (gpu_like, true, "1 | 2-8 | 9-64", fixed(9, 64)),
         (gpu_like, false, "1 | 2-8 | 9-32", fixed(2, 8)),
         (by_depth, true, "", DecodeGroups::Alone),
+        // Sizes 5-7 mix whole blocks with a tail: the deep rows at both ends differ.
+        (blocks_of_4, false, "", fixed(1, 3)),
+        (blocks_of_4, true, "", fixed(1, 3)),
     ];
     for (kernel, gpu, classes, groups) in cases {
         let (engine, exact) = probed(kernel, gpu, false);
@@ -385,7 +390,7 @@ fn the_probe_tries_every_size_and_decides_from_the_kernels() {
 }
 
 #[test]
-fn the_probe_calls_hold_every_size_with_a_deep_row_beside_shallow_ones() {
+fn the_probe_calls_hold_every_size_with_deep_rows_beside_shallow_ones() {
     let mut engine = FakeEngine::new(64);
     Exact::probe(&mut engine, 8, 10, false, false).unwrap();
     // After the deep context's prefill: the lone rows, then each size twice.
@@ -395,18 +400,22 @@ fn the_probe_calls_hold_every_size_with_a_deep_row_beside_shallow_ones() {
         .filter(|c| c.iter().all(|r| r.logits))
         .collect();
     assert_eq!(probe_calls.len(), 2 + 2 * 7);
+    const { assert!(DEEP > SHALLOW + 256) };
     for n in 2..=8 {
         let sized: Vec<&&Vec<Row>> = probe_calls.iter().filter(|c| c.len() == n).collect();
         assert_eq!(sized.len(), 2, "size {n}");
-        // One call in one pass, a deep row more than 256 positions beyond the shallow ones.
+        // One call in one pass; deep rows more than 256 positions beyond the shallow ones,
+        // last, and first too from 3 rows on.
         for call in &sized {
             assert_eq!(passes(call).len(), 1);
         }
         let depths = |c: &Vec<Row>| c.iter().map(|r| r.pos).collect::<Vec<_>>();
-        let mixed = depths(sized[0]);
-        assert!(mixed[..n - 1].iter().all(|&p| p == 16), "{mixed:?}");
-        assert!(mixed[n - 1] > 16 + 256, "{mixed:?}");
-        assert!(depths(sized[1]).iter().all(|&p| p == 16));
+        let deep = |i: usize| i + 1 == n || (n > 2 && i == 0);
+        let want: Vec<u32> = (0..n)
+            .map(|i| if deep(i) { DEEP } else { SHALLOW })
+            .collect();
+        assert_eq!(depths(sized[0]), want);
+        assert!(depths(sized[1]).iter().all(|&p| p == SHALLOW));
     }
 }
 
