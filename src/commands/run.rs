@@ -218,8 +218,9 @@ fn log_decode_groups(exact: Option<Exact>, remembered: Option<&Path>) {
     };
     match record.sizes_tried {
         Some([first, last]) => tracing::info!(
-            "decode groups: {}{why}; the probe tried sizes {first} to {last}: classes {}",
+            "decode groups: {}{why}; the probe tried sizes {first} to {last} in {:.1} s: classes {}",
             record.decision,
+            record.probe_seconds.unwrap_or(0.0),
             record.classes.join(" | ")
         ),
         None => tracing::info!("decode groups: {}", record.decision),

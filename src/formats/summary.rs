@@ -238,7 +238,7 @@ pub struct RunSummary {
 }
 
 /// How a run grouped its generated tokens into decode calls, and what the start-up probe found.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecodeGroupsRecord {
     /// The decision: `any shape, 1 to N rows a call`, `fixed-shape, LO to HI rows a call`,
     /// `one row a call`, or `mixed (not deterministic)`.
@@ -256,6 +256,9 @@ pub struct DecodeGroupsRecord {
     /// build and settings measured them; absent when this run probed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remembered_from: Option<std::path::PathBuf>,
+    /// Seconds the probe took, its own context included; absent without a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_seconds: Option<f64>,
 }
 
 /// Token counts summed from merged result lines.

@@ -121,6 +121,7 @@ mod tests {
             DecodeGroupsRecord {
                 decision: "any shape, 1 to 32 rows a call".into(),
                 sizes_tried: Some([1, 32]),
+                probe_seconds: Some(1.5),
                 classes: vec!["1-32".into()],
                 remembered_from: None,
             },

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::prefix_cache::{materialize, Lease, PrefixPool};
 use crate::cache::prefix_store::PrefixStore;
@@ -74,6 +74,8 @@ pub struct Exact {
     pub max_rows: usize,
     /// What the probe found; `None` for settings made by hand.
     pub findings: Option<Findings>,
+    /// How long the probe took, its session included; `None` where it did not run here.
+    pub probe_time: Option<Duration>,
 }
 
 impl Exact {
@@ -139,11 +141,10 @@ impl Exact {
             force_fixed,
         )?;
         drop(session);
-        tracing::debug!(
-            seconds = started.elapsed().as_secs_f64(),
-            "decode-group probe: sizes 1 to {max_rows}"
-        );
-        Ok(exact)
+        Ok(Self {
+            probe_time: Some(started.elapsed()),
+            ..exact
+        })
     }
 
     /// Exact mode as the probe finds `engine`'s kernels, trying every group size from 1 to
@@ -178,6 +179,7 @@ impl Exact {
             groups,
             max_rows,
             findings: Some(findings),
+            probe_time: None,
         }
     }
 
@@ -227,6 +229,7 @@ impl Exact {
         DecodeGroupsRecord {
             decision: Self::describe(exact),
             sizes_tried: findings.map(|f| [1, f.tried()]),
+            probe_seconds: exact.and_then(|e| e.probe_time).map(|t| t.as_secs_f64()),
             classes: findings
                 .map(|f| f.classes().iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),

@@ -130,6 +130,7 @@ const EXACT_ANY: Setup = Setup {
         groups: DecodeGroups::Any,
         max_rows: EXACT_MAX_ROWS,
         findings: None,
+        probe_time: None,
     }),
 };
 
@@ -425,6 +426,7 @@ fn a_class_wider_than_the_slots_gets_pad_streams_beyond_the_plans_one() {
         groups: DecodeGroups::Fixed { lo: 9, hi: 64 },
         max_rows: 64,
         findings: None,
+        probe_time: None,
     };
     assert_eq!(exact.pad_streams(3), 6);
     assert_eq!(exact.pad_streams(8), 1);
