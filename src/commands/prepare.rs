@@ -99,20 +99,6 @@ pub fn machine(cfg: &RunConfig, gpu_layers: u32, exact: Option<Exact>) -> Machin
     }
 }
 
-/// A machine not yet known: a run compares everything else before it loads the model.
-fn pending_machine() -> Machine {
-    Machine {
-        build: build_name(),
-        llama_cpp: engine::machine::llama_cpp(),
-        backend: engine::machine::backends(),
-        cpu_variant: String::new(),
-        devices: Vec::new(),
-        gpu_layers: 0,
-        flash_attn: String::new(),
-        decode_groups: String::new(),
-    }
-}
-
 /// `infer-batch 0.1.0 (0123456789ab)`: our version and git commit.
 pub fn build_name() -> String {
     format!(
@@ -138,7 +124,9 @@ pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest>
         model: ModelRecord {
             path: cfg.model.clone(),
         },
-        identity: identity(cfg, model_sha256, pending_machine()).to_map(),
+        identity: // The machine is known only once the engine has started; until then the run compares
+        // everything else, and none of these placeholder fields.
+        identity(cfg, model_sha256, Machine::default()).to_map(),
         resume_anywhere: cfg.resume_anywhere,
         other_machines: Vec::new(),
         runs: Vec::new(),
