@@ -95,7 +95,7 @@ pub fn machine(cfg: &RunConfig, gpu_layers: u32, exact: Option<Exact>) -> Machin
         devices: hardware.devices,
         gpu_layers,
         flash_attn: format!("{:?}", cfg.flash_attn).to_lowercase(),
-        decode_groups: Exact::identity(exact),
+        decode_groups: Exact::describe(exact),
     }
 }
 

@@ -236,17 +236,6 @@ impl Exact {
             remembered_from: None,
         }
     }
-
-    /// The decision as the computation identity names it: the kind of groups, not their
-    /// largest size, which the probe caps at `--parallel` + 1 (a resume at another
-    /// `--parallel` decodes in groups of the same class, so its bits agree).
-    pub fn identity(exact: Option<Self>) -> String {
-        match exact.map(|e| e.fixed_block) {
-            None => "mixed (not deterministic)".to_owned(),
-            Some(None) => "any shape".to_owned(),
-            Some(Some(_)) => "fixed-shape, 2 rows or more a call".to_owned(),
-        }
-    }
 }
 
 /// What one decode call holds.
