@@ -12,9 +12,10 @@
 #   scripts/gpu-check.sh run        on the device, with .gpu/bin carried, after the loads:
 #                                   nvidia-smi; the CUDA backend built there for sm_90 from the
 #                                   same ggml source (the device's nvcc; the module is too large
-#                                   to carry); the correctness checks on the GPU; a short bench
-#                                   at --parallel 1, 8, 32 and 64 on each model; NVML readings
-#                                   throughout
+#                                   to carry); the correctness checks on the GPU; deterministic
+#                                   against --no-deterministic throughput at --parallel 32 and
+#                                   64; a short bench at --parallel 1, 8, 32 and 64 on each
+#                                   model; NVML readings throughout
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu-check.sh run
 #                                   here: all a machine without a GPU allows: the checks on the
 #                                   CPU (the staged binary, else target/release's) and, with
@@ -257,6 +258,29 @@ PY
     fi
     grep -h "decode groups\|no GPU" "$det/runs.log" | head -n 3 >>"$out/gpu-check.log" || true
 
+    # What exactness costs: deterministic runs (fixed-shape calls as the probe decided, or any
+    # shape) against --no-deterministic (one unified cache, mixed batches), same requests.
+    local tp_parallel="32 64" tp_in=$work/bench.jsonl
+    [ -n "$dry" ] && tp_parallel=4 tp_in=$work/in.jsonl
+    log "throughput: deterministic against --no-deterministic at --parallel $tp_parallel"
+    for p in $tp_parallel; do
+        r --parallel "$p" --no-disk-cache -o "$work/tp-det-p$p.jsonl" "$tp_in"
+        r --parallel "$p" --no-disk-cache --no-deterministic -o "$work/tp-mixed-p$p.jsonl" "$tp_in"
+    done
+    python3 - "$work" $tp_parallel <<'PY' | tee -a "$out/bench.txt" | tee -a "$out/gpu-check.log" >&2
+import json, sys
+work, parallel = sys.argv[1], sys.argv[2:]
+print("%-9s %-14s %14s %12s  %s" % ("parallel", "mode", "decode tok/s", "requests/s", "decode groups"))
+for p in parallel:
+    rates = {}
+    for mode in ("det", "mixed"):
+        s = json.load(open("%s/tp-%s-p%s.summary.json" % (work, mode, p)))
+        rates[mode] = s["rates"]["decode_tokens_per_second"]
+        print("%-9s %-14s %14.1f %12.2f  %s" % (p, "deterministic" if mode == "det" else "mixed",
+              rates[mode], s["rates"]["requests_per_second"], s["decode_groups"]["decision"]))
+    print("%-9s deterministic decodes at %.0f%% of mixed" % (p, 100 * rates["det"] / max(rates["mixed"], 1e-9)))
+PY
+
     # A dry run's CPU would take an hour over the full bench: it runs a token of it.
     local sample=64 parallel=1,8,32,64
     [ -n "$dry" ] && sample=4 parallel=1,4
@@ -282,5 +306,5 @@ case "${1:-}" in
     stage) stage ;;
     load) load "${2:?which model: smollm2 or gemma3}" "${3:?which chunk}" ;;
     run) run ;;
-    *) sed -n '2,24p' "$0" >&2; exit 2 ;;
+    *) sed -n '2,26p' "$0" >&2; exit 2 ;;
 esac

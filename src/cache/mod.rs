@@ -3,4 +3,5 @@
 
 pub mod prefix_cache;
 pub mod prefix_store;
+pub mod probe_cache;
 pub mod result_reuse;

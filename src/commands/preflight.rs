@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use crate::cache::prefix_store::{PrefixStore, StateIdentity};
 use crate::commands::cli::RunConfig;
 use crate::engine::embed::context_size;
+use crate::engine::probe;
 use crate::engine::{gpu_available, FlashAttn, Model, ModelInfo, ModelSettings, Token};
 use crate::formats::summary::{DryRun, EmbeddingContextPlan, VramPlan};
 use crate::identity::Identity;
@@ -22,6 +23,7 @@ use crate::plan::{plan, Demand, KvLayout, Plan, CTX_STEP};
 use crate::prompt::text_prefix::CommonText;
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::schedule::job::fits_trained_context;
+use crate::schedule::scheduler::Exact;
 
 /// Loads the model of a run, with `gpu_layers` offloaded, and the chat template its prompts
 /// are rendered with.
@@ -184,6 +186,17 @@ pub fn preflight(
     } else {
         KvLayout::Unified
     };
+    // The decode-group probe's session comes and goes before the run's: the plan holds the
+    // larger of the two.
+    let (probe_kv, probe_compute) = if layout == KvLayout::Streams {
+        let cells = Exact::probe_cells(gpu_layers > 0, cfg.batch_size);
+        (
+            kv_bytes(&info, cells),
+            compute_bytes(&info, probe::STREAM_CELLS, cfg.batch_size, flash_attn),
+        )
+    } else {
+        (0, 0)
+    };
     let plan_at = |parallel: usize| {
         plan(
             &demand,
@@ -207,9 +220,12 @@ pub fn preflight(
         |parallel| {
             plan_at(parallel).map(|plan| Footprint {
                 weights: info.size,
-                kv: kv_bytes(&info, plan.n_ctx) + embed_kv,
-                compute: compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn)
-                    + embed_compute,
+                // The probe's session comes and goes before the run's, which the embedding
+                // context joins: the larger of the two counts.
+                kv: (kv_bytes(&info, plan.n_ctx) + embed_kv).max(probe_kv),
+                compute: (compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn)
+                    + embed_compute)
+                    .max(probe_compute),
                 process: PROCESS_ALLOWANCE,
             })
         },

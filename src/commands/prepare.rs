@@ -5,10 +5,12 @@
 
 use std::fs::File;
 use std::io::BufReader;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
 use crate::cache::prefix_store::{model_sha256, PrefixStore};
+use crate::cache::probe_cache::ProbeCache;
 use crate::commands::cli::RunConfig;
 use crate::commands::preflight::{
     input_kinds, load_model, load_offloaded, prefix_store, preflight, Preflight,
@@ -93,7 +95,7 @@ pub fn machine(cfg: &RunConfig, gpu_layers: u32, exact: Option<Exact>) -> Machin
         devices: hardware.devices,
         gpu_layers,
         flash_attn: format!("{:?}", cfg.flash_attn).to_lowercase(),
-        decode_groups: Exact::identity(exact),
+        decode_groups: Exact::describe(exact),
     }
 }
 
@@ -224,20 +226,34 @@ impl Prepared {
     }
 
     /// The decode-group probe's decision in deterministic mode (`None` without it), found in
-    /// a session of the run's settings.
+    /// a session of its own with the run's settings, or remembered from an earlier probe on
+    /// this machine with the same model, build and settings ([`ProbeCache`]). Also returns where
+    /// it was remembered from.
     ///
     /// # Errors
     /// When the session cannot be made or a probe decode fails.
-    pub fn probe(&self, cfg: &RunConfig) -> Result<Option<Exact>> {
+    pub fn probe(&self, cfg: &RunConfig) -> Result<(Option<Exact>, Option<PathBuf>)> {
         if self.preflight.plan.layout == KvLayout::Unified {
-            return Ok(None);
+            return Ok((None, None));
         }
-        let mut session = self.model().new_session(&self.run_settings(cfg))?;
-        Ok(Some(Exact::probe(
-            &mut session,
-            self.preflight.parallel,
-            std::env::var_os(FIXED_SHAPE_ENV).is_some(),
-        )?))
+        let gpu = self.preflight.gpu_layers > 0;
+        let force_fixed = std::env::var_os(FIXED_SHAPE_ENV).is_some();
+        // What the kernels depend on: everything a prefix state does but the decision itself.
+        let key = format!(
+            "probe 1; threads {}; {}",
+            cfg.threads,
+            self.identity(cfg, None).state_key()
+        );
+        let cache = ProbeCache::new(&crate::cache::prefix_store::default_dir(), key);
+        if let Some(findings) = cache.load() {
+            let exact = Exact::from_findings(findings, gpu, force_fixed);
+            return Ok((Some(exact), Some(cache.path().to_owned())));
+        }
+        let exact = Exact::probe_with(self.model(), &self.run_settings(cfg), gpu, force_fixed)?;
+        if let Some(findings) = exact.findings {
+            cache.save(findings);
+        }
+        Ok((Some(exact), None))
     }
 
     /// The run's computation identity, once the probe has decided its decode groups.

@@ -1,6 +1,7 @@
 //! One batch run: lock the output, plan, then stream every request through the scheduler into
 //! the output, resuming where an earlier run of the same computation stopped.
 
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -31,6 +32,7 @@ use crate::report::metrics::Metrics;
 use crate::report::progress::Progress;
 use crate::report::summary;
 use crate::schedule::admission::{admit_all, Apart, Feed, Intake, LoopEnd, Piece};
+use crate::schedule::groups::DecodeGroups;
 use crate::schedule::job::{prepare, Job, Limits};
 use crate::schedule::scheduler::{Exact, Outcome, Scheduler};
 use crate::schedule::twins::{Finished, Release, Twins};
@@ -92,8 +94,8 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
     let done = checkpoint::prepare(&cfg.output, &mut manifest, cfg.restart, cfg.retry_failed)?;
     let prepared = Prepared::load(cfg, model_hash, |_, _| {})?;
     let pf = &prepared.preflight;
-    let exact = prepared.probe(cfg)?;
-    log_decode_groups(exact);
+    let (exact, remembered) = prepared.probe(cfg)?;
+    log_decode_groups(exact, remembered.as_deref());
     let identity = prepared.identity(cfg, exact);
     manifest.set_machine(&identity);
     checkpoint::check_machine(&cfg.output, &mut manifest)?;
@@ -116,6 +118,10 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
                 .ok()
         });
     let model = prepared.model();
+    let settings = match exact {
+        Some(e) => e.session_settings(&settings, pf.parallel),
+        None => settings,
+    };
     let mut session = model.new_session(&settings)?;
     let mut scheduler = Scheduler::new(
         &mut session,
@@ -169,7 +175,15 @@ pub fn run(cfg: &RunConfig, stop: &AtomicBool, worker: Option<&WorkerEnv>) -> Re
         resumed_failed: done.failed.len() as u64,
         interrupted: end == LoopEnd::Interrupted,
     };
-    write_summary(cfg, &report, pf, feed.vram.gpus(), exact, &manifest)?;
+    write_summary(
+        cfg,
+        &report,
+        pf,
+        feed.vram.gpus(),
+        exact,
+        remembered.as_deref(),
+        &manifest,
+    )?;
     Ok(report)
 }
 
@@ -187,16 +201,30 @@ fn log_plan(pf: &Preflight, already_done: u64) {
     );
 }
 
-fn log_decode_groups(exact: Option<Exact>) {
-    tracing::info!(
-        "decode groups: {}{}",
-        Exact::describe(exact),
-        match exact.map(|e| e.fixed_block) {
-            Some(None) => " (the probe found rows independent of their batch-mates)",
-            Some(Some(_)) => " (fixed-shape blocks: the probe found rows that depend on how many share a call, or the test hook asked for them)",
-            None => "",
-        }
-    );
+fn log_decode_groups(exact: Option<Exact>, remembered: Option<&Path>) {
+    let record = Exact::record(exact);
+    if let Some(path) = remembered {
+        tracing::info!(
+            "decode groups: the probe's findings on this machine, model, build and settings, \
+             remembered in {}",
+            path.display()
+        );
+    }
+    let why = match exact.map(|e| e.groups) {
+        Some(DecodeGroups::Any) => " (rows alike at every size)",
+        Some(DecodeGroups::Fixed { .. }) => " (rows alike within that class of sizes, or the test hook asked for fixed shapes)",
+        Some(DecodeGroups::Alone) => " (no class of 2 rows or more is usable: rows change with the row count, a deeper batch-mate or their place in the call)",
+        None => "",
+    };
+    match record.sizes_tried {
+        Some([first, last]) => tracing::info!(
+            "decode groups: {}{why}; the probe tried sizes {first} to {last} in {:.1} s: classes {}",
+            record.decision,
+            record.probe_seconds.unwrap_or(0.0),
+            record.classes.join(" | ")
+        ),
+        None => tracing::info!("decode groups: {}", record.decision),
+    }
 }
 
 /// Writes the run's summary file beside its output.
@@ -206,6 +234,7 @@ fn write_summary(
     pf: &Preflight,
     gpus: &[GpuUse],
     exact: Option<Exact>,
+    remembered: Option<&Path>,
     manifest: &Manifest,
 ) -> Result<()> {
     let memory = MemoryRecord {
@@ -224,8 +253,9 @@ fn write_summary(
         &report.plan,
         report.wall,
         memory,
-        Exact::describe(exact),
+        Exact::record(exact),
     );
+    summary.decode_groups.remembered_from = remembered.map(Path::to_path_buf);
     summary.identity = manifest.identity.clone();
     summary.other_machines = manifest.other_machines.clone();
     write_json_atomic(&summary::summary_path(&cfg.output), &summary)?;

@@ -24,7 +24,7 @@ pub fn warm(cfg: &RunConfig) -> Result<Vec<PrefixEvent>> {
     let n_ctx = u32::try_from(longest.div_ceil(CTX_STEP).max(1) * CTX_STEP)?;
     let settings = prepared.settings(cfg, n_ctx, 1);
     // The states' identity names the run's decode groups too, so the probe runs as in `run`.
-    let identity = prepared.identity(cfg, prepared.probe(cfg)?);
+    let identity = prepared.identity(cfg, prepared.probe(cfg)?.0);
     let store = prepared.store(cfg, &identity)?;
     let model = prepared.model();
     let mut session = model.new_session(&settings)?;

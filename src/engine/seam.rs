@@ -1,9 +1,9 @@
 //! The seam between scheduling and llama.cpp: what the scheduler and the prefix cache need
 //! from a session, and nothing more. [`super::Session`] implements it over llama.cpp; the
 //! scheduler's unit tests implement it with a scripted fake, so admission, forks, fixed-shape
-//! groups and failures are tested without a model.
+//! groups, the decode-group probe and failures are tested without a model.
 
-use super::{Constraint, EngineError, RowDependence, SamplerSpec, SeqId, Token, TokenLogprobs};
+use super::{Constraint, EngineError, SamplerSpec, SeqId, Token, TokenLogprobs};
 
 /// What a generated token means as text.
 pub trait Vocab {
@@ -73,12 +73,9 @@ pub trait Engine {
     /// # Errors
     /// When the state is refused; the sequence is then empty.
     fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError>;
-    /// How a row's logits depend on how many rows share its decode call, found by decoding
-    /// in the consecutive sequences `seqs` (left empty).
-    ///
-    /// # Errors
-    /// When a decode fails.
-    fn decode_group_probe(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError>;
+    /// The raw logits of row `row` of the last decode: what the decode-group probe compares,
+    /// bit for bit.
+    fn logits(&self, row: i32) -> Vec<f32>;
     /// A sampler for one choice, constrained by `constraint` when there is one.
     ///
     /// # Errors

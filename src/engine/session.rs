@@ -11,7 +11,6 @@ use llama_cpp_2::token::LlamaToken;
 
 use super::device::backend;
 use super::logprobs::{log_softmax_top, TokenLogprobs};
-use super::probe::RowDependence;
 use super::sampler::{Constraint, Sampler, SamplerSpec};
 use super::state::{MemoryKind, SeqState};
 use super::{Engine, EngineError, Model, SeqId, Token};
@@ -138,11 +137,6 @@ impl<'m> Session<'m> {
                 self.memory
             )
         })
-    }
-
-    /// The raw logits row at batch index `index` of the last decode (for tests and checks).
-    pub fn logits(&self, index: i32) -> Vec<f32> {
-        self.ctx.get_logits_ith(index).to_vec()
     }
 }
 
@@ -286,23 +280,9 @@ impl<'m> Engine for Session<'m> {
         }
     }
 
-    /// How a decoded row's logits depend on how many rows share its decode call. Every
-    /// sequence of `seqs` gets the same 16 positions of context, then the same token is decoded
-    /// in groups of 1, 2, 4, 8, 16 and 32 of them (as many as `seqs` allows), and every row of
-    /// every group is compared bit for bit with the lone row. Where one differs, groups of 2, 3,
-    /// 4, ... are compared with the pair, up to the first that differs. `seqs` must be
-    /// consecutive ids, so that llama.cpp keeps each group in one call; they are left empty.
-    /// CPU kernels are row-independent; GPU kernels pick their matrix-product and attention
-    /// kernels by row count (lavapipe: a lone row, 2 to 8 rows, and more, each differently).
-    ///
-    /// # Errors
-    /// When a decode fails.
-    fn decode_group_probe(&mut self, seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
-        let result = self.probe_groups(seqs);
-        for &seq in seqs {
-            self.clear_seq(seq)?;
-        }
-        result
+    /// The raw logits of row `index` of the last decode.
+    fn logits(&self, index: i32) -> Vec<f32> {
+        self.ctx.get_logits_ith(index).to_vec()
     }
 
     /// A sampler for one choice of a request, constrained by `constraint` when it has one.

@@ -198,6 +198,65 @@ impl Reader<'_> {
     }
 }
 
+/// Writes `block` (a parsed stream block with cells) to `out` with `cells` cells: cell `i` at
+/// position `i`, its key and value rows those of the block's cell `i % n`.
+fn repeat_block(block: &[u8], cells: u32, out: &mut Vec<u8>) -> Result<(), StateError> {
+    let mut r = Reader {
+        bytes: block,
+        at: 0,
+    };
+    let n = r.u32()? as usize;
+    let meta = r.at;
+    r.take(12 * n as u64)?;
+    let seq = &block[meta + 8..meta + 12];
+    let fields = r.at;
+    let v_trans = r.u32()?;
+    let n_layer = r.u32()?;
+    r.take(8)?; // n_rot_k, n_rot_v
+    out.extend_from_slice(&cells.to_le_bytes());
+    for p in 0..cells {
+        out.extend_from_slice(&p.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
+        out.extend_from_slice(seq);
+    }
+    out.extend_from_slice(&block[fields..r.at]);
+    // Rows of `width` bytes, one per cell, repeated to `cells` rows.
+    let rows = |r: &mut Reader<'_>, width: usize, out: &mut Vec<u8>| {
+        let start = r.at;
+        r.rows(n as u64, width as u64)?;
+        for i in 0..cells as usize {
+            let at = start + (i % n) * width;
+            out.extend_from_slice(&block[at..at + width]);
+        }
+        Ok::<(), StateError>(())
+    };
+    for _ in 0..n_layer {
+        let head = r.at;
+        r.take(4)?;
+        let width = r.u64()? as usize;
+        out.extend_from_slice(&block[head..r.at]);
+        rows(&mut r, width, out)?;
+    }
+    for _ in 0..n_layer {
+        let head = r.at;
+        r.take(4)?;
+        if v_trans == 0 {
+            let width = r.u64()? as usize;
+            out.extend_from_slice(&block[head..r.at]);
+            rows(&mut r, width, out)?;
+        } else {
+            // Transposed: for each value element, one entry per cell.
+            let elem = r.u32()? as usize;
+            let n_embd = r.u32()?;
+            out.extend_from_slice(&block[head..r.at]);
+            for _ in 0..n_embd {
+                rows(&mut r, elem, out)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A parsed sequence state.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeqState<'a> {
@@ -267,6 +326,30 @@ impl<'a> SeqState<'a> {
             });
         }
         self.laid_out(streams, stream)
+    }
+
+    /// The one-stream form with `cells` cells at positions `0..cells`, the cells of this state
+    /// repeated in turn, keys and values alike: a deep stream of real-valued cells without
+    /// computing them, for the decode-group probe, which compares kernels and not meanings.
+    ///
+    /// # Errors
+    /// When a section holds cells in more than one stream, or none at all.
+    pub fn repeated(&self, cells: u32) -> Result<Vec<u8>, StateError> {
+        let mut out = self.bytes[..HEADER].to_vec();
+        for section in &self.sections {
+            let Some(block) = section.cells(self.bytes)? else {
+                return Err(StateError {
+                    at: HEADER,
+                    what: "no cells to repeat".into(),
+                });
+            };
+            out.extend_from_slice(&1u32.to_le_bytes());
+            repeat_block(&self.bytes[block.clone()], cells, &mut out).map_err(|e| StateError {
+                at: block.start + e.at,
+                what: e.what,
+            })?;
+        }
+        Ok(out)
     }
 
     fn laid_out(&self, streams: u32, stream: u32) -> Result<Vec<u8>, StateError> {
@@ -351,6 +434,37 @@ mod tests {
                 assert_eq!(back.to_streams(1, 0).unwrap(), one);
             }
         }
+    }
+
+    #[test]
+    fn cells_repeat_to_a_deeper_state_of_the_same_layout() {
+        for sections in [1, 2] {
+            for v_trans in [false, true] {
+                let mut s = state(sections, 1, 0, 3, v_trans);
+                // Tell the cells apart: cell i's key and value bytes are i.
+                let parsed = SeqState::parse(&s, sections).unwrap();
+                let block = parsed.sections[0].cells(&s).unwrap().unwrap();
+                let rows = block.start + 4 + 3 * 12 + 16;
+                for (k, cell) in [(rows + 12, 0u8), (rows + 16, 1), (rows + 20, 2)] {
+                    s[k..k + 4].fill(cell);
+                }
+                let deep = SeqState::parse(&s, sections).unwrap().repeated(7).unwrap();
+                let parsed = SeqState::parse(&deep, sections).unwrap();
+                assert_eq!(parsed.streams(), 1);
+                let block = parsed.sections[0].cells(&deep).unwrap().unwrap();
+                let b = &deep[block];
+                assert_eq!(&b[..4], &7u32.to_le_bytes());
+                for p in 0..7u32 {
+                    let at = 4 + 12 * p as usize;
+                    assert_eq!(&b[at..at + 12], &w(&[p, 1, 5])[..]);
+                }
+                let rows = 4 + 7 * 12 + 16 + 12;
+                let first: Vec<u8> = (0..7).map(|i| b[rows + 4 * i]).collect();
+                assert_eq!(first, [0, 1, 2, 0, 1, 2, 0]);
+            }
+        }
+        let empty = state(1, 1, 0, 0, false);
+        assert!(SeqState::parse(&empty, 1).unwrap().repeated(4).is_err());
     }
 
     #[test]

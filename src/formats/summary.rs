@@ -225,8 +225,8 @@ pub struct RunSummary {
     pub plan: PlanRecord,
     /// Memory.
     pub memory: MemoryRecord,
-    /// How exactness was kept: `any shape`, `fixed-shape, 2 to N rows a call`, or mixed.
-    pub decode_groups: String,
+    /// How exactness was kept.
+    pub decode_groups: DecodeGroupsRecord,
     /// The computation identity the run's lines were computed under (as the manifest
     /// stores it).
     #[serde(default)]
@@ -235,6 +235,30 @@ pub struct RunSummary {
     /// when one machine computed every line.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_machines: Vec<serde_json::Value>,
+}
+
+/// How a run grouped its generated tokens into decode calls, and what the start-up probe found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecodeGroupsRecord {
+    /// The decision: `any shape, 1 to N rows a call`, `fixed-shape, LO to HI rows a call`,
+    /// `one row a call`, or `mixed (not deterministic)`.
+    pub decision: String,
+    /// The group sizes the probe decoded, every one from the first to the last; absent without
+    /// a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sizes_tried: Option<[usize; 2]>,
+    /// The classes it found, smallest sizes first: runs of consecutive sizes whose rows were
+    /// bit-identical (`1-32`, or `1`, `2-8`, `9-64`), a size whose rows changed with a deeper
+    /// batch-mate or with their place in the call on its own, with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
+    /// Where the findings were remembered from, when an earlier probe on this machine, model,
+    /// build and settings measured them; absent when this run probed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remembered_from: Option<std::path::PathBuf>,
+    /// Seconds the probe took, its own context included; absent without a probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_seconds: Option<f64>,
 }
 
 /// Token counts summed from merged result lines.

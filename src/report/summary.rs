@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::formats::summary::{
-    MemoryRecord, Percentiles, PrefixRecord, Rates, RequestCounts, RunSummary, RunTokens, Seconds,
-    SummaryKind,
+    DecodeGroupsRecord, MemoryRecord, Percentiles, PrefixRecord, Rates, RequestCounts, RunSummary,
+    RunTokens, Seconds, SummaryKind,
 };
 use crate::plan::Plan;
 use crate::report::metrics::Metrics;
@@ -24,7 +24,7 @@ pub fn run_summary(
     plan: &Plan,
     wall: Duration,
     memory: MemoryRecord,
-    decode_groups: String,
+    decode_groups: DecodeGroupsRecord,
 ) -> RunSummary {
     let computed = m.prompt_tokens_computed;
     let reused = m.prompt_tokens_reused;
@@ -118,7 +118,13 @@ mod tests {
             &plan(),
             Duration::from_secs(2),
             memory,
-            "any shape".into(),
+            DecodeGroupsRecord {
+                decision: "any shape, 1 to 32 rows a call".into(),
+                sizes_tried: Some([1, 32]),
+                probe_seconds: Some(1.5),
+                classes: vec!["1-32".into()],
+                remembered_from: None,
+            },
         )
     }
 

@@ -5,12 +5,14 @@
 //! at the next free position, as llama.cpp's per-sequence streams require: a dummy row left
 //! behind, or a fork that lost its prompt, shows up as a failed decode or a different answer.
 //! A sampled token is a function of the sequence's whole context and the sampler's seed, so
-//! an answer changes exactly when what the request saw changes.
+//! an answer changes exactly when what the request saw changes; a scripted [`Kernel`] adds what
+//! a row's bits take from the shape of its call (its row count, the deepest stream beside it,
+//! its place), as llama.cpp's kernels may.
 
 use std::collections::HashMap;
 
 use crate::engine::{
-    Constraint, Engine, EngineError, RowDependence, SamplerSpec, SeqId, Token, TokenLogprobs, Vocab,
+    Constraint, Engine, EngineError, SamplerSpec, SeqId, Token, TokenLogprobs, Vocab,
 };
 
 /// The end-of-generation token.
@@ -37,6 +39,69 @@ pub type Pick = Box<dyn Fn(&[Token], u32) -> Token>;
 
 /// Decides, from a call's rows, whether that decode fails.
 pub type FailWhen = Box<dyn FnMut(&[Row]) -> bool>;
+
+/// What a row's kernel sees of its pass: llama.cpp decodes a call in passes of consecutive
+/// sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// Rows in the pass.
+    pub rows: usize,
+    /// Cells its attention covers: the deepest stream in it, in steps of 256 cells.
+    pub span: usize,
+    /// The row's place in the pass.
+    pub place: usize,
+    /// The cells of the row's own sequence, its token included.
+    pub cells: usize,
+}
+
+/// A row's salt from its pass: rows with equal context and salt have equal bits.
+pub type Kernel = Box<dyn Fn(Pass) -> u32>;
+
+/// Kernels whose rows are the same in every pass.
+pub fn uniform() -> Kernel {
+    Box::new(|_| 0)
+}
+
+/// Kernels whose rows differ in passes of `rows` rows.
+pub fn differs_at(rows: std::ops::RangeInclusive<usize>) -> Kernel {
+    Box::new(move |p| u32::from(rows.contains(&p.rows)))
+}
+
+/// A GPU's kernels: a lone row, 2 to 8 rows and more rows each differ.
+pub fn gpu_like() -> Kernel {
+    Box::new(|p| match p.rows {
+        1 => 1,
+        2..=8 => 2,
+        _ => 3,
+    })
+}
+
+/// Kernels that take whole blocks of 4 rows another way than the tail, where only rows of a
+/// stream deeper than 256 cells show it (as Gemma 3's matrix products on this project's CPU).
+pub fn blocks_of_4() -> Kernel {
+    Box::new(|p| u32::from(p.cells > 256 && p.place < p.rows / 4 * 4))
+}
+
+/// Kernels whose rows change with the deepest stream in the pass.
+pub fn by_depth() -> Kernel {
+    Box::new(|p| u32::try_from(p.span / 256).unwrap_or(u32::MAX))
+}
+
+/// The passes llama.cpp cuts a call into: runs of consecutive sequences (one sequence's
+/// tokens stay together).
+pub fn passes(rows: &[Row]) -> Vec<&[Row]> {
+    let mut passes = Vec::new();
+    let mut start = 0;
+    for i in 1..=rows.len() {
+        let next = rows.get(i).map(|r| r.seq);
+        let prev = rows[i - 1].seq;
+        if next.is_none_or(|s| s != prev && s != prev + 1) {
+            passes.push(&rows[start..i]);
+            start = i;
+        }
+    }
+    passes
+}
 
 /// The fake's sampler: a seed.
 pub struct FakeSampler {
@@ -87,9 +152,8 @@ pub struct FakeEngine {
     pub shares: Vec<(SeqId, SeqId)>,
     /// When set, a call these rows make fails.
     pub fail_when: Option<FailWhen>,
-    /// What the start-up probe reports; a row-count dependence also changes the sampled
-    /// tokens by the call's row class (1 row, 2 to n rows, more).
-    pub dependence: RowDependence,
+    /// What each row takes from the shape of its pass.
+    pub kernel: Kernel,
     /// How tokens are chosen.
     pub pick: Pick,
 }
@@ -105,7 +169,7 @@ impl FakeEngine {
             calls: Vec::new(),
             shares: Vec::new(),
             fail_when: None,
-            dependence: RowDependence::None,
+            kernel: uniform(),
             pick: Box::new(hash_pick),
         }
     }
@@ -113,15 +177,6 @@ impl FakeEngine {
     /// The tokens sequence `seq` holds.
     pub fn cells(&self, seq: SeqId) -> &[Token] {
         self.cells.get(&seq).map_or(&[], Vec::as_slice)
-    }
-
-    fn salt(&self, rows: usize) -> u32 {
-        match self.dependence {
-            RowDependence::None => 0,
-            RowDependence::SameFrom2UpTo(n) if rows == 1 => 1 + u32::from(n == 0),
-            RowDependence::SameFrom2UpTo(n) if rows <= n => 2,
-            RowDependence::SameFrom2UpTo(_) => 3,
-        }
     }
 }
 
@@ -178,22 +233,39 @@ impl Engine for FakeEngine {
         if self.fail_when.as_mut().is_some_and(|f| f(&rows)) {
             return Err(EngineError::Decode("scripted failure".into()));
         }
-        let salt = self.salt(rows.len());
-        for row in &rows {
-            let cells = self.cells.entry(row.seq).or_default();
-            if row.pos as usize != cells.len() {
-                return Err(EngineError::Decode(format!(
-                    "sequence {} holds {} tokens, a token came at position {}",
-                    row.seq,
-                    cells.len(),
-                    row.pos
-                )));
+        for pass in passes(&rows) {
+            let mut span = 0;
+            for row in pass {
+                let cells = self.cells.entry(row.seq).or_default();
+                if row.pos as usize != cells.len() {
+                    return Err(EngineError::Decode(format!(
+                        "sequence {} holds {} tokens, a token came at position {}",
+                        row.seq,
+                        cells.len(),
+                        row.pos
+                    )));
+                }
+                cells.push(row.token);
+                span = span.max(cells.len().div_ceil(256) * 256);
             }
-            cells.push(row.token);
-            self.rows.push(row.logits.then(|| Logits {
-                context: cells.clone(),
-                salt,
-            }));
+            for (place, row) in pass.iter().enumerate() {
+                let context = &self.cells[&row.seq];
+                // A token of a sequence that came earlier in this pass sees only its context.
+                let seen = pass[place + 1..]
+                    .iter()
+                    .filter(|r| r.seq == row.seq)
+                    .count();
+                let salt = (self.kernel)(Pass {
+                    rows: pass.len(),
+                    span,
+                    place,
+                    cells: context.len() - seen,
+                });
+                self.rows.push(row.logits.then(|| Logits {
+                    context: context[..context.len() - seen].to_vec(),
+                    salt,
+                }));
+            }
         }
         Ok(())
     }
@@ -241,8 +313,22 @@ impl Engine for FakeEngine {
         Ok(())
     }
 
-    fn decode_group_probe(&mut self, _seqs: &[SeqId]) -> Result<RowDependence, EngineError> {
-        Ok(self.dependence)
+    fn logits(&self, row: i32) -> Vec<f32> {
+        let logits = usize::try_from(row)
+            .ok()
+            .and_then(|r| self.rows.get(r))
+            .and_then(Option::as_ref)
+            .expect("the probe reads only rows that asked for logits");
+        // Stands for the logits a context gives: equal bits exactly when context and salt are.
+        let context = std::hash::BuildHasher::hash_one(
+            &std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default(),
+            &logits.context,
+        );
+        vec![
+            f32::from_bits(u32::try_from(context >> 32).unwrap_or(0)),
+            f32::from_bits(u32::try_from(context & 0xffff_ffff).unwrap_or(0)),
+            f32::from_bits(logits.salt),
+        ]
     }
 
     fn sampler(

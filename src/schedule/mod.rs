@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod detok;
+pub mod groups;
 pub mod job;
 pub mod scheduler;
 pub mod sequence;

@@ -13,15 +13,18 @@
 
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::prefix_cache::{materialize, Lease, PrefixPool};
 use crate::cache::prefix_store::PrefixStore;
-use crate::engine::{Engine, EngineError, RowDependence, SeqId, Token};
+use crate::engine::probe::{self, Findings};
+use crate::engine::{Engine, EngineError, Model, SeqId, SessionSettings, Token};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::Completion;
+use crate::formats::summary::DecodeGroupsRecord;
 use crate::prompt::PrefixKey;
 use crate::report::metrics::Metrics;
+use crate::schedule::groups::{calls, DecodeGroups};
 use crate::schedule::job::Job;
 use crate::schedule::sequence::{Gather, Sequence};
 
@@ -53,69 +56,184 @@ struct Slot<S> {
     state: SlotState<S>,
 }
 
-/// Most generated tokens decoded together in exact mode: below llama.cpp's 64-row tile size
-/// for attention, so every group takes the same attention kernel.
+/// Most generated tokens decoded together in exact mode on the CPU: below llama.cpp's 64-row
+/// tile size for attention, so every group takes the same attention kernel.
 pub const EXACT_MAX_ROWS: usize = 32;
 
-/// Exact-mode settings.
+/// The same with layers offloaded to a GPU, where a wider call costs little more than a
+/// narrower one.
+pub const EXACT_MAX_ROWS_GPU: usize = 64;
+
+/// Exact-mode settings: how generated tokens are grouped into decode calls, as the start-up
+/// probe found the kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exact {
-    /// The sequence right after the last slot, with a KV stream of its own: it completes a
-    /// block when there is a single slot.
-    pub pad_seq: SeqId,
-    /// Decode generated tokens in fixed-shape calls: blocks of at most this many consecutive
-    /// slots, each decoded in full with a dummy row for each slot that is not generating, a
-    /// lone slot padded with a dummy row. Every call then holds 2 to this many rows, whatever
-    /// `--parallel` and whichever slots generate. Needed where a row's logits depend on how many
-    /// rows share its call; the start-up probe found every group of 2 to this many rows alike.
-    /// `None`: any group, where the probe found rows independent of their batch-mates.
-    pub fixed_block: Option<usize>,
+    /// Which group sizes calls take.
+    pub groups: DecodeGroups,
+    /// The largest group a call holds: the largest the probe tried.
+    pub max_rows: usize,
+    /// What the probe found; `None` for settings made by hand.
+    pub findings: Option<Findings>,
+    /// How long the probe took, its session included; `None` where it did not run here.
+    pub probe_time: Option<Duration>,
 }
 
 impl Exact {
-    /// Exact mode for `parallel` slots, with its decode groups as the engine's start-up probe
-    /// finds its kernels: any shape where rows do not depend on their batch-mates, else
-    /// fixed-shape blocks as wide as the probe found alike. `force_fixed` takes the
-    /// fixed-shape path even where the probe finds it unneeded (a test hook).
-    ///
-    /// # Errors
-    /// When the probe's decode fails.
-    pub fn probe(
-        engine: &mut impl Engine,
-        parallel: usize,
-        force_fixed: bool,
-    ) -> Result<Self, EngineError> {
-        // The pad stream follows the slots, so slots and pad are consecutive sequences.
-        let pad_seq = SeqId::try_from(parallel).unwrap_or(SeqId::MAX);
-        let probe: Vec<SeqId> = (0..=pad_seq).collect();
-        let fixed_block = match engine.decode_group_probe(&probe)? {
-            RowDependence::SameFrom2UpTo(rows) => Some(rows),
-            RowDependence::None if force_fixed => Some(EXACT_MAX_ROWS),
-            RowDependence::None => None,
+    /// The largest group a run makes, and so the largest the probe tries: the per-call cap
+    /// ([`EXACT_MAX_ROWS`], or [`EXACT_MAX_ROWS_GPU`] with layers offloaded to a GPU) within a
+    /// batch of `n_batch` tokens. Never `--parallel`, so runs at any `--parallel` decide alike.
+    pub fn max_rows(gpu: bool, n_batch: u32) -> usize {
+        let cap = if gpu {
+            EXACT_MAX_ROWS_GPU
+        } else {
+            EXACT_MAX_ROWS
         };
-        Ok(Self {
-            pad_seq,
-            fixed_block,
-        })
+        cap.min(usize::try_from(n_batch).unwrap_or(cap)).max(1)
     }
 
-    /// How exactness is kept, as the summary says it (`None`: not deterministic).
-    pub fn describe(exact: Option<Self>) -> String {
-        match exact.map(|e| e.fixed_block) {
-            None => "mixed (not deterministic)".to_owned(),
-            Some(None) => "any shape".to_owned(),
-            Some(Some(rows)) => format!("fixed-shape, 2 to {rows} rows a call"),
+    /// KV cells of the probe's session: a stream of [`probe::STREAM_CELLS`] cells for each of
+    /// its [`Self::max_rows`] + 1 sequences.
+    pub fn probe_cells(gpu: bool, n_batch: u32) -> u32 {
+        Self::probe_seqs(gpu, n_batch).saturating_mul(probe::STREAM_CELLS)
+    }
+
+    fn probe_seqs(gpu: bool, n_batch: u32) -> u32 {
+        u32::try_from(Self::max_rows(gpu, n_batch) + 1).unwrap_or(u32::MAX)
+    }
+
+    /// The probe session's settings: the run's batch, threads, attention and KV types, with
+    /// [`Self::probe_cells`] cells in one stream per sequence.
+    pub fn probe_settings(run: &SessionSettings, gpu: bool) -> SessionSettings {
+        let n_seq_max = Self::probe_seqs(gpu, run.n_batch);
+        SessionSettings {
+            n_ctx: Self::probe_cells(gpu, run.n_batch),
+            n_seq_max,
+            // llama.cpp reserves an output row per sequence within the batch, and aborts where
+            // the sequences outnumber it. The probe's calls hold at most the run's batch, so a
+            // larger reservation changes no call's shape.
+            n_batch: run.n_batch.max(n_seq_max),
+            kv_unified: false,
+            ..run.clone()
         }
     }
 
-    /// The decision as the computation identity names it: the kind of groups, not their
-    /// largest size, which the probe caps at `--parallel` + 1 (a resume at another
-    /// `--parallel` decodes in groups of the same class, so its bits agree).
-    pub fn identity(exact: Option<Self>) -> String {
-        match exact.map(|e| e.fixed_block) {
-            None => "mixed (not deterministic)".to_owned(),
-            Some(None) => "any shape".to_owned(),
-            Some(Some(_)) => "fixed-shape, 2 rows or more a call".to_owned(),
+    /// Exact mode for a run of `model` with `settings` (`gpu`: with layers offloaded): the
+    /// probe runs in a session of its own ([`Self::probe_settings`]), dropped before the run
+    /// makes its own, so memory peaks at the larger of the two. `force_fixed` takes the
+    /// fixed-shape path even where the probe finds it unneeded (a test hook).
+    ///
+    /// # Errors
+    /// When the probe's session cannot be made or a decode fails.
+    pub fn probe_with(
+        model: &Model,
+        settings: &SessionSettings,
+        gpu: bool,
+        force_fixed: bool,
+    ) -> Result<Self, EngineError> {
+        let started = Instant::now();
+        let mut session = model.new_session(&Self::probe_settings(settings, gpu))?;
+        let max_rows = Self::max_rows(gpu, settings.n_batch);
+        let exact = Self::probe(
+            &mut session,
+            max_rows,
+            model.info().n_vocab,
+            gpu,
+            force_fixed,
+        )?;
+        drop(session);
+        Ok(Self {
+            probe_time: Some(started.elapsed()),
+            ..exact
+        })
+    }
+
+    /// Exact mode as the probe finds `engine`'s kernels, trying every group size from 1 to
+    /// `max_rows` in its sequences `0..=max_rows` (left empty), with context tokens below
+    /// `n_vocab`; see [`DecodeGroups::decide`] for the choice.
+    ///
+    /// # Errors
+    /// When a decode fails.
+    pub fn probe(
+        engine: &mut impl Engine,
+        max_rows: usize,
+        n_vocab: u32,
+        gpu: bool,
+        force_fixed: bool,
+    ) -> Result<Self, EngineError> {
+        let findings = probe::probe(engine, max_rows, n_vocab)?;
+        Ok(Self::from_findings(findings, gpu, force_fixed))
+    }
+
+    /// The decision for `findings`; `force_fixed` turns any shape into fixed-shape calls of 2
+    /// rows or more.
+    pub fn from_findings(findings: Findings, gpu: bool, force_fixed: bool) -> Self {
+        let max_rows = findings.tried();
+        let groups = match DecodeGroups::decide(&findings, gpu) {
+            DecodeGroups::Any if force_fixed => DecodeGroups::Fixed {
+                lo: 2,
+                hi: max_rows.max(2),
+            },
+            groups => groups,
+        };
+        Self {
+            groups,
+            max_rows,
+            findings: Some(findings),
+            probe_time: None,
+        }
+    }
+
+    /// Sequences after the `parallel` slots that take only dummy rows: enough that a call can
+    /// be padded to its fewest rows, and at least the plan's one.
+    pub fn pad_streams(&self, parallel: usize) -> usize {
+        let (lo, _) = self.groups.bounds(self.max_rows);
+        lo.saturating_sub(parallel).max(1)
+    }
+
+    /// The run's session settings: the plan's, with the pad streams beyond the plan's one
+    /// added at the plan's stream size (only where the slots are fewer than a call's fewest
+    /// rows: a GPU class padded to its smallest size).
+    pub fn session_settings(&self, planned: &SessionSettings, parallel: usize) -> SessionSettings {
+        let extra = u32::try_from(self.pad_streams(parallel) - 1).unwrap_or(0);
+        let stream = planned.n_ctx / planned.n_seq_max.max(1);
+        if extra > 0 {
+            tracing::info!(
+                "{extra} more pad streams of {stream} cells than planned: calls hold at least \
+                 {} rows and --parallel is {parallel}",
+                self.groups.bounds(self.max_rows).0
+            );
+        }
+        SessionSettings {
+            n_ctx: planned.n_ctx + extra * stream,
+            n_seq_max: planned.n_seq_max + extra,
+            ..planned.clone()
+        }
+    }
+
+    /// How exactness is kept, as the summary and the run's identity say it (`None`: not
+    /// deterministic): complete and stable, the bounds of the calls included.
+    pub fn describe(exact: Option<Self>) -> String {
+        let Some(exact) = exact else {
+            return "mixed (not deterministic)".to_owned();
+        };
+        match exact.groups {
+            DecodeGroups::Any => format!("any shape, 1 to {} rows a call", exact.max_rows),
+            DecodeGroups::Fixed { lo, hi } => format!("fixed-shape, {lo} to {hi} rows a call"),
+            DecodeGroups::Alone => "one row a call".to_owned(),
+        }
+    }
+
+    /// The summary's record: the decision, the sizes the probe tried and the classes it found.
+    pub fn record(exact: Option<Self>) -> DecodeGroupsRecord {
+        let findings = exact.and_then(|e| e.findings);
+        DecodeGroupsRecord {
+            decision: Self::describe(exact),
+            sizes_tried: findings.map(|f| [1, f.tried()]),
+            probe_seconds: exact.and_then(|e| e.probe_time).map(|t| t.as_secs_f64()),
+            classes: findings
+                .map(|f| f.classes().iter().map(ToString::to_string).collect())
+                .unwrap_or_default(),
+            remembered_from: None,
         }
     }
 }
@@ -183,9 +301,12 @@ impl<'s, E: Engine> Scheduler<'s, E> {
                     state: SlotState::Idle,
                 })
                 .collect(),
-            // In exact mode the pad sequence follows the slots; the prefixes come after it.
+            // In exact mode the pad streams follow the slots; the prefixes come after them.
             prefixes: PrefixPool::new(
-                parallel_seq + SeqId::from(exact.is_some()),
+                parallel_seq
+                    + exact.map_or(0, |e| {
+                        SeqId::try_from(e.pad_streams(parallel)).unwrap_or(SeqId::MAX)
+                    }),
                 resident_prefixes,
             ),
             store,
@@ -372,50 +493,39 @@ impl<'s, E: Engine> Scheduler<'s, E> {
     }
 
     /// Exact mode: a request's numbers never depend on its batch-mates. Prompt chunks are
-    /// decoded alone, so their shape is the request's own. Generated tokens are decoded
-    /// together, at most [`EXACT_MAX_ROWS`] to a call: as they come where the probe found rows
-    /// independent of their batch-mates, else in fixed-shape blocks.
+    /// decoded alone, so their shape is the request's own. Generated tokens are decoded in
+    /// calls whose row counts the start-up probe found alike ([`calls`]), padded with dummy
+    /// rows where the decision asks for more rows than generate.
     fn step_exact(&mut self, done: &mut Vec<Outcome>) {
         let Some(exact) = self.exact else { return };
-        let generating = |s: &Slot<E::Sampler>| matches!(s.state, SlotState::Generating { .. });
-        let groups: Vec<Vec<usize>> = if let Some(block) = exact.fixed_block {
-            let all: Vec<usize> = (0..self.slots.len()).collect();
-            all.chunks(block.clamp(1, EXACT_MAX_ROWS))
-                .filter(|block| block.iter().any(|&i| generating(&self.slots[i])))
-                .map(<[usize]>::to_vec)
-                .collect()
-        } else {
-            let busy: Vec<usize> = (0..self.slots.len())
-                .filter(|&i| generating(&self.slots[i]))
-                .collect();
-            busy.chunks(EXACT_MAX_ROWS).map(<[usize]>::to_vec).collect()
-        };
-        for group in groups {
+        let (lo, hi) = exact.groups.bounds(exact.max_rows);
+        let generating: Vec<bool> = self
+            .slots
+            .iter()
+            .map(|s| matches!(s.state, SlotState::Generating { .. }))
+            .collect();
+        let n_seqs = self.slots.len() + exact.pad_streams(self.slots.len());
+        for call in calls(lo, hi, &generating, n_seqs) {
             let mut batch = Batch::default();
             // Rows that only give the call its shape: (sequence, position), dropped after.
-            // Rows go in sequence order: llama.cpp keeps consecutive sequences in one call
-            // only when they come in that order. A dummy asks for logits like a real row: the
-            // output layer multiplies only the rows that do, so its shape is part of the call's.
+            // Each sits at its sequence's next position, so it leaves the sequence as it was.
             let mut dummies: Vec<(SeqId, u32)> = Vec::new();
-            let mut dummy = |session: &mut E, batch: &mut Batch, seq, pos| {
-                if let Err(e) = session.push(Token(0), pos, seq, true) {
+            for row in call {
+                if !row.dummy {
+                    self.queue_generated(row.seq, &mut batch);
+                    continue;
+                }
+                let pos = match self.slots.get(row.seq).map(|s| &s.state) {
+                    Some(SlotState::Prompt { seq, .. } | SlotState::Generating { seq, .. }) => {
+                        to_u32(seq.pos)
+                    }
+                    _ => 0,
+                };
+                let seq = SeqId::try_from(row.seq).unwrap_or(SeqId::MAX);
+                if let Err(e) = self.session.push(Token(0), pos, seq, true) {
                     batch.failure = Some(e);
                 }
                 dummies.push((seq, pos));
-            };
-            for &i in &group {
-                if generating(&self.slots[i]) {
-                    self.queue_generated(i, &mut batch);
-                } else {
-                    let pos = match &self.slots[i].state {
-                        SlotState::Prompt { seq, .. } => to_u32(seq.pos),
-                        _ => 0,
-                    };
-                    dummy(self.session, &mut batch, self.slots[i].seq, pos);
-                }
-            }
-            if exact.fixed_block.is_some() && group.len() == 1 {
-                dummy(self.session, &mut batch, exact.pad_seq, 0);
             }
             self.run_batch(batch, done);
             for (seq, pos) in dummies {

@@ -6,11 +6,16 @@
 use std::collections::{BTreeSet, VecDeque};
 
 use super::admission::{admit_all, Apart, Feed, Intake, LoopEnd, Piece};
-use super::fake::{hash_pick, FakeEngine, Pick, Row, EOS};
+use super::fake::{
+    blocks_of_4, by_depth, differs_at, gpu_like, hash_pick, passes, uniform, FakeEngine, Kernel,
+    Pick, Row, EOS,
+};
+use super::groups::DecodeGroups;
 use super::job::{GenParams, Job};
-use super::scheduler::{Admission, Exact, Outcome, Scheduler};
+use super::scheduler::{Admission, Exact, Outcome, Scheduler, EXACT_MAX_ROWS};
 use super::twins::{Release, Twins};
-use crate::engine::{RowDependence, SamplerSpec, Token, Vocab};
+use crate::engine::probe::{DEEP, SHALLOW};
+use crate::engine::{FlashAttn, SamplerSpec, SessionSettings, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint, StopReason};
 use crate::input::request::{Prompt, Request};
@@ -122,8 +127,10 @@ const EXACT_ANY: Setup = Setup {
     prefixes: 1,
     share: true,
     exact: Some(Exact {
-        pad_seq: 2,
-        fixed_block: None,
+        groups: DecodeGroups::Any,
+        max_rows: EXACT_MAX_ROWS,
+        findings: None,
+        probe_time: None,
     }),
 };
 
@@ -131,10 +138,6 @@ const EXACT_ANY: Setup = Setup {
 fn exact_any(parallel: usize) -> Setup {
     Setup {
         parallel,
-        exact: Some(Exact {
-            pad_seq: i32::try_from(parallel).unwrap(),
-            fixed_block: None,
-        }),
         ..EXACT_ANY
     }
 }
@@ -326,65 +329,212 @@ fn a_failure_in_a_later_wave_fails_the_request_once_and_frees_its_slots() {
     }
 }
 
-/// A fake whose rows depend on how many share a call: alike from 2 to 4 rows.
-fn row_dependent() -> FakeEngine {
+/// Scripted kernels, by name.
+type Kernels = fn() -> Kernel;
+
+/// A fake with `kernel`, the exact mode its probe finds (the batch holds 64 tokens, so a GPU
+/// run probes up to 64 rows, a CPU run up to 32), and the probe's calls forgotten.
+fn probed(kernel: Kernels, gpu: bool, force_fixed: bool) -> (FakeEngine, Exact) {
     let mut engine = FakeEngine::new(64);
-    engine.dependence = RowDependence::SameFrom2UpTo(4);
-    engine
-}
-
-#[test]
-fn the_probe_chooses_fixed_shape_groups_through_the_seam() {
-    let exact = Exact::probe(&mut row_dependent(), 3, false).unwrap();
-    assert_eq!(exact.pad_seq, 3);
-    assert_eq!(exact.fixed_block, Some(4));
-    let exact = Exact::probe(&mut FakeEngine::new(8), 3, false).unwrap();
-    assert_eq!(exact.fixed_block, None);
-    let forced = Exact::probe(&mut FakeEngine::new(8), 3, true).unwrap();
-    assert_eq!(forced.fixed_block, Some(super::scheduler::EXACT_MAX_ROWS));
-}
-
-#[test]
-fn fixed_shape_groups_pad_with_dummy_rows_and_give_the_same_answers_at_any_parallel() {
-    let jobs = sample_jobs();
-    let mut results = Vec::new();
-    for parallel in [1, 3] {
-        let mut engine = row_dependent();
-        let exact = Exact::probe(&mut engine, parallel, false).unwrap();
-        let setup = Setup {
-            parallel,
-            exact: Some(exact),
-            ..EXACT_ANY
-        };
-        let (done, _) = run_all(&mut engine, &setup, jobs.clone());
-        assert!(done.iter().all(Result::is_ok), "{done:?}");
-        // Calls of generated tokens (every row asks for logits; the prompts are longer than one
-        // token, so no prompt chunk does) hold 2 to 4 rows; at
-        // --parallel 1 the lone slot is padded with the pad sequence's dummy row.
-        let generated: Vec<&Vec<Row>> = engine
-            .calls
-            .iter()
-            .filter(|c| c.iter().all(|r| r.logits) && !c.is_empty())
-            .collect();
-        assert!(!generated.is_empty());
-        for call in &generated {
-            assert!((2..=4).contains(&call.len()), "{call:?}");
-        }
-        if parallel == 1 {
-            assert!(generated.iter().all(|c| c.iter().any(|r| r.seq == 1)));
-        }
-        // Dummy rows leave nothing behind in the pad stream.
-        assert!(engine.cells(i32::try_from(parallel).unwrap()).is_empty());
-        results.push(answers(&done));
+    engine.kernel = kernel();
+    let exact = Exact::probe(&mut engine, Exact::max_rows(gpu, 64), 10, gpu, force_fixed).unwrap();
+    for seq in 0..=64 {
+        assert!(
+            engine.cells(seq).is_empty(),
+            "the probe left sequence {seq} empty"
+        );
     }
-    assert_eq!(results[0], results[1]);
-    // Without the fixed shape, the same fake gives different answers at 1 and 3 slots: the
-    // check above can fail.
-    let any = |parallel: usize| {
-        let setup = exact_any(parallel);
-        answers(&run_all(&mut row_dependent(), &setup, jobs.clone()).0)
+    engine.calls.clear();
+    (engine, exact)
+}
+
+#[test]
+fn the_probe_tries_every_size_and_decides_from_the_kernels() {
+    let fixed = |lo, hi| DecodeGroups::Fixed { lo, hi };
+    let cases: [(Kernels, bool, &str, DecodeGroups); 11] = [
+        (uniform, false, "1-32", DecodeGroups::Any),
+        (uniform, true, "1-64", DecodeGroups::Any),
+        (|| differs_at(3..=3), false, "1-2 | 3 | 4-32", fixed(1, 2)),
+        (|| differs_at(3..=3), true, "1-2 | 3 | 4-64", fixed(4, 64)),
+        (|| differs_at(5..=7), false, "1-4 | 5-7 | 8-32", fixed(1, 4)),
+        (|| differs_at(5..=7), true, "1-4 | 5-7 | 8-64", fixed(8, 64)),
+        (gpu_like, true, "1 | 2-8 | 9-64", fixed(9, 64)),
+        (gpu_like, false, "1 | 2-8 | 9-32", fixed(2, 8)),
+        (by_depth, true, "", DecodeGroups::Alone),
+        // Sizes 5-7 mix whole blocks with a tail: the deep rows at both ends differ.
+        (blocks_of_4, false, "", fixed(1, 3)),
+        (blocks_of_4, true, "", fixed(1, 3)),
+    ];
+    for (kernel, gpu, classes, groups) in cases {
+        let (engine, exact) = probed(kernel, gpu, false);
+        assert!(engine.calls.is_empty());
+        let findings = exact.findings.unwrap();
+        assert_eq!(findings.tried(), if gpu { 64 } else { 32 });
+        if !classes.is_empty() {
+            assert_eq!(findings.to_string(), classes);
+        }
+        assert_eq!(exact.groups, groups, "{findings}");
+    }
+    // Rows that change beside a deeper batch-mate: every size from 2 on is its own class.
+    let (_, exact) = probed(by_depth, false, false);
+    let classes = exact.findings.unwrap().classes();
+    assert_eq!(classes.len(), 32);
+    assert!(classes[1..].iter().all(|c| !c.usable()));
+    assert_eq!(Exact::describe(Some(exact)), "one row a call");
+    // The test hook turns any shape into fixed-shape calls.
+    let (_, forced) = probed(uniform, false, true);
+    assert_eq!(forced.groups, fixed(2, 32));
+    assert_eq!(
+        Exact::describe(Some(forced)),
+        "fixed-shape, 2 to 32 rows a call"
+    );
+}
+
+#[test]
+fn the_probe_calls_hold_every_size_with_deep_rows_beside_shallow_ones() {
+    let mut engine = FakeEngine::new(64);
+    Exact::probe(&mut engine, 8, 10, false, false).unwrap();
+    // After the deep context's prefill: the lone rows, then each size twice.
+    let probe_calls: Vec<&Vec<Row>> = engine
+        .calls
+        .iter()
+        .filter(|c| c.iter().all(|r| r.logits))
+        .collect();
+    assert_eq!(probe_calls.len(), 2 + 2 * 7);
+    const { assert!(DEEP > SHALLOW + 256) };
+    for n in 2..=8 {
+        let sized: Vec<&&Vec<Row>> = probe_calls.iter().filter(|c| c.len() == n).collect();
+        assert_eq!(sized.len(), 2, "size {n}");
+        // One call in one pass; deep rows more than 256 positions beyond the shallow ones,
+        // last, and first too from 3 rows on.
+        for call in &sized {
+            assert_eq!(passes(call).len(), 1);
+        }
+        let depths = |c: &Vec<Row>| c.iter().map(|r| r.pos).collect::<Vec<_>>();
+        let deep = |i: usize| i + 1 == n || (n > 2 && i == 0);
+        let want: Vec<u32> = (0..n)
+            .map(|i| if deep(i) { DEEP } else { SHALLOW })
+            .collect();
+        assert_eq!(depths(sized[0]), want);
+        assert!(depths(sized[1]).iter().all(|&p| p == SHALLOW));
+    }
+}
+
+#[test]
+fn a_class_wider_than_the_slots_gets_pad_streams_beyond_the_plans_one() {
+    let exact = Exact {
+        groups: DecodeGroups::Fixed { lo: 9, hi: 64 },
+        max_rows: 64,
+        findings: None,
+        probe_time: None,
     };
-    assert_ne!(any(1), any(3));
+    assert_eq!(exact.pad_streams(3), 6);
+    assert_eq!(exact.pad_streams(8), 1);
+    assert_eq!(exact.pad_streams(20), 1);
+    // --parallel 3, one resident prefix and the plan's pad stream: 5 streams of 512 cells.
+    let planned = SessionSettings {
+        n_ctx: 5 * 512,
+        n_batch: 64,
+        n_seq_max: 5,
+        threads: 1,
+        flash_attn: FlashAttn::Off,
+        kv_unified: false,
+    };
+    let settings = exact.session_settings(&planned, 3);
+    assert_eq!((settings.n_seq_max, settings.n_ctx), (10, 10 * 512));
+    assert_eq!(exact.session_settings(&planned, 8), planned);
+    assert_eq!(
+        EXACT_ANY.exact.unwrap().session_settings(&planned, 1),
+        planned
+    );
+}
+
+/// Requests enough for 20 slots at once, of various lengths.
+fn many_jobs() -> Vec<Job> {
+    (1..=30)
+        .map(|i| {
+            let own: Vec<i32> = (0..2 + i % 5).map(|t| 20 + t + i).collect();
+            let prefix: &[i32] = if i % 3 == 0 { &[] } else { &[11, 12, 13, 14] };
+            job(
+                u64::try_from(i).unwrap(),
+                prefix,
+                &own,
+                1,
+                6 + u32::try_from(i % 7).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn calls_are_padded_to_lo_and_cut_at_hi_with_the_same_answers_at_any_parallel() {
+    let jobs = many_jobs();
+    let cases: [(Kernels, bool, (usize, usize)); 4] = [
+        (gpu_like, true, (9, 64)),
+        (gpu_like, false, (2, 8)),
+        (|| differs_at(5..=7), false, (1, 4)),
+        (by_depth, false, (1, 1)),
+    ];
+    for (kernel, gpu, (lo, hi)) in cases {
+        let mut results = Vec::new();
+        for parallel in [1, 3, 10, 20] {
+            let (mut engine, exact) = probed(kernel, gpu, false);
+            assert_eq!(exact.groups.bounds(exact.max_rows), (lo, hi));
+            let setup = Setup {
+                parallel,
+                exact: Some(exact),
+                ..EXACT_ANY
+            };
+            let (done, _) = run_all(&mut engine, &setup, jobs.clone());
+            assert!(done.iter().all(Result::is_ok), "{done:?}");
+            // Calls of generated tokens: every row asks for logits (a prompt chunk asks only
+            // at its last token, and every own part is 2 tokens or more).
+            let generated: Vec<&Vec<Row>> = engine
+                .calls
+                .iter()
+                .filter(|c| !c.is_empty() && c.iter().all(|r| r.logits))
+                .collect();
+            assert!(!generated.is_empty());
+            let mut widest = 0;
+            for call in &generated {
+                for pass in passes(call) {
+                    assert!(
+                        (lo..=hi).contains(&pass.len()),
+                        "--parallel {parallel}: {call:?}"
+                    );
+                    widest = widest.max(pass.len());
+                }
+            }
+            if lo > 1 {
+                // Every generated call is one pass, padded up to `lo` where needed.
+                assert!(generated.iter().all(|c| passes(c).len() == 1));
+                if parallel < lo {
+                    assert_eq!(widest, lo, "--parallel {parallel}");
+                }
+            }
+            if parallel > hi {
+                assert_eq!(widest, hi, "--parallel {parallel}: cut at {hi}");
+            }
+            // Dummy rows leave nothing behind in the slots' or the pad streams.
+            let pads = exact.pad_streams(parallel);
+            for seq in 0..parallel + pads {
+                assert!(
+                    engine.cells(i32::try_from(seq).unwrap()).is_empty(),
+                    "{seq}"
+                );
+            }
+            results.push(answers(&done));
+        }
+        assert!(results.windows(2).all(|w| w[0] == w[1]), "{lo} to {hi}");
+    }
+    // Without the fixed shape, the same kernels give different answers at 1 and 10 slots:
+    // the check above can fail.
+    let any = |parallel: usize| {
+        let mut engine = FakeEngine::new(64);
+        engine.kernel = gpu_like();
+        answers(&run_all(&mut engine, &exact_any(parallel), jobs.clone()).0)
+    };
+    assert_ne!(any(1), any(10));
 }
 
 /// Picks the `g`-th token of `script` for the `g`-th generated token of a 2-token prompt.

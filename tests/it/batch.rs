@@ -300,6 +300,7 @@ fn runs_without_network() {
         "only lo"
     );
     let status = std::process::Command::new("unshare")
+        .env("XDG_CACHE_HOME", test_cache_home())
         .arg("--net")
         .arg(env!("CARGO_BIN_EXE_infer-batch"))
         .args([

@@ -226,6 +226,7 @@ fn ctrl_c_under_supervise_stops_cleanly_and_a_plain_rerun_resumes() {
     let mut sup = Command::new(env!("CARGO_BIN_EXE_infer-batch"))
         .args(supervised(&s, &input, &out, "2", &[]))
         .env("INFER_BATCH_LOG", "warn")
+        .env("XDG_CACHE_HOME", test_cache_home())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)

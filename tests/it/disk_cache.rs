@@ -164,6 +164,7 @@ fn two_processes_writing_the_same_prefix_leave_one_valid_file() {
             .args(["-o", s.path(out).to_str().unwrap()])
             .arg(&input)
             .env("INFER_BATCH_LOG", "warn")
+            .env("XDG_CACHE_HOME", test_cache_home())
             .spawn()
             .unwrap()
     };

@@ -73,11 +73,16 @@ pub fn infer_batch(args: &[&str]) -> Output {
     } else {
         "warn"
     };
-    cmd.args(args).env("INFER_BATCH_LOG", level).env(
-        "XDG_CACHE_HOME",
-        std::env::temp_dir().join("infer-batch-tests-xdg"),
-    );
+    cmd.args(args)
+        .env("INFER_BATCH_LOG", level)
+        .env("XDG_CACHE_HOME", test_cache_home());
     cmd.output().expect("run infer-batch")
+}
+
+/// The user cache directory every test run shares (the decode-group probe's findings live
+/// there), never the user's own.
+pub fn test_cache_home() -> PathBuf {
+    std::env::temp_dir().join("infer-batch-tests-xdg")
 }
 
 /// Runs a batch on the default model and returns its output lines by `custom_id`.
@@ -228,6 +233,7 @@ pub fn spawn_with(args: &[String], env: &[(&str, &str)]) -> std::process::Child 
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_infer-batch"));
     cmd.args(args)
         .env("INFER_BATCH_LOG", "warn")
+        .env("XDG_CACHE_HOME", test_cache_home())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     for (k, v) in env {

@@ -80,6 +80,7 @@ fn resume_refuses_a_changed_input_and_status_counts() {
     std::fs::rename(&changed, &input).unwrap();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_infer-batch"))
         .args(&a)
+        .env("XDG_CACHE_HOME", test_cache_home())
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));

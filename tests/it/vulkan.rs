@@ -39,6 +39,10 @@ fn short_profile(i: usize) -> String {
     format!("{} years of {}.", 2 + i, langs[i % langs.len()])
 }
 
+/// Tokens a call holds in these tests: it also caps the decode-group probe at 8 rows, where a
+/// GPU run's default would try every size up to 64, minutes of lavapipe's time each run.
+const BATCH: &str = "8";
+
 /// A run's arguments on the device: the batch into `out`, with the prefix states in `cache`.
 fn args(input: &Path, out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
     let model = model_path();
@@ -47,6 +51,8 @@ fn args(input: &Path, out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
         model.to_str().unwrap(),
         "--threads",
         "2",
+        "--batch-size",
+        BATCH,
         "--prefix-cache-dir",
         cache.to_str().unwrap(),
         "-o",
@@ -63,7 +69,9 @@ fn args(input: &Path, out: &Path, cache: &Path, extra: &[&str]) -> Vec<String> {
 /// Runs to the end, with the device visible, and returns the summary.
 fn run(exe: &Path, args: &[String], visible: bool) -> Value {
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(args).env("INFER_BATCH_LOG", "info");
+    cmd.args(args)
+        .env("INFER_BATCH_LOG", "info")
+        .env("XDG_CACHE_HOME", test_cache_home());
     if visible {
         cmd.env("GGML_VK_VISIBLE_DEVICES", "0");
     } else {
@@ -116,6 +124,8 @@ struct Baseline {
     cache: PathBuf,
     bodies: BTreeMap<String, Value>,
     prefix_tokens: u64,
+    /// The summary's `decode_groups`: the probe's decision, sizes and classes.
+    decode_groups: Value,
 }
 
 fn baseline() -> &'static Baseline {
@@ -154,6 +164,7 @@ fn baseline() -> &'static Baseline {
         let prefix_tokens = tokens(&sum, "prefix_prefilled");
         assert!(prefix_tokens > 20, "{sum}");
         Baseline {
+            decode_groups: sum["decode_groups"].clone(),
             bodies: bodies(&out),
             _scratch: s,
             input,
@@ -195,6 +206,64 @@ fn outputs_are_equal_across_parallel_and_a_device_state_restores_without_prefill
         bodies(&out),
         base.bodies,
         "a restored prefix changed outputs"
+    );
+}
+
+#[test]
+fn rows_far_deeper_in_the_same_call_leave_a_rows_bits_as_they_were() {
+    let _lock = model_lock();
+    // The baseline's probe ran on the device: every group size from 1 to 8, each once with
+    // shallow rows beside rows 257 positions deeper (so the call attends over the next
+    // 256-cell step) and once with shallow rows only, the rows compared bit for bit.
+    let groups = &baseline().decode_groups;
+    assert_eq!(groups["sizes_tried"], json!([1, 8]), "{groups}");
+    assert!(groups["classes"].as_array().is_some_and(|c| !c.is_empty()));
+    // The end-to-end check of whatever it decided: an answer written far deeper than another
+    // (its profile alone is more than 256 tokens) generates beside it at --parallel 2 and alone
+    // at --parallel 1, with the same bits. Exact mode computes one prompt chunk a step, so the
+    // short answer is still generating (64 tokens) when the deep one starts: on lavapipe,
+    // decoding the two in one call changes the short row's bits from its 50th token on.
+    let s = Scratch::new();
+    let system = "Grade the profile from 1 to 5.";
+    let long = (0..28)
+        .map(|i| format!("Project {i}: a service in Rust, tested and shipped."))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let greedy = |n: u32| json!({"max_tokens": n, "temperature": 0, "logprobs": true});
+    let lines = vec![
+        request("short", Some(system), "2 years of Go.", greedy(64)),
+        request("deep", Some(system), &long, greedy(4)),
+    ];
+    let input = s.write_lines("depths.jsonl", &lines);
+    let outputs = |parallel: &str| {
+        let out = s.path(&format!("p{parallel}.jsonl"));
+        run(
+            &vulkan_exe(),
+            &args(
+                &input,
+                &out,
+                &s.path("cache"),
+                &["--gpu-layers", "all", "--parallel", parallel],
+            ),
+            true,
+        );
+        bodies(&out)
+    };
+    let alone = outputs("1");
+    let usage = |id: &str, field: &str| alone[id]["usage"][field].as_u64().unwrap();
+    assert!(
+        usage("deep", "prompt_tokens") > usage("short", "prompt_tokens") + 256,
+        "the deep profile is too short: {alone:?}"
+    );
+    assert_eq!(
+        usage("short", "completion_tokens"),
+        64,
+        "the short answer ended before the deep one could join it: {alone:?}"
+    );
+    let together = outputs("2");
+    assert_eq!(
+        together, alone,
+        "a row's bits changed beside a far deeper one (decode groups: {groups})"
     );
 }
 
@@ -258,6 +327,7 @@ fn cache_warm_and_run_agree_on_the_state_when_layers_are_fitted_down() {
             &["--parallel", "1", "--dry-run"],
         ))
         .env("GGML_VK_VISIBLE_DEVICES", "0")
+        .env("XDG_CACHE_HOME", test_cache_home())
         .output()
         .unwrap();
     assert!(plan.status.success(), "{plan:?}");
@@ -276,6 +346,7 @@ fn cache_warm_and_run_agree_on_the_state_when_layers_are_fitted_down() {
     let o = std::process::Command::new(vulkan_exe())
         .args(&warm)
         .env("GGML_VK_VISIBLE_DEVICES", "0")
+        .env("XDG_CACHE_HOME", test_cache_home())
         .output()
         .unwrap();
     assert!(o.status.success(), "{o:?}");
