@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 
 use crate::cache::prefix_store::{PrefixStore, StateIdentity};
 use crate::commands::cli::RunConfig;
+use crate::commands::prepare::{check_files, probe_cache};
 use crate::engine::embed::context_size;
 use crate::engine::probe;
 use crate::engine::{gpu_available, FlashAttn, Model, ModelInfo, ModelSettings, Token};
@@ -149,7 +150,9 @@ impl Preflight {
 
 /// Scans the input and plans the context; lowers `--parallel` until the plan fits the memory
 /// budget (`--memory-budget`, else 90% of the RAM free now). With `embeddings` (the input has
-/// embeddings lines) the plan counts the embedding context too.
+/// embeddings lines) the plan counts the embedding context too. In deterministic mode it
+/// counts the decode-group probe's session, unless `probe_remembered` says its findings are
+/// remembered for that many offloaded layers (then no probe runs).
 ///
 /// # Errors
 /// When even one slot does not fit: the message gives the numbers and what to change.
@@ -158,6 +161,7 @@ pub fn preflight(
     model: &Model,
     prompts: &mut PromptBuilder<'_>,
     embeddings: bool,
+    probe_remembered: impl Fn(u32) -> bool,
     on_new_prefix: impl FnMut(PrefixKey, &[Token]),
 ) -> Result<Preflight> {
     let file = File::open(&cfg.input)
@@ -187,15 +191,17 @@ pub fn preflight(
         KvLayout::Unified
     };
     // The decode-group probe's session comes and goes before the run's: the plan holds the
-    // larger of the two.
-    let (probe_kv, probe_compute) = if layout == KvLayout::Streams {
-        let cells = Exact::probe_cells(gpu_layers > 0, cfg.batch_size);
-        (
-            kv_bytes(&info, cells),
-            compute_bytes(&info, probe::STREAM_CELLS, cfg.batch_size, flash_attn),
-        )
-    } else {
-        (0, 0)
+    // larger of the two, where the probe will run.
+    let probe_footprint = |layers: u32| {
+        if layout == KvLayout::Streams && !probe_remembered(layers) {
+            let cells = Exact::probe_cells(layers > 0, cfg.batch_size);
+            (
+                kv_bytes(&info, cells),
+                compute_bytes(&info, probe::STREAM_CELLS, cfg.batch_size, flash_attn),
+            )
+        } else {
+            (0, 0)
+        }
     };
     let plan_at = |parallel: usize| {
         plan(
@@ -211,25 +217,39 @@ pub fn preflight(
     // Its buffers sit beside the run's own, in RAM and, with offloaded layers, in VRAM: its
     // cache is split by layer as the run's is, and its compute buffer goes to the GPU with any.
     let (embed_kv, embed_compute) = embeddings.map_or((0, 0), |e| (e.kv, e.compute));
-    let fitted = fit(
-        cfg.parallel as usize,
-        gpu_layers,
-        info.n_layer,
-        budget,
-        vram,
-        |parallel| {
-            plan_at(parallel).map(|plan| Footprint {
-                weights: info.size,
-                // The probe's session comes and goes before the run's, which the embedding
-                // context joins: the larger of the two counts.
-                kv: (kv_bytes(&info, plan.n_ctx) + embed_kv).max(probe_kv),
-                compute: (compute_bytes(&info, attention_span(&plan), cfg.batch_size, flash_attn)
-                    + embed_compute)
-                    .max(probe_compute),
-                process: PROCESS_ALLOWANCE,
-            })
-        },
-    )?;
+    let fit_with = |(probe_kv, probe_compute): (u64, u64)| {
+        fit(
+            cfg.parallel as usize,
+            gpu_layers,
+            info.n_layer,
+            budget,
+            vram,
+            |parallel| {
+                plan_at(parallel).map(|plan| Footprint {
+                    weights: info.size,
+                    // The probe's session comes and goes before the run's, which the
+                    // embedding context joins: the larger of the two counts.
+                    kv: (kv_bytes(&info, plan.n_ctx) + embed_kv).max(probe_kv),
+                    compute: (compute_bytes(
+                        &info,
+                        attention_span(&plan),
+                        cfg.batch_size,
+                        flash_attn,
+                    ) + embed_compute)
+                        .max(probe_compute),
+                    process: PROCESS_ALLOWANCE,
+                })
+            },
+        )
+    };
+    let mut fitted = fit_with(probe_footprint(gpu_layers))?;
+    // Fewer layers fitted are another probe key: plan again where that one must probe.
+    if let Ok(f) = &fitted {
+        let probe = probe_footprint(f.gpu_layers);
+        if f.gpu_layers != gpu_layers && probe != probe_footprint(gpu_layers) {
+            fitted = fit_with(probe)?;
+        }
+    }
     let fitted = match fitted {
         Ok(f) => f,
         Err(NoFit { footprint }) => anyhow::bail!(
@@ -374,7 +394,15 @@ pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
     let kinds = input_kinds(cfg)?;
     let (model, renderer) = load_model(cfg, 0, kinds.conversations)?;
     let mut prompts = PromptBuilder::new(&model, &renderer, kinds.text_prefix.as_deref());
-    preflight(cfg, &model, &mut prompts, kinds.embeddings, |_, _| {})
+    let model_sha256 = check_files(cfg)?;
+    preflight(
+        cfg,
+        &model,
+        &mut prompts,
+        kinds.embeddings,
+        |gpu_layers| probe_cache(cfg, model_sha256, gpu_layers).load().is_some(),
+        |_, _| {},
+    )
 }
 
 /// The prefix state store of `--prefix-cache-dir`, its files keyed and checked by the

@@ -137,6 +137,19 @@ pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest>
     })
 }
 
+/// Where the decode-group probe's findings for a run of `cfg` with `gpu_layers` offloaded are
+/// remembered. The key is what the kernels depend on: everything a prefix state's identity
+/// holds but the decision itself, and the thread count.
+pub fn probe_cache(cfg: &RunConfig, model_sha256: [u8; 32], gpu_layers: u32) -> ProbeCache {
+    let machine = machine(cfg, gpu_layers, None);
+    let key = format!(
+        "probe 1; threads {}; {}",
+        cfg.threads,
+        identity(cfg, model_sha256, machine).state_key()
+    );
+    ProbeCache::new(&crate::cache::prefix_store::default_dir(), key)
+}
+
 /// A model loaded and a plan fitted to the memory.
 pub struct Prepared {
     /// The model on the CPU, loaded to plan (and to render prompts with).
@@ -175,6 +188,7 @@ impl Prepared {
             &planning,
             &mut prompts,
             kinds.embeddings,
+            |gpu_layers| probe_cache(cfg, model_sha256, gpu_layers).load().is_some(),
             on_new_prefix,
         )?;
         let offloaded = load_offloaded(cfg, preflight.gpu_layers)?;
@@ -238,13 +252,7 @@ impl Prepared {
         }
         let gpu = self.preflight.gpu_layers > 0;
         let force_fixed = std::env::var_os(FIXED_SHAPE_ENV).is_some();
-        // What the kernels depend on: everything a prefix state does but the decision itself.
-        let key = format!(
-            "probe 1; threads {}; {}",
-            cfg.threads,
-            self.identity(cfg, None).state_key()
-        );
-        let cache = ProbeCache::new(&crate::cache::prefix_store::default_dir(), key);
+        let cache = probe_cache(cfg, self.model_sha256, self.preflight.gpu_layers);
         if let Some(findings) = cache.load() {
             let exact = Exact::from_findings(findings, gpu, force_fixed);
             return Ok((Some(exact), Some(cache.path().to_owned())));

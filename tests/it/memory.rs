@@ -236,6 +236,9 @@ fn offloaded_layers_are_planned_against_vram_or_said_to_be_cpu_only() {
 #[test]
 fn the_plan_counts_the_embedding_context_only_when_the_input_has_embeddings() {
     let _lock = model_lock();
+    // Without the decode-group probe, whose session (where it will run) can be the larger
+    // and hide the sum; the embedding context is counted alike in both modes.
+    const ND: &str = "--no-deterministic";
     let s = Scratch::new();
     let chat = small_batch(&s, 2);
     let mut lines: Vec<String> = std::fs::read_to_string(&chat)
@@ -249,9 +252,9 @@ fn the_plan_counts_the_embedding_context_only_when_the_input_has_embeddings() {
         .to_string(),
     );
     let mixed = s.write_lines("mixed.jsonl", &lines);
-    let (o, without) = dry_run(&chat, &[]);
+    let (o, without) = dry_run(&chat, &[ND]);
     assert!(o.status.success(), "{o:?}");
-    let (o, with) = dry_run(&mixed, &[]);
+    let (o, with) = dry_run(&mixed, &[ND]);
     assert!(o.status.success(), "{o:?}");
     let (without, with) = (without.unwrap(), with.unwrap());
     assert!(without["embedding_context"].is_null(), "{without}");
@@ -285,11 +288,11 @@ fn the_plan_counts_the_embedding_context_only_when_the_input_has_embeddings() {
     );
     // A budget that holds one slot of the chat plan but not the embedding context beside it:
     // the chat input fits, the mixed one does not, and the message says why.
-    let (_, one) = dry_run(&chat, &["--parallel", "1"]);
+    let (_, one) = dry_run(&chat, &[ND, "--parallel", "1"]);
     let budget = (part(&one.unwrap(), "total_bytes") + kv + compute - 1).to_string();
-    let (o, _) = dry_run(&chat, &["--parallel", "1", "--memory-budget", &budget]);
+    let (o, _) = dry_run(&chat, &[ND, "--parallel", "1", "--memory-budget", &budget]);
     assert!(o.status.success(), "{o:?}");
-    let (o, _) = dry_run(&mixed, &["--parallel", "1", "--memory-budget", &budget]);
+    let (o, _) = dry_run(&mixed, &[ND, "--parallel", "1", "--memory-budget", &budget]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("the embedding context's"),
@@ -327,4 +330,45 @@ fn the_embedding_context_is_planned_as_llama_cpp_allocates_it() {
         (mib(&e["compute_bytes"]) - compute).abs() <= compute * 0.2,
         "compute {e} vs {compute} MiB"
     );
+}
+
+#[test]
+fn the_plan_holds_the_probes_session_only_where_the_probe_will_run() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = small_batch(&s, 2);
+    let model = model_path();
+    // An own cache directory: nothing is remembered in it at first.
+    let xdg = s.path("xdg");
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_infer-batch"))
+            .args(["--model", model.to_str().unwrap(), input.to_str().unwrap()])
+            .args(extra)
+            .env("INFER_BATCH_LOG", "warn")
+            .env("XDG_CACHE_HOME", &xdg)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        o
+    };
+    let kv = |o: &std::process::Output| {
+        let plan: Value = serde_json::from_slice(&o.stdout).unwrap();
+        plan["memory"]["kv_bytes"].as_u64().unwrap()
+    };
+    let before = kv(&run(&["--dry-run", "--parallel", "1"]));
+    // The probe's session: 33 streams of 512 cells of 23,040 bytes (SmolLM2, f16).
+    assert_eq!(before, 33 * 512 * 23_040);
+    run(&[
+        "-o",
+        s.path("out.jsonl").to_str().unwrap(),
+        "--parallel",
+        "1",
+    ]);
+    let after = kv(&run(&["--dry-run", "--parallel", "1"]));
+    assert!(
+        after < before / 4,
+        "the run's own cache: {after} of {before}"
+    );
+    let sum = summary(&s, "out.jsonl");
+    assert!(sum["decode_groups"]["remembered_from"].is_null(), "{sum}");
 }
