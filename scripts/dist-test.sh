@@ -6,7 +6,8 @@
 #   - runs the example batch, with results equal to the build tree's binary's on this host
 #     (texts, finish reasons, usage), and says which CPU variant it loaded;
 #   - says once that the Vulkan module did not load, and why, and runs on the CPU;
-#   - still runs with every CPU variant but the baseline (x64) removed;
+#   - still runs with every CPU variant but the baseline (x64) removed, and with none left
+#     stops with a message that names the modules and where it looked;
 #   - leaves unresolved, under ldd, only what is loaded at run time (the Vulkan loader);
 #   - with libvulkan1 and Mesa's drivers added to the root, runs --gpu-layers all on lavapipe,
 #     and the summary names the device.
@@ -163,6 +164,14 @@ variant=$(run x64-only x64-only)
 lines=$(grep -c '"custom_id"' "$work/x64-only.results.jsonl")
 [ "$lines" = "$(grep -c . examples/rubric.jsonl)" ] || fail "x64 run: $lines results"
 log "only the x64 variant left: $variant, $lines results"
+in_root 0:0 rm /opt/x64-only/lib/infer-batch/libggml-cpu-x64.so
+if in_root 65534:65534 /opt/x64-only/bin/infer-batch --model /opt/model.gguf \
+    "/opt/$name/examples/rubric.jsonl" -o /tmp/none.results.jsonl 2>"$work/none.log"; then
+    fail "with no CPU variant left the run went on (log: $work/none.log)"
+fi
+grep -q 'no llama.cpp CPU backend (libggml-cpu-\*.so) in .*/opt/x64-only/bin/../lib/infer-batch' \
+    "$work/none.log" || fail "with no CPU variant left: $(cat "$work/none.log")"
+log "no CPU variant left: $(grep -o 'no llama.cpp CPU backend[^:]*' "$work/none.log")"
 
 # --- With a Vulkan loader: the root again, plus libvulkan1 and Mesa's lavapipe ------------
 # lavapipe is a CPU-type device, which ggml takes only when GGML_VK_VISIBLE_DEVICES names it;

@@ -30,16 +30,25 @@ pub fn not_loaded() -> &'static [String] {
 
 /// Loads the backends from the first place that has CPU variants: beside the executable, its
 /// `lib/`, `../lib/infer-batch/` (the release archive's layout), or where the build put them.
+/// An unpacked archive (its `../lib/infer-batch/` exists) never falls through to the build's
+/// place, which another machine's build may hold: a module missing from it is named instead.
 /// Never the current directory: a library planted there would run as this process.
 #[cfg(backend_modules)]
 pub fn load() -> Result<(), String> {
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    let archive = exe_dir
+        .as_ref()
+        .is_some_and(|dir| dir.join("../lib/infer-batch").is_dir());
     let places: Vec<PathBuf> = exe_dir
         .iter()
         .flat_map(|dir| [dir.clone(), dir.join("lib"), dir.join("../lib/infer-batch")])
-        .chain(llama_cpp_sys_2::BACKENDS_DIR.map(PathBuf::from))
+        .chain(
+            llama_cpp_sys_2::BACKENDS_DIR
+                .filter(|_| !archive)
+                .map(PathBuf::from),
+        )
         .collect();
     let found = places
         .iter()
