@@ -23,10 +23,15 @@ impl Model {
     pub fn new_session(&self, settings: &SessionSettings) -> Result<Session<'_>, EngineError> {
         let backend = backend(false)?;
         let threads = i32::try_from(settings.threads).unwrap_or(i32::MAX);
+        // llama.cpp reserves an output row per sequence within its batch, and aborts where
+        // the sequences outnumber it (`--batch-size 4` beside 5 streams). Our calls hold at
+        // most `n_batch` tokens whatever it reserves, so a larger reservation changes no
+        // call's shape.
+        let reserved = settings.n_batch.max(settings.n_seq_max);
         let params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(settings.n_ctx))
-            .with_n_batch(settings.n_batch)
-            .with_n_ubatch(settings.n_batch)
+            .with_n_batch(reserved)
+            .with_n_ubatch(reserved)
             .with_n_seq_max(settings.n_seq_max)
             .with_n_threads(threads)
             .with_n_threads_batch(threads)

@@ -408,3 +408,23 @@ fn a_batch_size_too_small_for_one_decode_step_exits_2_before_loading() {
         );
     }
 }
+
+#[test]
+fn a_batch_size_equal_to_parallel_runs_beside_the_pad_stream() {
+    let _lock = model_lock();
+    let s = Scratch::new();
+    let input = s.write_lines(
+        "in.jsonl",
+        &[request("a", None, "Hi", json!({"max_tokens": 2}))],
+    );
+    // Four slots and exact mode's pad stream are five sequences, one more than the batch
+    // holds tokens: llama.cpp reserves an output row per sequence and aborted there.
+    let (o, results) = run_batch(
+        &s,
+        &input,
+        "out.jsonl",
+        &["--parallel", "4", "--batch-size", "4"],
+    );
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(results["a"]["response"]["status_code"], 200, "{results:?}");
+}
