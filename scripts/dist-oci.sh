@@ -32,7 +32,7 @@ work=target/dist-oci
 rm -rf "$work"
 mkdir -p "$work"
 layout=$work/layout
-tag=$version
+tag=infer-batch:$version
 umoci init --layout "$layout"
 umoci new --image "$layout:$tag"
 umoci unpack --image "$layout:$tag" "$work/bundle" >/dev/null
