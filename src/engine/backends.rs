@@ -23,7 +23,7 @@ const SKIPPED_CPU_VARIANTS: &[&str] = &["libggml-cpu-sapphirerapids.so"];
 static NOT_LOADED: OnceLock<Vec<String>> = OnceLock::new();
 
 /// The GPU modules that were found but did not load, each with the loader's reason (such as
-/// `libvulkan.so.1: cannot open shared object file`); empty before [`load`] and on a CPU build.
+/// `libvulkan.so.1: cannot open shared object file`); empty before `load` runs and on a CPU build.
 pub fn not_loaded() -> &'static [String] {
     NOT_LOADED.get().map_or(&[], Vec::as_slice)
 }
