@@ -242,12 +242,15 @@ pub fn preflight(
             },
         )
     };
-    let mut fitted = fit_with(probe_footprint(gpu_layers))?;
+    let requested = probe_footprint(gpu_layers);
+    let mut fitted = fit_with(requested)?;
     // Fewer layers fitted are another probe key: plan again where that one must probe.
     if let Ok(f) = &fitted {
-        let probe = probe_footprint(f.gpu_layers);
-        if f.gpu_layers != gpu_layers && probe != probe_footprint(gpu_layers) {
-            fitted = fit_with(probe)?;
+        if f.gpu_layers != gpu_layers {
+            let probe = probe_footprint(f.gpu_layers);
+            if probe != requested {
+                fitted = fit_with(probe)?;
+            }
         }
     }
     let fitted = match fitted {

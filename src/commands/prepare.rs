@@ -124,9 +124,9 @@ pub fn new_manifest(cfg: &RunConfig, model_sha256: [u8; 32]) -> Result<Manifest>
         model: ModelRecord {
             path: cfg.model.clone(),
         },
-        identity: // The machine is known only once the engine has started; until then the run compares
+        // The machine is known only once the engine has started; until then the run compares
         // everything else, and none of these placeholder fields.
-        identity(cfg, model_sha256, Machine::default()).to_map(),
+        identity: identity(cfg, model_sha256, Machine::default()).to_map(),
         resume_anywhere: cfg.resume_anywhere,
         other_machines: Vec::new(),
         runs: Vec::new(),
