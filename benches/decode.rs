@@ -14,7 +14,7 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
 use infer_batch::cache::prefix_cache::materialize;
-use infer_batch::engine::{Engine, FlashAttn, SessionSettings};
+use infer_batch::engine::{Engine, FlashAttn, KvTypes, SessionSettings};
 use infer_batch::report::metrics::Metrics;
 
 const PARALLEL: [u32; 4] = [1, 2, 4, 8];
@@ -39,6 +39,7 @@ fn bench_decode(c: &mut Criterion) {
             n_seq_max: p + 1,
             threads: threads(),
             flash_attn: FlashAttn::Off,
+            kv_types: KvTypes::default(),
             kv_unified: false,
         };
         let mut session = model.new_session(&settings).unwrap();

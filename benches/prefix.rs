@@ -1,18 +1,21 @@
 //! `prefix/cold_prefill` against `prefix/restore_file` against `prefix/fork_in_memory`, at
 //! 500, 1,000 and 2,000 prefix tokens, on the default model, in the default layout: a KV stream
 //! per sequence (deterministic mode), where a fork copies the prefix's stream. With
-//! `INFER_BATCH_BENCH_UNIFIED=1`, one unified cache, where a fork only tags cells.
+//! `INFER_BATCH_BENCH_UNIFIED=1`, one unified cache, where a fork only tags cells. With
+//! `INFER_BATCH_BENCH_KV=q8_0` (or another `--cache-type-k` name), keys and values of that type;
+//! a quantized value type needs `INFER_BATCH_BENCH_FA=on`.
 //!
 //! Run: `cargo bench --bench prefix` (fetch the model first with `./models/fetch.sh`).
 //! Threads: `INFER_BATCH_BENCH_THREADS`, default the physical cores.
 
 mod common;
 
+use clap::ValueEnum;
 use common::{model, prefix_tokens, threads};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use infer_batch::cache::prefix_cache::materialize;
 use infer_batch::cache::prefix_store::{model_sha256, PrefixStore, StateIdentity};
-use infer_batch::engine::{Engine, FlashAttn, Session, SessionSettings};
+use infer_batch::engine::{Engine, FlashAttn, KvType, KvTypes, Session, SessionSettings};
 use infer_batch::report::metrics::Metrics;
 
 const SIZES: [usize; 3] = [500, 1000, 2000];
@@ -33,8 +36,17 @@ fn settings() -> SessionSettings {
             _ if unified => FlashAttn::Auto,
             _ => FlashAttn::Off,
         },
+        kv_types: kv_types(),
         kv_unified: unified,
     }
+}
+
+/// `INFER_BATCH_BENCH_KV=q8_0` (any `--cache-type-k` name): both the key and value type.
+fn kv_types() -> KvTypes {
+    let t = std::env::var("INFER_BATCH_BENCH_KV").map_or(KvType::F16, |name| {
+        KvType::from_str(&name, true).unwrap_or_else(|e| panic!("INFER_BATCH_BENCH_KV: {e}"))
+    });
+    KvTypes { k: t, v: t }
 }
 
 fn bench_prefix(c: &mut Criterion) {

@@ -12,10 +12,12 @@
 #   scripts/gpu-check.sh run        on the device, with .gpu/bin carried, after the loads:
 #                                   nvidia-smi; the CUDA backend built there for sm_90 from the
 #                                   same ggml source (the device's nvcc; the module is too large
-#                                   to carry); the correctness checks on the GPU; deterministic
-#                                   against --no-deterministic throughput at --parallel 32 and
-#                                   64; a short bench at --parallel 1, 8, 32 and 64 on each
-#                                   model; NVML readings throughout
+#                                   to carry); the correctness checks on the GPU (q8_0 keys and
+#                                   values and flash attention included); deterministic f16,
+#                                   q8_0 and flash attention against --no-deterministic
+#                                   throughput at --parallel 32 and 64; a short bench at
+#                                   --parallel 1, 8, 32 and 64 on each model; NVML readings
+#                                   throughout
 #   GPU_CHECK_DRY_RUN=1 scripts/gpu-check.sh run
 #                                   here: all a machine without a GPU allows: the checks on the
 #                                   CPU (the staged binary, else target/release's) and, with
@@ -258,27 +260,44 @@ PY
     fi
     grep -h "decode groups\|no GPU" "$det/runs.log" | head -n 3 >>"$out/gpu-check.log" || true
 
+    # Quantized KV and flash attention keep a request's output whatever its batch-mates.
+    local q8=(--cache-type-k q8_0 --cache-type-v q8_0)
+    log "exactness at q8_0 and with flash attention"
+    r --parallel 1 --no-disk-cache "${q8[@]}" -o "$work/q8-p1.jsonl" "$work/in.jsonl"
+    r --parallel 8 --no-disk-cache "${q8[@]}" -o "$work/q8-p8.jsonl" "$work/in.jsonl"
+    check "q8_0: --parallel 1 equals --parallel 8" "$work/q8-p1.jsonl" "$work/q8-p8.jsonl"
+    r --parallel 1 --no-disk-cache --flash-attn on -o "$work/fa-p1.jsonl" "$work/in.jsonl"
+    r --parallel 8 --no-disk-cache --flash-attn on -o "$work/fa-p8.jsonl" "$work/in.jsonl"
+    check "flash attention: --parallel 1 equals --parallel 8" "$work/fa-p1.jsonl" "$work/fa-p8.jsonl"
+
     # What exactness costs: deterministic runs (fixed-shape calls as the probe decided, or any
-    # shape) against --no-deterministic (one unified cache, mixed batches), same requests.
+    # shape) against --no-deterministic (one unified cache, mixed batches), same requests; and
+    # what q8_0 keys and values and flash attention buy in deterministic mode.
     local tp_parallel="32 64" tp_in=$work/bench.jsonl
     [ -n "$dry" ] && tp_parallel=4 tp_in=$work/in.jsonl
-    log "throughput: deterministic against --no-deterministic at --parallel $tp_parallel"
+    log "throughput: deterministic (f16, q8_0, flash attention) against --no-deterministic at --parallel $tp_parallel"
     for p in $tp_parallel; do
         r --parallel "$p" --no-disk-cache -o "$work/tp-det-p$p.jsonl" "$tp_in"
+        r --parallel "$p" --no-disk-cache "${q8[@]}" -o "$work/tp-q8-p$p.jsonl" "$tp_in"
+        r --parallel "$p" --no-disk-cache --flash-attn on -o "$work/tp-fa-p$p.jsonl" "$tp_in"
         r --parallel "$p" --no-disk-cache --no-deterministic -o "$work/tp-mixed-p$p.jsonl" "$tp_in"
     done
     python3 - "$work" $tp_parallel <<'PY' | tee -a "$out/bench.txt" | tee -a "$out/gpu-check.log" >&2
 import json, sys
 work, parallel = sys.argv[1], sys.argv[2:]
-print("%-9s %-14s %14s %12s  %s" % ("parallel", "mode", "decode tok/s", "requests/s", "decode groups"))
+modes = {"det": "deterministic", "q8": "det. q8_0", "fa": "det. flash", "mixed": "mixed"}
+print("%-9s %-14s %14s %14s %12s %10s  %s" % ("parallel", "mode", "prefill tok/s", "decode tok/s",
+      "requests/s", "KV B/tok", "decode groups"))
 for p in parallel:
     rates = {}
-    for mode in ("det", "mixed"):
+    for mode, name in modes.items():
         s = json.load(open("%s/tp-%s-p%s.summary.json" % (work, mode, p)))
         rates[mode] = s["rates"]["decode_tokens_per_second"]
-        print("%-9s %-14s %14.1f %12.2f  %s" % (p, "deterministic" if mode == "det" else "mixed",
-              rates[mode], s["rates"]["requests_per_second"], s["decode_groups"]["decision"]))
-    print("%-9s deterministic decodes at %.0f%% of mixed" % (p, 100 * rates["det"] / max(rates["mixed"], 1e-9)))
+        print("%-9s %-14s %14.1f %14.1f %12.2f %10s  %s" % (p, name, s["rates"]["prefill_tokens_per_second"],
+              rates[mode], s["rates"]["requests_per_second"],
+              s["memory"].get("kv_cache", {}).get("bytes_per_token", "?"), s["decode_groups"]["decision"]))
+    for mode in ("det", "q8", "fa"):
+        print("%-9s %s decodes at %.0f%% of mixed" % (p, modes[mode], 100 * rates[mode] / max(rates["mixed"], 1e-9)))
 PY
 
     # A dry run's CPU would take an hour over the full bench: it runs a token of it.

@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::commands::merge::Order;
 use crate::engine::embed::Pooling;
-use crate::engine::FlashAttn;
+use crate::engine::{FlashAttn, KvType, KvTypes};
 use crate::formats::shard::Shard;
 use crate::input::fields::FieldPolicy;
 use crate::prompt::template::TemplateChoice;
@@ -235,12 +235,23 @@ pub struct CommonArgs {
     #[arg(long)]
     pub no_deterministic: bool,
 
-    /// llama.cpp's flash-attention kernels [default: off, or llama.cpp's choice with
-    /// --no-deterministic]. Its CPU kernels change with the batch shape, so `on` needs
-    /// --no-deterministic; in deterministic mode `auto` is a fixed choice, off, so that a run
-    /// and its resume never differ in it.
+    /// llama.cpp's flash-attention kernels [default: off, on with a quantized
+    /// --cache-type-v, llama.cpp's choice with --no-deterministic]. In deterministic mode `on`
+    /// is exact too: prompts are prefilled alone and the start-up probe decides the decode
+    /// groups with it; `auto` is a fixed choice there, off, so that a run and its resume never
+    /// differ in it.
     #[arg(long, value_enum, value_name = "WHEN")]
     pub flash_attn: Option<FlashAttn>,
+
+    /// The KV cache's key type. Quantized types hold more sequences in the same memory and
+    /// change the outputs a little (docs/benchmarks.md measures how much).
+    #[arg(long, value_enum, default_value_t, value_name = "TYPE")]
+    pub cache_type_k: KvType,
+
+    /// The KV cache's value type. llama.cpp needs flash attention for a quantized one: it is
+    /// turned on, and `--flash-attn off` is refused.
+    #[arg(long, value_enum, default_value_t, value_name = "TYPE")]
+    pub cache_type_v: KvType,
 
     /// Most tokens per decode call, and the prefill chunk size.
     #[arg(long, default_value_t = DEFAULT_BATCH, value_name = "TOKENS")]
@@ -374,6 +385,8 @@ pub struct RunConfig {
     pub batch_size: u32,
     /// Attention kernels.
     pub flash_attn: FlashAttn,
+    /// The KV cache's key and value types.
+    pub kv_types: KvTypes,
     /// Batch-invariant outputs.
     pub deterministic: bool,
     /// Resident prefix sequences.
@@ -438,6 +451,28 @@ impl RunConfig {
 pub struct UsageError(String);
 
 impl CommonArgs {
+    /// The attention kernels a run uses.
+    fn flash_attn(&self) -> Result<FlashAttn, UsageError> {
+        if self.cache_type_v.is_quantized() {
+            // Never a silent slower path: llama.cpp has no other kernel for such values.
+            return match self.flash_attn {
+                Some(FlashAttn::Off) => Err(UsageError(format!(
+                    "--cache-type-v {} needs flash attention in llama.cpp, and --flash-attn off \
+                     turns it off: drop --flash-attn off, or use --cache-type-v f16",
+                    self.cache_type_v.name()
+                ))),
+                _ => Ok(FlashAttn::On),
+            };
+        }
+        Ok(match (self.flash_attn, self.no_deterministic) {
+            // llama.cpp's own choice could differ between a run and its resume (another
+            // device, another build): deterministic mode fixes it.
+            (Some(FlashAttn::Auto) | None, false) => FlashAttn::Off,
+            (Some(fa), _) => fa,
+            (None, true) => FlashAttn::Auto,
+        })
+    }
+
     /// Resolves defaults and checks ranges, for a run of `parallel` slots.
     ///
     /// # Errors
@@ -504,19 +539,10 @@ impl CommonArgs {
             prefix_cache: !self.no_prefix_cache,
             ctx_size: self.ctx_size,
             batch_size,
-            flash_attn: match (self.flash_attn, self.no_deterministic) {
-                (Some(FlashAttn::On), false) => {
-                    return Err(UsageError(
-                        "--flash-attn on is not batch-invariant in llama.cpp's CPU kernels; add \
-                         --no-deterministic to use it"
-                            .into(),
-                    ))
-                }
-                // llama.cpp's own choice could differ between a run and its resume (another
-                // device, another build): deterministic mode fixes it, to the one exact path.
-                (Some(FlashAttn::Auto) | None, false) => FlashAttn::Off,
-                (Some(fa), _) => fa,
-                (None, true) => FlashAttn::Auto,
+            flash_attn: self.flash_attn()?,
+            kv_types: KvTypes {
+                k: self.cache_type_k,
+                v: self.cache_type_v,
             },
             deterministic: !self.no_deterministic,
             max_prefixes: positive("max-prefixes", self.max_prefixes)?,
@@ -659,8 +685,8 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("at least 64"), "{e}");
-        let e = parse(&["--model", "m", "--flash-attn", "on", "in"]).unwrap_err();
-        assert!(e.to_string().contains("--no-deterministic"));
+        let c = parse(&["--model", "m", "--flash-attn", "on", "in"]).unwrap();
+        assert_eq!(c.flash_attn, FlashAttn::On);
         let c = parse(&[
             "--model",
             "m",
@@ -683,5 +709,46 @@ mod tests {
             "in",
         ]);
         assert_eq!(c.unwrap().flash_attn, FlashAttn::Auto);
+    }
+
+    #[test]
+    fn kv_types_default_to_f16_and_a_quantized_value_type_turns_flash_attention_on() {
+        let c = parse(&["--model", "m", "in"]).unwrap();
+        assert_eq!(c.kv_types, KvTypes::default());
+        assert_eq!(c.kv_types.describe(), "f16/f16");
+        let c = parse(&["--model", "m", "--cache-type-k", "q8_0", "in"]).unwrap();
+        assert_eq!((c.kv_types.k, c.kv_types.v), (KvType::Q8_0, KvType::F16));
+        // Quantized keys alone run without flash attention.
+        assert_eq!(c.flash_attn, FlashAttn::Off);
+        for v in ["q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] {
+            let c = parse(&["--model", "m", "--cache-type-v", v, "in"]).unwrap();
+            assert_eq!(c.kv_types.v.name(), v);
+            assert_eq!(c.flash_attn, FlashAttn::On, "{v}");
+        }
+        let e = parse(&[
+            "--model",
+            "m",
+            "--cache-type-v",
+            "q4_0",
+            "--flash-attn",
+            "off",
+            "in",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--cache-type-v q4_0") && e.contains("--flash-attn off"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_kv_type_lists_the_valid_ones() {
+        let e = Cli::try_parse_from(["infer-batch", "--model", "m", "--cache-type-k", "q3", "in"])
+            .unwrap_err()
+            .to_string();
+        for name in ["f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"] {
+            assert!(e.contains(name), "{e}");
+        }
     }
 }

@@ -12,13 +12,16 @@ use crate::commands::cli::RunConfig;
 use crate::commands::prepare::{check_files, probe_cache};
 use crate::engine::embed::context_size;
 use crate::engine::probe;
-use crate::engine::{gpu_available, FlashAttn, Model, ModelInfo, ModelSettings, Token};
-use crate::formats::summary::{DryRun, EmbeddingContextPlan, VramPlan};
+use crate::engine::{
+    gpu_available, gpu_devices, Device, FlashAttn, KvType, KvTypes, Model, ModelInfo,
+    ModelSettings, Token, QUANT_BLOCK,
+};
+use crate::formats::summary::{DryRun, EmbeddingContextPlan, KvCacheRecord, VramPlan};
 use crate::identity::Identity;
 use crate::input::request::{parse_line, Prompt, RequestReader, COMPLETIONS_URL, EMBEDDINGS_URL};
 use crate::plan::memory::{
-    compute_bytes, fit, gpu_memory, gpu_share, kv_bytes, mib, peak_rss, system_memory, Fitted,
-    Footprint, NoFit, PROCESS_ALLOWANCE,
+    compute_bytes, fit, gpu_memory, gpu_share, head_widths, kv_bytes, kv_bytes_per_token, mib,
+    peak_rss, system_memory, Fitted, Footprint, NoFit, PROCESS_ALLOWANCE,
 };
 use crate::plan::{plan, Demand, KvLayout, Plan, CTX_STEP};
 use crate::prompt::text_prefix::CommonText;
@@ -78,6 +81,8 @@ pub struct Preflight {
     pub gpu_layers: u32,
     /// With offloaded layers and a VRAM budget: (VRAM the plan needs, VRAM it may use).
     pub vram: Option<(u64, u64)>,
+    /// The KV cache's types and bytes per token.
+    pub kv_cache: KvCacheRecord,
     /// When the input has embeddings lines: the second context that computes them, whose
     /// buffers the footprint counts (in its KV cache and compute parts).
     pub embeddings: Option<EmbeddingContext>,
@@ -104,7 +109,8 @@ impl EmbeddingContext {
         let cells = u32::try_from((n_ctx as usize).next_multiple_of(CTX_STEP)).unwrap_or(n_ctx);
         Self {
             n_ctx,
-            kv: kv_bytes(info, cells),
+            // The embedder's cache is llama.cpp's default type, f16.
+            kv: kv_bytes(info, cells, KvTypes::default()),
             compute: compute_bytes(info, cells, n_ctx, false),
         }
     }
@@ -139,6 +145,7 @@ impl Preflight {
             slot_budget: self.plan.slot_budget,
             kv_layout: self.plan.layout.name().to_owned(),
             memory: self.footprint.record(),
+            kv_cache: self.kv_cache.clone(),
             budget_bytes: self.budget,
             gpu_layers: self.gpu_layers,
             vram: self.vram_plan(),
@@ -180,6 +187,12 @@ pub fn preflight(
     let flash_attn = cfg.flash_attn != FlashAttn::Off;
     // llama.cpp counts the output layer as one more: n_layer + 1 offloads everything.
     let gpu_layers = offloadable_layers(cfg.gpu_layers).min(info.n_layer + 1);
+    let gpus = if gpu_layers > 0 {
+        gpu_devices()
+    } else {
+        Vec::new()
+    };
+    check_kv_types(&info, cfg.kv_types, cfg.flash_attn, &gpus)?;
     let vram = if gpu_layers > 0 {
         vram_budget(cfg)
     } else {
@@ -196,7 +209,7 @@ pub fn preflight(
         if layout == KvLayout::Streams && !probe_remembered(layers) {
             let cells = Exact::probe_cells(layers > 0, cfg.batch_size);
             (
-                kv_bytes(&info, cells),
+                kv_bytes(&info, cells, cfg.kv_types),
                 compute_bytes(&info, probe::STREAM_CELLS, cfg.batch_size, flash_attn),
             )
         } else {
@@ -229,7 +242,7 @@ pub fn preflight(
                     weights: info.size,
                     // The probe's session comes and goes before the run's, which the
                     // embedding context joins: the larger of the two counts.
-                    kv: (kv_bytes(&info, plan.n_ctx) + embed_kv).max(probe_kv),
+                    kv: (kv_bytes(&info, plan.n_ctx, cfg.kv_types) + embed_kv).max(probe_kv),
                     compute: (compute_bytes(
                         &info,
                         attention_span(&plan),
@@ -287,7 +300,71 @@ pub fn preflight(
         gpu_layers: fitted_layers,
         vram: vram.map(|free| (gpu_share(&footprint, fitted_layers, info.n_layer), free)),
         embeddings,
+        kv_cache: KvCacheRecord {
+            type_k: cfg.kv_types.k.name().to_owned(),
+            type_v: cfg.kv_types.v.name().to_owned(),
+            bytes_per_token: kv_bytes_per_token(&info, cfg.kv_types),
+        },
     })
+}
+
+/// Refuses KV types and attention kernels the model or the devices cannot run, before any
+/// request does.
+///
+/// llama.cpp quantizes each head's row in blocks of 32 and fails on a head width that is not a
+/// whole number of blocks. Its CUDA build compiles flash-attention kernels for a few type
+/// pairs only (llama.cpp's default `GGML_CUDA_FA_QUANTS`), and runs the others many times
+/// slower: they are refused there rather than run slowly. Mesa's lavapipe (22.3.6, Debian 12)
+/// crashes compiling llama.cpp's Vulkan flash-attention shaders for calls of 3 tokens or more,
+/// whatever the KV types: refused there rather than crash.
+fn check_kv_types(
+    info: &ModelInfo,
+    types: KvTypes,
+    flash_attn: FlashAttn,
+    devices: &[Device],
+) -> Result<()> {
+    let (k, v) = head_widths(info);
+    for (flag, t, width) in [
+        ("--cache-type-k", types.k, k),
+        ("--cache-type-v", types.v, v),
+    ] {
+        if t.is_quantized() && width % u64::from(QUANT_BLOCK) != 0 {
+            anyhow::bail!(
+                "{flag} {} stores blocks of {QUANT_BLOCK} elements, but this model's heads are \
+                 {width} wide: use {flag} f16",
+                t.name()
+            );
+        }
+    }
+    // `auto` is llama.cpp's choice, made per device; `on` is the user's.
+    if flash_attn == FlashAttn::On {
+        if let Some(d) = devices
+            .iter()
+            .find(|d| d.description.starts_with("llvmpipe"))
+        {
+            anyhow::bail!(
+                "flash attention (--flash-attn on, or a quantized --cache-type-v) crashes \
+                 {} ({}) in Mesa's shader compiler: use --gpu-layers 0 to run it on the CPU, \
+                 or --flash-attn off with --cache-type-v f16 (quantized keys alone need no \
+                 flash attention)",
+                d.name,
+                d.description
+            );
+        }
+    }
+    let cuda = devices.iter().any(|d| d.name.starts_with("CUDA"));
+    let compiled =
+        types.k == types.v && matches!(types.k, KvType::F16 | KvType::Q8_0 | KvType::Q4_0);
+    if cuda && flash_attn != FlashAttn::Off && !compiled {
+        anyhow::bail!(
+            "--cache-type-k {} with --cache-type-v {} has no flash-attention kernel in this \
+             CUDA build (it has f16/f16, q8_0/q8_0 and q4_0/q4_0), and would run many times \
+             slower: use one of those pairs, or --gpu-layers 0",
+            types.k.name(),
+            types.v.name()
+        );
+    }
+    Ok(())
 }
 
 /// Memory the plan may use: `--memory-budget`, else 90% of the RAM free now.
@@ -517,4 +594,68 @@ pub fn scan(
             .max(prompt.tokens.len() - shared + max_tokens as usize);
     }
     Ok(demand)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(head_dim: u32) -> ModelInfo {
+        ModelInfo {
+            head_dim_k: head_dim,
+            head_dim_v: head_dim,
+            ..crate::plan::memory::tests::smollm()
+        }
+    }
+
+    fn device(name: &str, description: &str) -> Device {
+        Device {
+            name: name.into(),
+            description: description.into(),
+            gpu: true,
+            pci_bus_id: None,
+            free: 0,
+            total: 0,
+        }
+    }
+
+    fn types(k: KvType, v: KvType) -> KvTypes {
+        KvTypes { k, v }
+    }
+
+    #[test]
+    fn kv_types_the_heads_or_the_device_cannot_run_are_refused_by_name() {
+        let q8 = types(KvType::Q8_0, KvType::Q8_0);
+        let fa = FlashAttn::On;
+        assert!(check_kv_types(&info(64), q8, fa, &[]).is_ok());
+        // Heads 80 wide are not a whole number of 32-element blocks.
+        let e = check_kv_types(&info(80), types(KvType::F16, KvType::Q4_0), fa, &[]);
+        let e = e.unwrap_err().to_string();
+        assert!(
+            e.contains("--cache-type-v q4_0") && e.contains("80 wide"),
+            "{e}"
+        );
+        assert!(check_kv_types(&info(80), KvTypes::default(), fa, &[]).is_ok());
+
+        let h100 = [device("CUDA0", "NVIDIA H100 80GB HBM3")];
+        assert!(check_kv_types(&info(64), q8, fa, &h100).is_ok());
+        let mixed = types(KvType::Q8_0, KvType::Q4_0);
+        let e = check_kv_types(&info(64), mixed, fa, &h100)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("q8_0") && e.contains("q4_0") && e.contains("CUDA"),
+            "{e}"
+        );
+        // Without flash attention, quantized keys take the matrix products, compiled for all.
+        let keys = types(KvType::Q5_1, KvType::F16);
+        assert!(check_kv_types(&info(64), keys, FlashAttn::Off, &h100).is_ok());
+
+        let lavapipe = [device("Vulkan0", "llvmpipe (LLVM 15.0.6, 256 bits)")];
+        let e = check_kv_types(&info(64), KvTypes::default(), fa, &lavapipe);
+        assert!(e.unwrap_err().to_string().contains("--gpu-layers 0"));
+        assert!(check_kv_types(&info(64), keys, FlashAttn::Off, &lavapipe).is_ok());
+        let amd = [device("Vulkan0", "AMD Radeon RX 7900 XTX (RADV NAVI31)")];
+        assert!(check_kv_types(&info(64), q8, fa, &amd).is_ok());
+    }
 }

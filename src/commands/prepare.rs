@@ -17,7 +17,7 @@ use crate::commands::preflight::{
 };
 use crate::digest::sha256_file_hex;
 use crate::engine;
-use crate::engine::{Model, SessionSettings, Token, KV_TYPE};
+use crate::engine::{Model, SessionSettings, Token};
 use crate::formats::manifest::{InputRecord, Manifest, ModelRecord, RunState, MANIFEST_VERSION};
 use crate::identity::{Identity, Machine, OutputParams, Settings};
 use crate::input::request::RequestReader;
@@ -66,8 +66,8 @@ pub fn identity(cfg: &RunConfig, model_sha256: [u8; 32], machine: Machine) -> Id
         settings: Settings {
             batch_size: cfg.batch_size,
             ctx_size: cfg.ctx_size,
-            cache_type_k: KV_TYPE.to_owned(),
-            cache_type_v: KV_TYPE.to_owned(),
+            cache_type_k: cfg.kv_types.k.name().to_owned(),
+            cache_type_v: cfg.kv_types.v.name().to_owned(),
             deterministic: cfg.deterministic,
             no_prefix_cache: !cfg.prefix_cache,
         },
@@ -221,6 +221,7 @@ impl Prepared {
             n_seq_max,
             threads: cfg.threads,
             flash_attn: cfg.flash_attn,
+            kv_types: cfg.kv_types,
             kv_unified: self.preflight.plan.layout == KvLayout::Unified,
         }
     }

@@ -247,6 +247,7 @@ fn write_summary(
         // Sampled while the run went (NVML, else the backend's query): each GPU's last reading
         // and peak.
         vram_use: gpus.to_vec(),
+        kv_cache: pf.kv_cache.clone(),
     };
     let mut summary = summary::run_summary(
         &report.metrics,

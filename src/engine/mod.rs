@@ -5,7 +5,8 @@
 //!
 //! One file per llama.cpp object: the backends and their devices (`device`), the model
 //! (`model`), the context with its KV cache and batch (`session`), a request's sampling chain
-//! (`sampler`), log probabilities of a row (`logprobs`) and the decode-group probe (`probe`).
+//! (`sampler`), log probabilities of a row (`logprobs`), the decode-group probe (`probe`) and the
+//! KV cache's element types (`kv_type`).
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ mod backends;
 pub use backends::not_loaded as gpu_modules_not_loaded;
 mod device;
 pub mod embed;
+mod kv_type;
 mod logprobs;
 pub mod machine;
 mod model;
@@ -24,14 +26,12 @@ pub mod state;
 
 use device::{backend, c_text};
 pub use device::{devices, gpu_available, gpu_devices, Device};
+pub use kv_type::{KvType, KvTypes, QUANT_BLOCK};
 pub use logprobs::{log_softmax_top, TokenLogprobs};
 pub use model::{Model, ModelInfo, ModelSettings};
 pub use sampler::{Constraint, Sampler, SamplerSpec};
 pub use seam::{Engine, Vocab};
 pub use session::{FlashAttn, Session, SessionSettings};
-
-/// The KV cache's key and value type, as the computation identity names it.
-pub const KV_TYPE: &str = "f16";
 
 /// A token id of the loaded model's vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -3,7 +3,7 @@
 
 use std::num::NonZeroU32;
 
-use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
+use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -13,7 +13,7 @@ use super::device::backend;
 use super::logprobs::{log_softmax_top, TokenLogprobs};
 use super::sampler::{Constraint, Sampler, SamplerSpec};
 use super::state::{MemoryKind, SeqState};
-use super::{Engine, EngineError, Model, SeqId, Token};
+use super::{Engine, EngineError, KvTypes, Model, SeqId, Token};
 
 impl Model {
     /// Creates a context (with its KV cache) and a reusable batch.
@@ -38,8 +38,8 @@ impl Model {
             .with_flash_attention_policy(settings.flash_attn.policy())
             .with_kv_unified(settings.kv_unified)
             // Named, not left to the default: the computation identity records them.
-            .with_type_k(KvCacheType::F16)
-            .with_type_v(KvCacheType::F16);
+            .with_type_k(settings.kv_types.k.llama())
+            .with_type_v(settings.kv_types.v.llama());
         let ctx = self
             .model
             .new_context(backend, params)
@@ -57,6 +57,7 @@ impl Model {
                 settings.n_seq_max
             },
             capacity: settings.n_batch as usize,
+            kv_types: settings.kv_types,
             memory: self.memory_kind(),
             model: self,
         })
@@ -76,6 +77,8 @@ pub struct SessionSettings {
     pub threads: u32,
     /// Attention kernel choice.
     pub flash_attn: FlashAttn,
+    /// The KV cache's key and value types.
+    pub kv_types: KvTypes,
     /// One KV cache for all sequences, so a prefix copied to a slot is shared, not duplicated.
     /// Otherwise each sequence has a stream of `n_ctx / n_seq_max` cells of its own, and a
     /// sequence's cells sit at places that do not depend on the others.
@@ -112,6 +115,8 @@ pub struct Session<'m> {
     streams: u32,
     /// How states of this model are laid out.
     memory: MemoryKind,
+    /// The types its states hold.
+    kv_types: KvTypes,
     capacity: usize,
     pub(super) model: &'m Model,
 }
@@ -238,7 +243,7 @@ impl<'m> Engine for Session<'m> {
                 .state_seq_get_data_ext(bytes.as_mut_ptr(), seq, flags)
         };
         bytes.truncate(written);
-        SeqState::parse(&bytes, sections)
+        SeqState::parse(&bytes, sections, Some(self.kv_types))
             .and_then(|s| s.to_one_stream())
             .map_err(|e| EngineError::Save(e.to_string()))
     }
@@ -254,7 +259,8 @@ impl<'m> Engine for Session<'m> {
     fn restore_seq_state(&mut self, seq: SeqId, state: &[u8]) -> Result<(), EngineError> {
         let flags = LlamaStateSeqFlags::empty();
         let refused = |why: String| EngineError::Restore(state.len(), why);
-        let parsed = SeqState::parse(state, self.state_sections().map_err(refused)?)
+        let sections = self.state_sections().map_err(refused)?;
+        let parsed = SeqState::parse(state, sections, Some(self.kv_types))
             .map_err(|e| refused(e.to_string()))?;
         if parsed.streams() != 1 {
             return Err(refused("not in one-stream form".into()));

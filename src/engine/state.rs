@@ -19,12 +19,12 @@
 
 use std::ops::Range;
 
+use super::KvTypes;
+
 /// llama.cpp's sequence state magic.
 const MAGIC: u32 = 0xaf14_3cd8;
 /// Bytes of the magic and sequence id before the first section.
 const HEADER: usize = 8;
-/// `GGML_TYPE_F16`, the KV type every session uses.
-pub const GGML_TYPE_F16: i32 = 1;
 /// Layers a block may declare; far beyond any model, it bounds what a bad length can claim.
 const MAX_LAYERS: u32 = 4096;
 
@@ -97,6 +97,8 @@ impl Section {
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
+    /// The key and value types the state must hold; any where `None`.
+    kv: Option<KvTypes>,
 }
 
 impl Reader<'_> {
@@ -136,10 +138,21 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
-    fn kv_type(&mut self) -> Result<(), StateError> {
+    /// A layer's key (`value` false) or value type, checked against the expected one.
+    fn kv_type(&mut self, value: bool) -> Result<(), StateError> {
         let t = self.i32()?;
-        if t != GGML_TYPE_F16 {
-            return self.fail(format!("KV type {t}, expected f16 ({GGML_TYPE_F16})"));
+        let Some(kv) = self.kv else { return Ok(()) };
+        let (what, want) = if value {
+            ("value", kv.v)
+        } else {
+            ("key", kv.k)
+        };
+        if t != want.ggml() {
+            return self.fail(format!(
+                "{what} type {t}, expected {} ({})",
+                want.name(),
+                want.ggml()
+            ));
         }
         Ok(())
     }
@@ -179,12 +192,12 @@ impl Reader<'_> {
         self.u32()?; // n_rot_k
         self.u32()?; // n_rot_v
         for _ in 0..n_layer {
-            self.kv_type()?;
+            self.kv_type(false)?;
             let row = self.u64()?;
             self.rows(cells, row)?;
         }
         for _ in 0..n_layer {
-            self.kv_type()?;
+            self.kv_type(true)?;
             if v_trans == 0 {
                 let row = self.u64()?;
                 self.rows(cells, row)?;
@@ -204,6 +217,7 @@ fn repeat_block(block: &[u8], cells: u32, out: &mut Vec<u8>) -> Result<(), State
     let mut r = Reader {
         bytes: block,
         at: 0,
+        kv: None,
     };
     let n = r.u32()? as usize;
     let meta = r.at;
@@ -265,12 +279,17 @@ pub struct SeqState<'a> {
 }
 
 impl<'a> SeqState<'a> {
-    /// Parses a sequence state of `sections` KV caches, every byte accounted for.
+    /// Parses a sequence state of `sections` KV caches, every byte accounted for, its keys
+    /// and values of the types `kv` (any types where `None`).
     ///
     /// # Errors
     /// A [`StateError`] that says where and what did not match.
-    pub fn parse(bytes: &'a [u8], sections: usize) -> Result<Self, StateError> {
-        let mut r = Reader { bytes, at: 0 };
+    pub fn parse(
+        bytes: &'a [u8],
+        sections: usize,
+        kv: Option<KvTypes>,
+    ) -> Result<Self, StateError> {
+        let mut r = Reader { bytes, at: 0, kv };
         if r.u32()? != MAGIC {
             return r.fail("not a llama.cpp sequence state (magic)");
         }
@@ -373,6 +392,13 @@ impl<'a> SeqState<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::KvType;
+
+    const GGML_TYPE_F16: i32 = 1;
+    const F16: Option<KvTypes> = Some(KvTypes {
+        k: KvType::F16,
+        v: KvType::F16,
+    });
 
     fn w(words: &[u32]) -> Vec<u8> {
         words.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -425,11 +451,11 @@ mod tests {
         for sections in [1, 2] {
             for v_trans in [false, true] {
                 let three = state(sections, 3, 1, 3, v_trans);
-                let parsed = SeqState::parse(&three, sections).unwrap();
+                let parsed = SeqState::parse(&three, sections, F16).unwrap();
                 assert_eq!(parsed.streams(), 3);
                 let one = parsed.to_one_stream().unwrap();
                 assert_eq!(one, state(sections, 1, 0, 3, v_trans));
-                let back = SeqState::parse(&one, sections).unwrap();
+                let back = SeqState::parse(&one, sections, F16).unwrap();
                 assert_eq!(back.to_streams(3, 1).unwrap(), three);
                 assert_eq!(back.to_streams(1, 0).unwrap(), one);
             }
@@ -442,14 +468,17 @@ mod tests {
             for v_trans in [false, true] {
                 let mut s = state(sections, 1, 0, 3, v_trans);
                 // Tell the cells apart: cell i's key and value bytes are i.
-                let parsed = SeqState::parse(&s, sections).unwrap();
+                let parsed = SeqState::parse(&s, sections, F16).unwrap();
                 let block = parsed.sections[0].cells(&s).unwrap().unwrap();
                 let rows = block.start + 4 + 3 * 12 + 16;
                 for (k, cell) in [(rows + 12, 0u8), (rows + 16, 1), (rows + 20, 2)] {
                     s[k..k + 4].fill(cell);
                 }
-                let deep = SeqState::parse(&s, sections).unwrap().repeated(7).unwrap();
-                let parsed = SeqState::parse(&deep, sections).unwrap();
+                let deep = SeqState::parse(&s, sections, F16)
+                    .unwrap()
+                    .repeated(7)
+                    .unwrap();
+                let parsed = SeqState::parse(&deep, sections, F16).unwrap();
                 assert_eq!(parsed.streams(), 1);
                 let block = parsed.sections[0].cells(&deep).unwrap().unwrap();
                 let b = &deep[block];
@@ -464,13 +493,19 @@ mod tests {
             }
         }
         let empty = state(1, 1, 0, 0, false);
-        assert!(SeqState::parse(&empty, 1).unwrap().repeated(4).is_err());
+        assert!(SeqState::parse(&empty, 1, F16)
+            .unwrap()
+            .repeated(4)
+            .is_err());
     }
 
     #[test]
     fn an_empty_sequence_converts_too() {
         let empty = state(2, 4, 0, 0, false);
-        let one = SeqState::parse(&empty, 2).unwrap().to_one_stream().unwrap();
+        let one = SeqState::parse(&empty, 2, F16)
+            .unwrap()
+            .to_one_stream()
+            .unwrap();
         assert_eq!(one, w(&[MAGIC, 5, 1, 0, 1, 0]));
     }
 
@@ -478,14 +513,17 @@ mod tests {
     fn every_byte_must_be_accounted_for() {
         let good = state(1, 1, 0, 2, false);
         for cut in 0..good.len() {
-            assert!(SeqState::parse(&good[..cut], 1).is_err(), "cut at {cut}");
+            assert!(
+                SeqState::parse(&good[..cut], 1, F16).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut long = good.clone();
         long.push(0);
-        assert!(SeqState::parse(&long, 1).is_err(), "a trailing byte");
+        assert!(SeqState::parse(&long, 1, F16).is_err(), "a trailing byte");
         // Two sections read as one leave bytes over; one read as two runs short.
-        assert!(SeqState::parse(&state(2, 1, 0, 2, false), 1).is_err());
-        assert!(SeqState::parse(&good, 2).is_err());
+        assert!(SeqState::parse(&state(2, 1, 0, 2, false), 1, F16).is_err());
+        assert!(SeqState::parse(&good, 2, F16).is_err());
     }
 
     #[test]
@@ -494,14 +532,22 @@ mod tests {
         // The first K type sits after header, stream count, cell count, 2 cells, 4 words.
         let at = 8 + 4 + 4 + 2 * 12 + 16;
         other_type[at..at + 4].copy_from_slice(&8u32.to_le_bytes()); // q8_0
-        let e = SeqState::parse(&other_type, 1).unwrap_err();
-        assert!(e.what.contains("KV type 8"), "{e}");
+        let e = SeqState::parse(&other_type, 1, F16).unwrap_err();
+        assert!(e.what.contains("key type 8, expected f16"), "{e}");
+        // The first layer's keys are q8_0 and the rest f16: a cache of one type refuses it.
+        let q8_keys = Some(KvTypes {
+            k: KvType::Q8_0,
+            v: KvType::F16,
+        });
+        let e = SeqState::parse(&other_type, 1, q8_keys).unwrap_err();
+        assert!(e.what.contains("key type 1, expected q8_0"), "{e}");
+        assert!(SeqState::parse(&other_type, 1, None).is_ok());
         let mut magic = state(1, 1, 0, 2, false);
         magic[0] ^= 1;
-        assert!(SeqState::parse(&magic, 1).is_err());
+        assert!(SeqState::parse(&magic, 1, F16).is_err());
         let mut two_seqs = state(1, 1, 0, 2, false);
         two_seqs[20..24].copy_from_slice(&2u32.to_le_bytes()); // first cell's n_seq_id
-        assert!(SeqState::parse(&two_seqs, 1).is_err());
+        assert!(SeqState::parse(&two_seqs, 1, F16).is_err());
     }
 
     #[test]
@@ -509,7 +555,7 @@ mod tests {
         let mut s = w(&[MAGIC, 5, 2]);
         s.extend(block(1, false));
         s.extend(block(1, false));
-        let parsed = SeqState::parse(&s, 1).unwrap();
+        let parsed = SeqState::parse(&s, 1, F16).unwrap();
         assert!(parsed.to_one_stream().is_err());
         assert!(parsed.to_streams(2, 2).is_err());
     }

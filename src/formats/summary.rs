@@ -188,6 +188,20 @@ pub struct MemoryRecord {
     pub vram: Option<VramPlan>,
     /// Each GPU's last reading and peak while the run went.
     pub vram_use: Vec<GpuUse>,
+    /// The KV cache's types and bytes per token.
+    #[serde(default)]
+    pub kv_cache: KvCacheRecord,
+}
+
+/// The KV cache's element types and what a token of context costs in them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KvCacheRecord {
+    /// The key type (`--cache-type-k`).
+    pub type_k: String,
+    /// The value type (`--cache-type-v`).
+    pub type_v: String,
+    /// Bytes of keys and values for one token of context, over every layer.
+    pub bytes_per_token: u64,
 }
 
 /// What kind of summary a file holds.
@@ -347,6 +361,8 @@ pub struct DryRun {
     pub kv_layout: String,
     /// What the plan needs.
     pub memory: FootprintRecord,
+    /// The KV cache's types and bytes per token.
+    pub kv_cache: KvCacheRecord,
     /// What it may use.
     pub budget_bytes: u64,
     /// Layers to offload.

@@ -2,19 +2,18 @@
 //! measured memory.
 //!
 //! The footprint is computed before anything is allocated, from the model's shape and the
-//! context plan: weights, KV cache (`n_ctx × layers × 2 × KV heads × head dim × 2 bytes` for
-//! f16), llama.cpp's compute buffers, and a fixed allowance for this process. A plan that does
+//! context plan: weights, KV cache (`n_ctx × layers × KV heads × head dims`, at 2 bytes an
+//! element for f16 and 34 bytes a block of 32 for q8_0), llama.cpp's compute buffers, and a
+//! fixed allowance for this process. A plan that does
 //! not fit the budget runs with fewer slots, or not at all.
 
 use std::time::{Duration, Instant};
 
-use crate::engine::ModelInfo;
+use crate::engine::{KvTypes, ModelInfo};
 use crate::formats::summary::{FootprintRecord, GpuUse};
 
 /// This process's own memory besides llama.cpp's buffers: reader, scheduler, output.
 pub const PROCESS_ALLOWANCE: u64 = 64 << 20;
-/// Bytes per KV element (f16 K and V).
-const KV_ELEMENT: u64 = 2;
 
 /// What a plan needs, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,17 +46,25 @@ impl Footprint {
     }
 }
 
-/// KV cache bytes of `n_ctx` cells: keys and values of every layer, at the widths the GGUF
-/// gives (Gemma 3's heads are wider than embedding ÷ heads). Sliding-window layers are counted
-/// in full, which overstates their cache: the plan errs on the safe side.
-pub fn kv_bytes(info: &ModelInfo, n_ctx: u32) -> u64 {
+/// KV cache bytes of `n_ctx` cells of `types`: keys and values of every layer, at the widths
+/// the GGUF gives (Gemma 3's heads are wider than embedding ÷ heads). Sliding-window layers are
+/// counted in full, which overstates their cache: the plan errs on the safe side.
+pub fn kv_bytes(info: &ModelInfo, n_ctx: u32, types: KvTypes) -> u64 {
+    u64::from(n_ctx) * kv_bytes_per_token(info, types)
+}
+
+/// KV cache bytes of one cell: a key and a value row per KV head of every layer. llama.cpp
+/// quantizes each row alone, in blocks along its head width.
+pub fn kv_bytes_per_token(info: &ModelInfo, types: KvTypes) -> u64 {
+    let (k, v) = head_widths(info);
+    u64::from(info.n_layer) * u64::from(info.n_head_kv) * (types.k.bytes(k) + types.v.bytes(v))
+}
+
+/// The key and value head widths, as the GGUF gives them or as embedding ÷ heads.
+pub fn head_widths(info: &ModelInfo) -> (u64, u64) {
     let fallback = info.n_embd / info.n_head.max(1);
     let width = |d: u32| u64::from(if d > 0 { d } else { fallback });
-    u64::from(n_ctx)
-        * u64::from(info.n_layer)
-        * u64::from(info.n_head_kv)
-        * (width(info.head_dim_k) + width(info.head_dim_v))
-        * KV_ELEMENT
+    (width(info.head_dim_k), width(info.head_dim_v))
 }
 
 /// llama.cpp's CPU compute buffer for batches of `n_batch` tokens attending over `span`
@@ -282,10 +289,10 @@ pub struct NoFit {
     pub footprint: Footprint,
 }
 
-/// Fits a plan to its budgets before anything is allocated: `--parallel` comes down, by
-/// halves, until the footprint fits `ram` and, with offloaded layers, its GPU share fits `vram`;
-/// at one slot, the offloaded layers come down until the share fits. `footprint(parallel)` is
-/// the plan's footprint at a number of slots.
+/// Fits a plan to its budgets before anything is allocated: `--parallel` comes down to the
+/// largest count whose footprint fits `ram` and, with offloaded layers, whose GPU share fits
+/// `vram`; at one slot, the offloaded layers come down until the share fits.
+/// `footprint(parallel)` is the plan's footprint at a number of slots, which grows with it.
 ///
 /// # Errors
 /// [`NoFit`] when even one slot does not fit the RAM budget.
@@ -297,32 +304,45 @@ pub fn fit<E>(
     vram: Option<u64>,
     mut footprint: impl FnMut(usize) -> Result<Footprint, E>,
 ) -> Result<Result<Fitted, NoFit>, E> {
-    let mut p = parallel.max(1);
-    loop {
-        let f = footprint(p)?;
-        let gpu_fits = vram.is_none_or(|free| gpu_share(&f, gpu_layers, n_layer) <= free);
-        if f.total() <= ram && gpu_fits {
-            return Ok(Ok(Fitted {
-                parallel: p,
-                gpu_layers,
-                footprint: f,
-            }));
-        }
-        if p == 1 {
-            if f.total() > ram {
-                return Ok(Err(NoFit { footprint: f }));
-            }
-            let layers = vram.map_or(gpu_layers, |free| {
-                layers_that_fit(&f, gpu_layers, n_layer, free)
-            });
-            return Ok(Ok(Fitted {
-                parallel: 1,
-                gpu_layers: layers,
-                footprint: f,
-            }));
-        }
-        p /= 2;
+    let fits = |f: &Footprint| {
+        f.total() <= ram && vram.is_none_or(|free| gpu_share(f, gpu_layers, n_layer) <= free)
+    };
+    let fitted = |parallel, footprint| Fitted {
+        parallel,
+        gpu_layers,
+        footprint,
+    };
+    let top = parallel.max(1);
+    let f = footprint(top)?;
+    if fits(&f) {
+        return Ok(Ok(fitted(top, f)));
     }
+    let one = footprint(1)?;
+    if !fits(&one) {
+        if one.total() > ram {
+            return Ok(Err(NoFit { footprint: one }));
+        }
+        let layers = vram.map_or(gpu_layers, |free| {
+            layers_that_fit(&one, gpu_layers, n_layer, free)
+        });
+        return Ok(Ok(Fitted {
+            parallel: 1,
+            gpu_layers: layers,
+            footprint: one,
+        }));
+    }
+    // 1 fits and `top` does not: halve the gap between them.
+    let (mut lo, mut lo_footprint, mut hi) = (1, one, top);
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        let f = footprint(mid)?;
+        if fits(&f) {
+            (lo, lo_footprint) = (mid, f);
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(Ok(fitted(lo, lo_footprint)))
 }
 
 /// Free memory under which no new request is admitted: the larger of 256 MiB and 5% of RAM.
@@ -382,10 +402,12 @@ impl Pressure {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use crate::engine::KvType;
 
-    fn smollm() -> ModelInfo {
+    /// SmolLM2-135M's shape, as its GGUF gives it.
+    pub(crate) fn smollm() -> ModelInfo {
         ModelInfo {
             n_ctx_train: 8192,
             n_layer: 30,
@@ -403,8 +425,27 @@ mod tests {
     #[test]
     fn kv_bytes_per_token_match_the_layout() {
         // 30 layers × 2 (K, V) × 3 KV heads × 64 dims × 2 bytes.
-        assert_eq!(kv_bytes(&smollm(), 1), 23_040);
-        assert_eq!(kv_bytes(&smollm(), 1000), 23_040_000);
+        let f16 = KvTypes::default();
+        assert_eq!(kv_bytes(&smollm(), 1, f16), 23_040);
+        assert_eq!(kv_bytes(&smollm(), 1000, f16), 23_040_000);
+    }
+
+    #[test]
+    fn quantized_kv_bytes_per_token_count_ggml_blocks() {
+        // 30 layers × 3 KV heads × 2 blocks of 32 a row: q8_0 34 bytes a block, q4_0 18.
+        let q8 = KvTypes {
+            k: KvType::Q8_0,
+            v: KvType::Q8_0,
+        };
+        assert_eq!(kv_bytes_per_token(&smollm(), q8), 30 * 3 * 2 * 2 * 34);
+        let mixed = KvTypes {
+            k: KvType::Q8_0,
+            v: KvType::Q4_0,
+        };
+        assert_eq!(kv_bytes_per_token(&smollm(), mixed), 30 * 3 * 2 * (34 + 18));
+        // q8_0 is 17/32 of f16: a little over half.
+        let f16 = kv_bytes_per_token(&smollm(), KvTypes::default());
+        assert_eq!(kv_bytes_per_token(&smollm(), q8) * 32, f16 * 17);
     }
 
     #[test]
@@ -419,7 +460,7 @@ mod tests {
             head_dim_v: 256,
             ..smollm()
         };
-        assert_eq!(kv_bytes(&gemma, 1), 18 * 512 * 2);
+        assert_eq!(kv_bytes(&gemma, 1, KvTypes::default()), 18 * 512 * 2);
     }
 
     #[test]
@@ -478,11 +519,16 @@ mod tests {
         // RAM for 2 slots: 3000 + 2 × 300 + 100 + 10 = 3710.
         let f = fit(8, 0, 30, 3800, None, fake(300)).unwrap().unwrap();
         assert_eq!((f.parallel, f.gpu_layers), (2, 0));
-        // A GPU with 4,000 bytes free holds all 30 layers of 2 slots: 3000 + 600 + 100.
+        // The largest count that fits, not a power of two: 3000 + 5 × 300 + 110 = 4610.
+        let f = fit(8, 0, 30, 4700, None, fake(300)).unwrap().unwrap();
+        assert_eq!((f.parallel, f.footprint.total()), (5, 4610));
+        let f = fit(64, 0, 30, 4700, None, fake(150)).unwrap().unwrap();
+        assert_eq!(f.parallel, 10);
+        // A GPU with 4,000 bytes free holds all 30 layers of 3 slots: 3000 + 900 + 100.
         let f = fit(8, 30, 30, u64::MAX, Some(4000), fake(300))
             .unwrap()
             .unwrap();
-        assert_eq!((f.parallel, f.gpu_layers), (2, 30));
+        assert_eq!((f.parallel, f.gpu_layers), (3, 30));
         // 2,000 free at one slot: (2000 - 100) / ceil(3300 / 30) = 1900 / 110 = 17 layers.
         let f = fit(8, 30, 30, u64::MAX, Some(2000), fake(300))
             .unwrap()

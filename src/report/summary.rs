@@ -112,6 +112,7 @@ mod tests {
             gpu_layers: 0,
             vram: None,
             vram_use: Vec::new(),
+            kv_cache: Default::default(),
         };
         run_summary(
             m,

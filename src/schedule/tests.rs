@@ -15,7 +15,7 @@ use super::job::{GenParams, Job};
 use super::scheduler::{Admission, Exact, Outcome, Scheduler, EXACT_MAX_ROWS};
 use super::twins::{Release, Twins};
 use crate::engine::probe::{DEEP, SHALLOW};
-use crate::engine::{FlashAttn, SamplerSpec, SessionSettings, Token, Vocab};
+use crate::engine::{FlashAttn, KvTypes, SamplerSpec, SessionSettings, Token, Vocab};
 use crate::formats::line_error::{ErrorCode, LineError};
 use crate::formats::result::{ComputationKey, Endpoint, StopReason};
 use crate::input::request::{Prompt, Request};
@@ -438,6 +438,7 @@ fn a_class_wider_than_the_slots_gets_pad_streams_beyond_the_plans_one() {
         n_seq_max: 5,
         threads: 1,
         flash_attn: FlashAttn::Off,
+        kv_types: KvTypes::default(),
         kv_unified: false,
     };
     let settings = exact.session_settings(&planned, 3);

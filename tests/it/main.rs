@@ -8,6 +8,7 @@ mod chaos;
 mod disk_cache;
 mod endpoints;
 mod harness;
+mod kv_types;
 mod memory;
 mod prefix;
 mod resume;

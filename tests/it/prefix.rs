@@ -36,6 +36,7 @@ fn session(model: &Model, kv_unified: bool) -> Session<'_> {
             n_seq_max: SEQS,
             threads: 2,
             flash_attn: infer_batch::engine::FlashAttn::Off,
+            kv_types: infer_batch::engine::KvTypes::default(),
             kv_unified,
         })
         .unwrap()

@@ -400,3 +400,68 @@ fn a_cpu_run_never_takes_a_state_the_device_wrote() {
         assert_eq!(tokens(&sum, "prefix_restored"), 0, "{exe:?}: {sum}");
     }
 }
+
+#[test]
+fn quantized_keys_run_exactly_on_the_device_where_flash_attention_is_refused() {
+    let _lock = model_lock();
+    let base = baseline();
+    let s = Scratch::new();
+    // q8_0 keys with f16 values need no flash attention.
+    let q8 = ["--cache-type-k", "q8_0", "--gpu-layers", "all"];
+    let one = s.path("q8-p1.jsonl");
+    let sum = run(
+        &vulkan_exe(),
+        &args(
+            &base.input,
+            &one,
+            &s.path("cache"),
+            &[&q8[..], &["--parallel", "1"]].concat(),
+        ),
+        true,
+    );
+    assert_eq!(sum["memory"]["gpu_layers"], 31, "{sum}");
+    assert_eq!(sum["memory"]["kv_cache"]["type_k"], "q8_0", "{sum}");
+    let two = s.path("q8-p2.jsonl");
+    run(
+        &vulkan_exe(),
+        &args(
+            &base.input,
+            &two,
+            &s.path("cache"),
+            &[&q8[..], &["--parallel", "2"]].concat(),
+        ),
+        true,
+    );
+    assert_eq!(
+        bodies(&two),
+        bodies(&one),
+        "q8_0 keys: --parallel 2 differs from 1"
+    );
+    assert_ne!(
+        bodies(&one),
+        base.bodies,
+        "q8_0 keys left the log probabilities as f16's"
+    );
+
+    // lavapipe's shader compiler crashes on llama.cpp's flash-attention shaders: refused, named,
+    // before any request runs.
+    let out = s.path("fa.jsonl");
+    let o = std::process::Command::new(vulkan_exe())
+        .args(args(
+            &base.input,
+            &out,
+            &s.path("cache"),
+            &["--cache-type-v", "q8_0", "--gpu-layers", "all"],
+        ))
+        .env("GGML_VK_VISIBLE_DEVICES", "0")
+        .env("XDG_CACHE_HOME", test_cache_home())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("llvmpipe") && err.contains("--gpu-layers 0"),
+        "{err}"
+    );
+    assert_eq!(line_count(&out), 0);
+}
