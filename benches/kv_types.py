@@ -4,14 +4,15 @@
     python3 benches/kv_types.py [--reps N] [--threads N] [--no-server]
 
   1. cold runs (fresh process, no state file, clocked from start to exit, as `make bench`
-     clocks them) of a seed-shaped batch (8 requests, a ~2,400-token rubric, ~600-token
+     clocks them) of a seed-shaped batch (8 requests, a rubric of about 2,800 tokens, ~600-token
      profiles, 64-token answers): ours at f16 with flash attention off (the default) and on,
      and llama-server at `-np 1` (flash attention auto), N repetitions interleaved; then once
      each, ours at q8_0 and q4_0 at --parallel 8 and every type at --parallel 1;
   2. each type's prefix state: its file's bytes, and the median of three restores;
   3. how far each type moves the outputs of the bundled example (examples/rubric.jsonl, greedy,
      with log probabilities) from f16's: identical answers, and the mean absolute difference of
-     the chosen tokens' log probabilities up to the first token that differs.
+     the chosen tokens' log probabilities, token by token up to and including the first token
+     that differs.
 
 Needs the release build, the default model and, for the server, benches/peers.sh's build.
 Writes benches/out/kv-types.json and prints the tables that docs/benchmarks.md holds.

@@ -2,8 +2,8 @@
 //! 500, 1,000 and 2,000 prefix tokens, on the default model, in the default layout: a KV stream
 //! per sequence (deterministic mode), where a fork copies the prefix's stream. With
 //! `INFER_BATCH_BENCH_UNIFIED=1`, one unified cache, where a fork only tags cells. With
-//! `INFER_BATCH_BENCH_KV=q8_0` (or another `--cache-type-k` name), keys and values of that type;
-//! a quantized value type needs `INFER_BATCH_BENCH_FA=on`.
+//! `INFER_BATCH_BENCH_KV=q8_0` (or another `--cache-type-k` name), keys and values of that type,
+//! with flash attention (llama.cpp needs it for quantized values).
 //!
 //! Run: `cargo bench --bench prefix` (fetch the model first with `./models/fetch.sh`).
 //! Threads: `INFER_BATCH_BENCH_THREADS`, default the physical cores.
@@ -23,20 +23,23 @@ const N_BATCH: u32 = 512;
 
 fn settings() -> SessionSettings {
     let unified = std::env::var("INFER_BATCH_BENCH_UNIFIED").is_ok_and(|v| v == "1");
+    let kv_types = kv_types();
     SessionSettings {
         // Two sequences (the prefix and a slot): each stream holds the largest prefix.
         n_ctx: if unified { 2304 } else { 2 * 2304 },
         n_batch: N_BATCH,
         n_seq_max: 2,
         threads: threads(),
-        // As the run's: off in the default layout, llama.cpp's choice in a unified cache.
+        // As the run's: off in the default layout, llama.cpp's choice in a unified cache, on
+        // for a quantized value type, which llama.cpp has no other kernel for.
         flash_attn: match std::env::var("INFER_BATCH_BENCH_FA").as_deref() {
+            _ if kv_types.v.is_quantized() => FlashAttn::On,
             Ok("on") => FlashAttn::On,
             Ok("off") => FlashAttn::Off,
             _ if unified => FlashAttn::Auto,
             _ => FlashAttn::Off,
         },
-        kv_types: kv_types(),
+        kv_types,
         kv_unified: unified,
     }
 }

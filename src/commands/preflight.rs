@@ -20,8 +20,8 @@ use crate::formats::summary::{DryRun, EmbeddingContextPlan, KvCacheRecord, VramP
 use crate::identity::Identity;
 use crate::input::request::{parse_line, Prompt, RequestReader, COMPLETIONS_URL, EMBEDDINGS_URL};
 use crate::plan::memory::{
-    compute_bytes, fit, gpu_memory, gpu_share, head_widths, kv_bytes, kv_bytes_per_token, mib,
-    peak_rss, system_memory, Fitted, Footprint, NoFit, PROCESS_ALLOWANCE,
+    compute_bytes, f16_copy_bytes, fit, gpu_memory, gpu_share, head_widths, kv_bytes,
+    kv_bytes_per_token, mib, peak_rss, system_memory, Fitted, Footprint, NoFit, PROCESS_ALLOWANCE,
 };
 use crate::plan::{plan, Demand, KvLayout, Plan, CTX_STEP};
 use crate::prompt::text_prefix::CommonText;
@@ -230,6 +230,14 @@ pub fn preflight(
     // Its buffers sit beside the run's own, in RAM and, with offloaded layers, in VRAM: its
     // cache is split by layer as the run's is, and its compute buffer goes to the GPU with any.
     let (embed_kv, embed_compute) = embeddings.map_or((0, 0), |e| (e.kv, e.compute));
+    // A GPU's flash attention copies a quantized cache's keys and values to f16 for wide calls.
+    let gpu_f16_copy = |span: u32| {
+        if gpu_layers > 0 && flash_attn {
+            f16_copy_bytes(&info, span, cfg.kv_types)
+        } else {
+            0
+        }
+    };
     let fit_with = |(probe_kv, probe_compute): (u64, u64)| {
         fit(
             cfg.parallel as usize,
@@ -248,7 +256,8 @@ pub fn preflight(
                         attention_span(&plan),
                         cfg.batch_size,
                         flash_attn,
-                    ) + embed_compute)
+                    ) + gpu_f16_copy(attention_span(&plan))
+                        + embed_compute)
                         .max(probe_compute),
                     process: PROCESS_ALLOWANCE,
                 })
@@ -356,12 +365,19 @@ fn check_kv_types(
     let compiled =
         types.k == types.v && matches!(types.k, KvType::F16 | KvType::Q8_0 | KvType::Q4_0);
     if cuda && flash_attn != FlashAttn::Off && !compiled {
+        // Quantized keys beside f16 values need no flash attention at all.
+        let off = if types.v.is_quantized() {
+            ""
+        } else {
+            ", --flash-attn off"
+        };
         anyhow::bail!(
-            "--cache-type-k {} with --cache-type-v {} has no flash-attention kernel in this \
+            "--cache-type-k {} with --cache-type-v {} ({}) has no flash-attention kernel in this \
              CUDA build (it has f16/f16, q8_0/q8_0 and q4_0/q4_0), and would run many times \
-             slower: use one of those pairs, or --gpu-layers 0",
+             slower: use one of those pairs{off}, or --gpu-layers 0",
             types.k.name(),
-            types.v.name()
+            types.v.name(),
+            types.describe()
         );
     }
     Ok(())

@@ -17,12 +17,13 @@ use crate::commands::preflight::{
 };
 use crate::digest::sha256_file_hex;
 use crate::engine;
-use crate::engine::{Model, SessionSettings, Token};
+use crate::engine::{FlashAttn, Model, SessionSettings, Token};
 use crate::formats::manifest::{InputRecord, Manifest, ModelRecord, RunState, MANIFEST_VERSION};
 use crate::identity::{Identity, Machine, OutputParams, Settings};
 use crate::input::request::RequestReader;
 use crate::plan::KvLayout;
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
+use crate::schedule::groups::DecodeGroups;
 use crate::schedule::scheduler::Exact;
 
 /// The test hook that forces fixed-shape decode groups where the probe finds them unneeded.
@@ -96,6 +97,26 @@ pub fn machine(cfg: &RunConfig, gpu_layers: u32, exact: Option<Exact>) -> Machin
         gpu_layers,
         flash_attn: format!("{:?}", cfg.flash_attn).to_lowercase(),
         decode_groups: Exact::describe(exact),
+    }
+}
+
+/// `exact`, or one row a call where layers are on a GPU (`gpu`) with flash attention.
+///
+/// There llama.cpp's kernels split a row's keys by the call's KV length, its deepest stream's
+/// (docs/gpu.md), at depths the probe checks only one step of: a row decoded alone has its
+/// own stream's split, so its bits are its own. Not measured on a GPU yet; this is the safe
+/// side until it is.
+pub fn alone_with_gpu_flash_attention(exact: Exact, gpu: bool, flash_attn: FlashAttn) -> Exact {
+    if !gpu || flash_attn == FlashAttn::Off || exact.groups == DecodeGroups::Alone {
+        return exact;
+    }
+    tracing::info!(
+        "decode groups: one row a call, whatever the probe found: flash attention on a GPU \
+         splits a row's keys by the deepest row of its call"
+    );
+    Exact {
+        groups: DecodeGroups::Alone,
+        ..exact
     }
 }
 
@@ -256,12 +277,14 @@ impl Prepared {
         let cache = probe_cache(cfg, self.model_sha256, self.preflight.gpu_layers);
         if let Some(findings) = cache.load() {
             let exact = Exact::from_findings(findings, gpu, force_fixed);
+            let exact = alone_with_gpu_flash_attention(exact, gpu, cfg.flash_attn);
             return Ok((Some(exact), Some(cache.path().to_owned())));
         }
         let exact = Exact::probe_with(self.model(), &self.run_settings(cfg), gpu, force_fixed)?;
         if let Some(findings) = exact.findings {
             cache.save(findings);
         }
+        let exact = alone_with_gpu_flash_attention(exact, gpu, cfg.flash_attn);
         Ok((Some(exact), None))
     }
 
@@ -272,5 +295,27 @@ impl Prepared {
             self.model_sha256,
             machine(cfg, self.preflight.gpu_layers, exact),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flash_attention_on_a_gpu_decodes_one_row_a_call() {
+        let fixed = Exact {
+            groups: DecodeGroups::Fixed { lo: 2, hi: 64 },
+            max_rows: 64,
+            findings: None,
+            probe_time: None,
+        };
+        let alone = |gpu, fa| alone_with_gpu_flash_attention(fixed, gpu, fa).groups;
+        assert_eq!(alone(true, FlashAttn::On), DecodeGroups::Alone);
+        assert_eq!(alone(true, FlashAttn::Auto), DecodeGroups::Alone);
+        // The probe's decision stands without flash attention, and on the CPU, whose kernel
+        // the probe and a test check.
+        assert_eq!(alone(true, FlashAttn::Off), fixed.groups);
+        assert_eq!(alone(false, FlashAttn::On), fixed.groups);
     }
 }

@@ -66,14 +66,8 @@ impl KvType {
 
     /// ggml's type id, as a saved state names it.
     pub fn ggml(self) -> i32 {
-        match self {
-            Self::F16 => 1,
-            Self::Q4_0 => 2,
-            Self::Q4_1 => 3,
-            Self::Q5_0 => 6,
-            Self::Q5_1 => 7,
-            Self::Q8_0 => 8,
-        }
+        let id: llama_cpp_sys_2::ggml_type = self.llama().into();
+        i32::try_from(id).unwrap_or(i32::MAX)
     }
 
     /// llama.cpp's type.
@@ -103,6 +97,11 @@ impl KvTypes {
     pub fn describe(self) -> String {
         format!("{}/{}", self.k.name(), self.v.name())
     }
+
+    /// Whether either type is quantized.
+    pub fn quantized(self) -> bool {
+        self.k.is_quantized() || self.v.is_quantized()
+    }
 }
 
 #[cfg(test)]
@@ -113,29 +112,29 @@ mod tests {
 
     #[test]
     fn block_bytes_match_ggml() {
-        // ggml's type sizes per 32-element block: q8_0 34, q5_1 24, q5_0 22, q4_1 20, q4_0 18.
-        let per_block: Vec<u64> = KvType::value_variants()
-            .iter()
-            .map(|t| t.bytes(32))
-            .collect();
-        assert_eq!(per_block, [64, 34, 24, 22, 20, 18]);
+        for &t in KvType::value_variants() {
+            let id: llama_cpp_sys_2::ggml_type = t.llama().into();
+            // SAFETY: plain lookups in ggml's type table, for types it defines.
+            let (block, size) = unsafe {
+                (
+                    llama_cpp_sys_2::ggml_blck_size(id),
+                    llama_cpp_sys_2::ggml_type_size(id),
+                )
+            };
+            let block = u64::try_from(block).unwrap();
+            assert_eq!(t.bytes(block * 4), size as u64 * 4, "{t:?}");
+            assert_eq!(t.is_quantized(), block == u64::from(QUANT_BLOCK), "{t:?}");
+        }
+        // 34 bytes a block of 32: a little over half of f16's 64.
         assert_eq!(KvType::Q8_0.bytes(64 * 3), 34 * 6);
     }
 
     #[test]
-    fn ggml_ids_match_llama_cpp() {
-        for &t in KvType::value_variants() {
-            let id = match t.llama() {
-                KvCacheType::F16 => llama_cpp_sys_2::GGML_TYPE_F16,
-                KvCacheType::Q8_0 => llama_cpp_sys_2::GGML_TYPE_Q8_0,
-                KvCacheType::Q5_1 => llama_cpp_sys_2::GGML_TYPE_Q5_1,
-                KvCacheType::Q5_0 => llama_cpp_sys_2::GGML_TYPE_Q5_0,
-                KvCacheType::Q4_1 => llama_cpp_sys_2::GGML_TYPE_Q4_1,
-                KvCacheType::Q4_0 => llama_cpp_sys_2::GGML_TYPE_Q4_0,
-                other => panic!("{other:?}"),
-            };
-            assert_eq!(i64::from(t.ggml()), i64::from(id), "{t:?}");
-        }
+    fn ggml_ids_are_those_a_saved_state_names() {
+        // llama.cpp writes `ggml_type` as an i32 before each layer's rows.
+        assert_eq!(KvType::F16.ggml(), 1);
+        assert_eq!(KvType::Q8_0.ggml(), 8);
+        assert_eq!(KvType::Q4_0.ggml(), 2);
     }
 
     #[test]

@@ -60,6 +60,17 @@ pub fn kv_bytes_per_token(info: &ModelInfo, types: KvTypes) -> u64 {
     u64::from(info.n_layer) * u64::from(info.n_head_kv) * (types.k.bytes(k) + types.v.bytes(v))
 }
 
+/// The f16 copy of one layer's keys and values over `span` cells that a GPU's flash attention
+/// makes of a quantized cache for calls of several rows (CUDA from 2 or 3 rows, Vulkan past
+/// 64): outside llama.cpp's compute buffer, which the plan counts apart, so counted here.
+pub fn f16_copy_bytes(info: &ModelInfo, span: u32, types: KvTypes) -> u64 {
+    if !types.quantized() {
+        return 0;
+    }
+    let (k, v) = head_widths(info);
+    u64::from(span) * u64::from(info.n_head_kv) * (k + v) * 2
+}
+
 /// The key and value head widths, as the GGUF gives them or as embedding ÷ heads.
 pub fn head_widths(info: &ModelInfo) -> (u64, u64) {
     let fallback = info.n_embd / info.n_head.max(1);
@@ -289,10 +300,12 @@ pub struct NoFit {
     pub footprint: Footprint,
 }
 
-/// Fits a plan to its budgets before anything is allocated: `--parallel` comes down to the
-/// largest count whose footprint fits `ram` and, with offloaded layers, whose GPU share fits
-/// `vram`; at one slot, the offloaded layers come down until the share fits.
-/// `footprint(parallel)` is the plan's footprint at a number of slots, which grows with it.
+/// Fits a plan to its budgets before anything is allocated: `--parallel` comes down to a count
+/// whose footprint fits `ram` and, with offloaded layers, whose GPU share fits `vram`; at one
+/// slot, the offloaded layers come down until the share fits. `footprint(parallel)` is the
+/// plan's footprint at a number of slots. Where it grows with the slots (a context sized by
+/// the plan) the count is the largest that fits; a fixed `--ctx-size` divides the same cells
+/// among more slots, and then the count found fits but may not be the largest.
 ///
 /// # Errors
 /// [`NoFit`] when even one slot does not fit the RAM budget.
@@ -461,6 +474,17 @@ pub(crate) mod tests {
             ..smollm()
         };
         assert_eq!(kv_bytes(&gemma, 1, KvTypes::default()), 18 * 512 * 2);
+    }
+
+    #[test]
+    fn a_quantized_cache_counts_its_f16_copy_on_a_gpu() {
+        let q8 = KvTypes {
+            k: KvType::Q8_0,
+            v: KvType::Q8_0,
+        };
+        assert_eq!(f16_copy_bytes(&smollm(), 512, KvTypes::default()), 0);
+        // 512 cells × 3 KV heads × (64 + 64) wide × 2 bytes.
+        assert_eq!(f16_copy_bytes(&smollm(), 512, q8), 512 * 3 * 128 * 2);
     }
 
     #[test]
