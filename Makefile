@@ -65,6 +65,7 @@ dist-oci: dist
 	./scripts/dist-oci.sh
 
 setup: deps
+	@./scripts/deps.sh browser
 	@./models/fetch.sh
 	@./scripts/openai-sdk.sh
 

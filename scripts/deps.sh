@@ -5,6 +5,8 @@
 #   scripts/deps.sh           the CPU build's packages
 #   scripts/deps.sh vulkan    and the Vulkan build's: the loader, the shader compiler, SPIR-V
 #                             headers, and Mesa's drivers (lavapipe, for the tests)
+#   scripts/deps.sh browser   and a headless browser (chromium), which the test suite renders
+#                             the server's status page in
 set -euo pipefail
 
 packages=(cmake clang libclang-dev)
@@ -22,6 +24,10 @@ if [ "${1:-}" = vulkan ]; then
     [ -d /usr/include/spirv ] || missing+=(spirv-headers)
     ls /usr/share/vulkan/icd.d/lvp_icd*.json >/dev/null 2>&1 || missing+=(mesa-vulkan-drivers)
 fi
+browser=()
+if [ "${1:-}" = browser ]; then
+    command -v chromium >/dev/null 2>&1 || { browser=(chromium); missing+=(chromium); }
+fi
 if ! command -v cargo >/dev/null 2>&1; then
     echo "error: cargo is not installed; install the Rust toolchain (rustup) first." >&2
     exit 1
@@ -33,8 +39,12 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq "${packages[@]}" >/dev/null
-    echo "installed: ${packages[*]}"
+    # The browser alone, without its recommends (a desktop's worth): the tests need it headless.
+    if [ ${#browser[@]} -gt 0 ]; then
+        apt-get install -y -qq --no-install-recommends "${browser[@]}" >/dev/null
+    fi
+    echo "installed: ${packages[*]} ${browser[*]}"
 else
-    echo "error: install them first, as root: apt-get install -y ${packages[*]}" >&2
+    echo "error: install them first, as root: apt-get install -y ${packages[*]} ${browser[*]}" >&2
     exit 1
 fi

@@ -5,7 +5,8 @@
 //! a scheduler slot ([`schedule`], with prefixes held by [`cache`]) → llama.cpp decode
 //! ([`engine`], the only module that knows llama.cpp) → result line ([`formats`]) written
 //! durably ([`durability`]). [`plan`] sizes the context to the memory before anything runs,
-//! [`report`] measures, and [`commands`] are the entry points that tie the stages together.
+//! [`report`] measures, and [`commands`] are the entry points that tie the stages together. [`serve`] puts
+//! OpenAI's Batch API in front of them, at the edge.
 
 pub mod cache;
 pub mod commands;
@@ -20,3 +21,4 @@ pub mod plan;
 pub mod prompt;
 pub mod report;
 pub mod schedule;
+pub mod serve;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use infer_batch::cache::prefix_store;
-use infer_batch::commands::cli::{CacheAction, Cli, Command};
+use infer_batch::commands::cli::{CacheAction, Cli, Command, ServeArgs};
 use infer_batch::commands::outcome::RunOutcome;
 use infer_batch::commands::preflight::dry_run;
 use infer_batch::commands::run::{run, RunReport};
@@ -14,6 +14,8 @@ use infer_batch::commands::supervise::{attach_to_supervisor, supervise, Signals}
 use infer_batch::commands::warm::warm;
 use infer_batch::commands::worker::WorkerEnv;
 use infer_batch::report::metrics::{PrefixEvent, PrefixSource};
+use infer_batch::serve::engine_command::EngineCommand;
+use infer_batch::serve::{read_key, ServeConfig};
 
 /// Prefixes listed one by one in the summary on stderr; the rest are counted.
 const PRINTED_PREFIXES: usize = 8;
@@ -30,6 +32,10 @@ fn main() -> ExitCode {
 
 fn dispatch(cli: &Cli) -> anyhow::Result<RunOutcome> {
     match &cli.command {
+        Some(Command::Serve { args }) => {
+            serve(args)?;
+            return Ok(RunOutcome::AllSucceeded);
+        }
         Some(Command::Cache { action }) => return cache(action).map(|()| RunOutcome::AllSucceeded),
         Some(Command::Status { output, json }) => {
             println!("{}", infer_batch::commands::status::report(output, *json)?);
@@ -105,6 +111,25 @@ fn dispatch(cli: &Cli) -> anyhow::Result<RunOutcome> {
         eprintln!("interrupted: run the same command again to resume");
     }
     Ok(outcome)
+}
+
+/// `infer-batch serve`: checks its flags, then serves until a signal. Each batch runs this
+/// binary with the run flags given after `serve`.
+fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    args.check_run_flags()?;
+    let raw: Vec<_> = std::env::args_os()
+        .skip_while(|a| a != "serve")
+        .skip(1)
+        .collect();
+    let api_key = args.api_key_file.as_deref().map(read_key).transpose()?;
+    infer_batch::serve::serve(ServeConfig {
+        addr: std::net::SocketAddr::new(args.host, args.port),
+        data_dir: args.data_dir.clone(),
+        api_key,
+        max_upload_bytes: args.max_upload_bytes,
+        request_timeout: std::time::Duration::from_secs(args.request_timeout.max(1)),
+        engine: EngineCommand::new(std::env::current_exe()?, &raw),
+    })
 }
 
 /// SIGINT or SIGTERM asks the run to stop cleanly. With `second_kills`, a second SIGINT (a

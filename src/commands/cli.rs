@@ -94,6 +94,13 @@ pub enum Command {
         #[command(flatten)]
         args: Box<BenchArgs>,
     },
+    /// Serve OpenAI's Files and Batches API on a local port: batches run one after another
+    /// on this model, with the run's flags, and survive crashes and restarts.
+    Serve {
+        /// The server's flags and the run's.
+        #[command(flatten)]
+        args: Box<ServeArgs>,
+    },
     /// Manage the on-disk prefix state cache.
     Cache {
         /// What to do.
@@ -126,8 +133,67 @@ pub enum CacheAction {
     },
 }
 
-/// Arguments of a batch run.
+/// Arguments of `infer-batch serve`: the run's (no input or output: those come through the
+/// API) and the server's own.
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Every batch runs with these flags.
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    /// The address to listen on. Anything but loopback needs --api-key-file.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub host: std::net::IpAddr,
+
+    /// The port to listen on (0: any free one, printed at start).
+    #[arg(long, default_value_t = 8080, value_name = "PORT")]
+    pub port: u16,
+
+    /// Where files, batches and the database live.
+    #[arg(long, default_value = "infer-batch-data", value_name = "DIR")]
+    pub data_dir: PathBuf,
+
+    /// A file whose first line is the API key every request must send as
+    /// `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// The largest file upload, in bytes.
+    #[arg(long, default_value_t = 200_000_000, value_name = "BYTES")]
+    pub max_upload_bytes: u64,
+
+    /// Seconds a request (an upload included) may take before it gets 408.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub request_timeout: u64,
+}
+
+impl ServeArgs {
+    /// Checks the run's flags as a batch would take them, and refuses those that belong to
+    /// one run only.
+    ///
+    /// # Errors
+    /// A flag `serve` cannot take, or one the run would refuse.
+    pub fn check_run_flags(&self) -> Result<(), UsageError> {
+        let c = &self.run.common;
+        let refused = [
+            (c.input.is_some(), "an input file (upload it: POST /v1/files)"),
+            (c.output.is_some(), "--output (each batch gets its output file)"),
+            (c.restart, "--restart (it would throw away a resumed batch's progress)"),
+            (c.shard.is_some(), "--shard"),
+            (c.dry_run, "--dry-run"),
+            (c.retry_failed, "--retry-failed"),
+        ];
+        if let Some((_, what)) = refused.iter().find(|(given, _)| *given) {
+            return Err(UsageError(format!("serve takes no {what}")));
+        }
+        let mut probe = self.run.clone();
+        probe.common.input = Some(PathBuf::from("batch.jsonl"));
+        probe.resolve().map(|_| ())
+    }
+}
+
+/// Arguments of a batch run.
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Everything but `--parallel`.
     #[command(flatten)]
@@ -183,7 +249,7 @@ pub struct BenchArgs {
 }
 
 /// The arguments every batch run takes, `--parallel` aside.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// The GGUF model file.
     #[arg(long, short = 'm', value_name = "GGUF")]
