@@ -176,12 +176,27 @@ impl ServeArgs {
     pub fn check_run_flags(&self) -> Result<(), UsageError> {
         let c = &self.run.common;
         let refused = [
-            (c.input.is_some(), "an input file (upload it: POST /v1/files)"),
-            (c.output.is_some(), "--output (each batch gets its output file)"),
-            (c.restart, "--restart (it would throw away a resumed batch's progress)"),
-            (c.shard.is_some(), "--shard"),
-            (c.dry_run, "--dry-run"),
-            (c.retry_failed, "--retry-failed"),
+            (
+                c.input.is_some(),
+                "input file: clients upload theirs (POST /v1/files)",
+            ),
+            (
+                c.output.is_some(),
+                "--output: each batch gets its own output file",
+            ),
+            (
+                c.restart,
+                "--restart: it would throw away a resumed batch's progress",
+            ),
+            (
+                c.shard.is_some(),
+                "--shard: shards are for Slurm runs of the command line",
+            ),
+            (
+                c.dry_run,
+                "--dry-run: run it on the command line with an input",
+            ),
+            (c.retry_failed, "--retry-failed: it applies to one output"),
         ];
         if let Some((_, what)) = refused.iter().find(|(given, _)| *given) {
             return Err(UsageError(format!("serve takes no {what}")));

@@ -59,8 +59,8 @@ impl AppState {
 
 /// The whole API, with its key check, body limits and request timeout.
 pub fn router(state: AppState, timeout: Duration) -> Router {
-    let upload_limit = usize::try_from(state.max_upload.saturating_add(MULTIPART_SLACK))
-        .unwrap_or(usize::MAX);
+    let upload_limit =
+        usize::try_from(state.max_upload.saturating_add(MULTIPART_SLACK)).unwrap_or(usize::MAX);
     Router::new()
         .route("/", get(page::status_page))
         .route(
@@ -74,12 +74,18 @@ pub fn router(state: AppState, timeout: Duration) -> Router {
             get(files_api::retrieve).delete(files_api::delete),
         )
         .route("/v1/files/{id}/content", get(files_api::content))
-        .route("/v1/batches", post(batches_api::create).get(batches_api::list))
+        .route(
+            "/v1/batches",
+            post(batches_api::create).get(batches_api::list),
+        )
         .route("/v1/batches/{id}", get(batches_api::retrieve))
         .route("/v1/batches/{id}/cancel", post(batches_api::cancel))
         .fallback(|req: Request| async move { ApiError::no_route(req.uri().path()) })
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), require_key))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_key,
+        ))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             timeout,

@@ -6,9 +6,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::input::request::{
-    CHAT_COMPLETIONS_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL,
-};
+use crate::input::request::{CHAT_COMPLETIONS_URL, COMPLETIONS_URL, EMBEDDINGS_URL, RESPONSES_URL};
 use crate::serve::api::AppState;
 use crate::serve::api_error::ApiError;
 use crate::serve::batch::{BatchRecord, BatchStatus};
@@ -43,8 +41,14 @@ struct CreateBatch {
 fn required_str<'a>(v: &'a Option<Value>, name: &str) -> Result<&'a str, ApiError> {
     match v {
         Some(Value::String(s)) => Ok(s),
-        Some(_) => Err(ApiError::invalid(name, format!("`{name}` must be a string"))),
-        None => Err(ApiError::invalid(name, format!("missing required parameter `{name}`"))),
+        Some(_) => Err(ApiError::invalid(
+            name,
+            format!("`{name}` must be a string"),
+        )),
+        None => Err(ApiError::invalid(
+            name,
+            format!("missing required parameter `{name}`"),
+        )),
     }
 }
 
@@ -78,13 +82,17 @@ fn check_metadata(v: Option<Value>) -> Result<Option<Value>, ApiError> {
 /// 400 for a malformed body, an endpoint not served, a window other than `24h`, or an input
 /// file that does not exist or is not for batches.
 pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
-    let req: CreateBatch = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not a valid batch request: {e}")))?;
+    let req: CreateBatch = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!("the body is not a valid batch request: {e}"))
+    })?;
     let endpoint = required_str(&req.endpoint, "endpoint")?.to_owned();
     if !ENDPOINTS.contains(&endpoint.as_str()) {
         return Err(ApiError::invalid(
             "endpoint",
-            format!("endpoint {endpoint:?} is not served; use one of {}", ENDPOINTS.join(", ")),
+            format!(
+                "endpoint {endpoint:?} is not served; use one of {}",
+                ENDPOINTS.join(", ")
+            ),
         ));
     }
     let window = required_str(&req.completion_window, "completion_window")?;
@@ -112,7 +120,10 @@ pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Json<V
             if file.purpose != "batch" {
                 return Err(ApiError::invalid(
                     "input_file_id",
-                    format!("file {input_file_id} has purpose {:?}, not \"batch\"", file.purpose),
+                    format!(
+                        "file {input_file_id} has purpose {:?}, not \"batch\"",
+                        file.purpose
+                    ),
                 ));
             }
             let id = new_id(IdKind::Batch).map_err(anyhow::Error::from)?;
@@ -141,7 +152,11 @@ async fn find(state: &AppState, id: String) -> Result<BatchRecord, ApiError> {
         return Err(ApiError::not_found("batch", &id));
     }
     state
-        .blocking(move |s| s.store.batch(&id)?.ok_or_else(|| ApiError::not_found("batch", &id)))
+        .blocking(move |s| {
+            s.store
+                .batch(&id)?
+                .ok_or_else(|| ApiError::not_found("batch", &id))
+        })
         .await
 }
 
@@ -177,7 +192,9 @@ pub async fn list(
             .parse()
             .ok()
             .filter(|n| (1..=LIST_MAX).contains(n))
-            .ok_or_else(|| ApiError::invalid("limit", format!("`limit` must be 1 to {LIST_MAX}")))?,
+            .ok_or_else(|| {
+                ApiError::invalid("limit", format!("`limit` must be 1 to {LIST_MAX}"))
+            })?,
     };
     if let Some(after) = &q.after {
         if !is_valid(IdKind::Batch, after) {
@@ -210,9 +227,9 @@ pub async fn cancel(
     let batch = state
         .blocking(move |s| {
             use BatchStatus::*;
-            let moved = s
-                .store
-                .transition(&batch.id, &[Validating, InProgress], Cancelling, now())?;
+            let moved =
+                s.store
+                    .transition(&batch.id, &[Validating, InProgress], Cancelling, now())?;
             let now = s.store.batch(&batch.id)?.unwrap_or(batch);
             if !moved && now.status != Cancelling {
                 return Err(ApiError::conflict(format!(

@@ -36,7 +36,8 @@ impl EngineCommand {
     /// The command for a batch reading `input` and writing `output`.
     pub fn command(&self, input: &Path, output: &Path) -> Command {
         let mut cmd = Command::new(&self.exe);
-        cmd.env("NO_COLOR", "1").args(&self.args)
+        cmd.env("NO_COLOR", "1")
+            .args(&self.args)
             .arg("--supervise")
             .arg(input)
             .arg("-o")

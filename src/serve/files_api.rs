@@ -53,9 +53,20 @@ pub async fn upload(
     let mut multipart = multipart.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let mut purpose = None;
     let mut incoming = None;
-    while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, state.max_upload))? {
+    while let Some(field) = multipart
+        .next_field()
+        .await
+        .map_err(|e| multipart_error(e, state.max_upload))?
+    {
         match field.name() {
-            Some("purpose") => purpose = Some(field.text().await.map_err(|e| multipart_error(e, state.max_upload))?),
+            Some("purpose") => {
+                purpose = Some(
+                    field
+                        .text()
+                        .await
+                        .map_err(|e| multipart_error(e, state.max_upload))?,
+                )
+            }
             Some("file") => incoming = Some(receive(&state, field).await?),
             Some(other) => {
                 return Err(ApiError::invalid(
@@ -74,13 +85,18 @@ pub async fn upload(
                 format!("purpose {p:?} is not served here: upload with purpose \"batch\""),
             ))
         }
-        None => return Err(ApiError::invalid("purpose", "missing `purpose` (\"batch\")")),
+        None => {
+            return Err(ApiError::invalid(
+                "purpose",
+                "missing `purpose` (\"batch\")",
+            ))
+        }
     }
     let incoming =
         incoming.ok_or_else(|| ApiError::invalid("file", "missing `file`: the JSONL to upload"))?;
     let record = state
         .blocking(move |s| {
-            let id = new_id(IdKind::File).map_err(|e| anyhow::Error::from(e))?;
+            let id = new_id(IdKind::File).map_err(anyhow::Error::from)?;
             let record = FileRecord {
                 id: id.clone(),
                 bytes: incoming.bytes,
@@ -88,7 +104,11 @@ pub async fn upload(
                 filename: incoming.filename,
                 purpose: BATCH_PURPOSE.into(),
             };
-            incoming.tmp.as_file().sync_all().map_err(anyhow::Error::from)?;
+            incoming
+                .tmp
+                .as_file()
+                .sync_all()
+                .map_err(anyhow::Error::from)?;
             incoming
                 .tmp
                 .persist(s.dir.file(&id))
@@ -105,9 +125,14 @@ async fn receive(state: &AppState, mut field: Field<'_>) -> Result<Incoming, Api
     let filename = field.file_name().unwrap_or("upload.jsonl").to_owned();
     let tmp = tempfile::NamedTempFile::new_in(state.dir.uploads())
         .map_err(|e| ApiError::internal(&e.into()))?;
-    let mut out = tokio::fs::File::from_std(tmp.reopen().map_err(|e| ApiError::internal(&e.into()))?);
+    let mut out =
+        tokio::fs::File::from_std(tmp.reopen().map_err(|e| ApiError::internal(&e.into()))?);
     let mut bytes = 0u64;
-    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, state.max_upload))? {
+    while let Some(chunk) = field
+        .chunk()
+        .await
+        .map_err(|e| multipart_error(e, state.max_upload))?
+    {
         bytes += chunk.len() as u64;
         if bytes > state.max_upload {
             // Dropping `tmp` removes what was written.
@@ -117,7 +142,9 @@ async fn receive(state: &AppState, mut field: Field<'_>) -> Result<Incoming, Api
             .await
             .map_err(|e| ApiError::internal(&e.into()))?;
     }
-    out.flush().await.map_err(|e| ApiError::internal(&e.into()))?;
+    out.flush()
+        .await
+        .map_err(|e| ApiError::internal(&e.into()))?;
     Ok(Incoming {
         tmp,
         filename,
@@ -151,7 +178,9 @@ pub async fn list(
         .blocking(move |s| Ok(s.store.files(q.purpose.as_deref())?))
         .await?;
     let data: Vec<_> = files.iter().map(file_object).collect();
-    Ok(Json(json!({"object": "list", "data": data, "has_more": false})))
+    Ok(Json(
+        json!({"object": "list", "data": data, "has_more": false}),
+    ))
 }
 
 /// The file `id`, or 404 (also for an id that is not one of ours at all).
@@ -160,7 +189,11 @@ async fn find(state: &AppState, id: String) -> Result<FileRecord, ApiError> {
         return Err(ApiError::not_found("file", &id));
     }
     state
-        .blocking(move |s| s.store.file(&id)?.ok_or_else(|| ApiError::not_found("file", &id)))
+        .blocking(move |s| {
+            s.store
+                .file(&id)?
+                .ok_or_else(|| ApiError::not_found("file", &id))
+        })
         .await
 }
 
@@ -220,5 +253,7 @@ pub async fn delete(
             }
         })
         .await?;
-    Ok(Json(json!({"id": record.id, "object": "file", "deleted": true})))
+    Ok(Json(
+        json!({"id": record.id, "object": "file", "deleted": true}),
+    ))
 }

@@ -59,7 +59,7 @@ mod tests {
         for bad in [
             "file-../../etc/passwd".to_string(),
             format!("{good}/../x"),
-            format!("{}", &good[..good.len() - 1]),
+            good[..good.len() - 1].to_string(),
             format!("{good}0"),
             good.to_uppercase(),
             "file-".to_string(),

@@ -36,12 +36,12 @@ fn render(batches: &[BatchRecord], running: Option<&str>) -> String {
             BatchStatus::InProgress if Some(b.id.as_str()) != running => "queued",
             s => s.as_str(),
         };
-        let _ = write!(
+        let _ = writeln!(
             rows,
             "<tr class=\"batch\" id=\"{id}\"><td><code>{id}</code></td><td class=\"state\">{state}</td>\
              <td><progress max=\"{total}\" value=\"{done}\"></progress></td>\
              <td class=\"done\">{done} of {total}</td><td class=\"failed\">{failed}</td>\
-             <td class=\"rate\">{rate}</td><td class=\"eta\">{eta}</td><td>{endpoint}</td></tr>\n",
+             <td class=\"rate\">{rate}</td><td class=\"eta\">{eta}</td><td>{endpoint}</td></tr>",
             id = escape(&b.id),
             total = b.counts.total.max(1),
             failed = b.counts.failed,
@@ -92,18 +92,46 @@ mod tests {
 
     #[test]
     fn a_running_batch_shows_its_progress_and_a_waiting_one_is_queued() {
-        let mut a = BatchRecord::new("batch_a".into(), "/v1/chat/completions".into(), "f".into(), None, 1);
+        let mut a = BatchRecord::new(
+            "batch_a".into(),
+            "/v1/chat/completions".into(),
+            "f".into(),
+            None,
+            1,
+        );
         a.status = BatchStatus::InProgress;
-        a.counts = Counts { total: 10, completed: 3, failed: 1 };
+        a.counts = Counts {
+            total: 10,
+            completed: 3,
+            failed: 1,
+        };
         a.completion_tokens = 200;
         a.run_seconds = 4.0;
         let mut b = a.clone();
         b.id = "batch_b<".into();
-        b.counts = Counts { total: 5, completed: 0, failed: 0 };
+        b.counts = Counts {
+            total: 5,
+            completed: 0,
+            failed: 0,
+        };
         let html = render(&[a, b], Some("batch_a"));
-        assert!(html.contains("<td class=\"state\">in_progress</td><td><progress max=\"10\" value=\"4\">"), "{html}");
-        assert!(html.contains("4 of 10") && html.contains("50.0 tok/s") && html.contains("6 s"), "{html}");
-        assert!(html.contains("batch_b&lt;") && html.contains(">queued<"), "{html}");
-        assert!(!html.contains("http://") && !html.contains("<script"), "no external assets");
+        assert!(
+            html.contains(
+                "<td class=\"state\">in_progress</td><td><progress max=\"10\" value=\"4\">"
+            ),
+            "{html}"
+        );
+        assert!(
+            html.contains("4 of 10") && html.contains("50.0 tok/s") && html.contains("6 s"),
+            "{html}"
+        );
+        assert!(
+            html.contains("batch_b&lt;") && html.contains(">queued<"),
+            "{html}"
+        );
+        assert!(
+            !html.contains("http://") && !html.contains("<script"),
+            "no external assets"
+        );
     }
 }

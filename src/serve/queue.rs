@@ -115,7 +115,12 @@ enum RunEnd {
 
 impl Queue {
     /// A queue over `store` and `dir`, running batches with `engine`.
-    pub fn new(store: Store, dir: DataDir, engine: EngineCommand, signals: Arc<QueueSignals>) -> Self {
+    pub fn new(
+        store: Store,
+        dir: DataDir,
+        engine: EngineCommand,
+        signals: Arc<QueueSignals>,
+    ) -> Self {
         Self {
             store,
             dir,
@@ -153,7 +158,10 @@ impl Queue {
             self.signals.set_running(None);
             match end? {
                 RunEnd::Done => {
-                    if self.store.transition(&b.id, &[InProgress, Cancelling], Finalizing, now())? {
+                    if self
+                        .store
+                        .transition(&b.id, &[InProgress, Cancelling], Finalizing, now())?
+                    {
                         self.finalize(&b, Completed, Vec::new())?;
                     }
                 }
@@ -193,8 +201,12 @@ impl Queue {
                     ..Counts::default()
                 };
                 self.store.progress(&b.id, counts, 0, 0.0)?;
-                self.store
-                    .transition(&b.id, &[BatchStatus::Validating], BatchStatus::InProgress, now())?;
+                self.store.transition(
+                    &b.id,
+                    &[BatchStatus::Validating],
+                    BatchStatus::InProgress,
+                    now(),
+                )?;
             }
             Verdict::Invalid(errors) => self.store.fail(&b.id, &errors, now())?,
         }
@@ -278,7 +290,12 @@ impl Queue {
     }
 
     /// Splits the engine's output into the output and error files, and ends `b` in `status`.
-    fn finalize(&self, b: &BatchRecord, status: BatchStatus, errors: Vec<BatchError>) -> Result<()> {
+    fn finalize(
+        &self,
+        b: &BatchRecord,
+        status: BatchStatus,
+        errors: Vec<BatchError>,
+    ) -> Result<()> {
         let output = self.dir.batch(&b.id).join("output.jsonl");
         let created = now();
         let mut ok = OutputFile::new(&self.dir, &b.id, "output")?;
@@ -485,7 +502,8 @@ mod tests {
     use super::*;
 
     const OK: &str = r#"{"id":"r","custom_id":"a","response":{"status_code":200,"request_id":"q","body":{"usage":{"prompt_tokens":3,"completion_tokens":7,"total_tokens":10}}},"error":null}"#;
-    const ERR: &str = r#"{"id":"r","custom_id":"b","response":null,"error":{"code":"x","message":"m","line":2}}"#;
+    const ERR: &str =
+        r#"{"id":"r","custom_id":"b","response":null,"error":{"code":"x","message":"m","line":2}}"#;
 
     #[test]
     fn the_tail_counts_whole_lines_and_starts_over_after_a_rewind() {
@@ -493,10 +511,24 @@ mod tests {
         let path = dir.path().join("out.jsonl");
         let mut tail = OutputTail::default();
         tail.read(&path).unwrap();
-        assert_eq!(tail.counts(3), Counts { total: 3, completed: 0, failed: 0 });
+        assert_eq!(
+            tail.counts(3),
+            Counts {
+                total: 3,
+                completed: 0,
+                failed: 0
+            }
+        );
         std::fs::write(&path, format!("{OK}\n{ERR}\n{{\"torn")).unwrap();
         tail.read(&path).unwrap();
-        assert_eq!(tail.counts(3), Counts { total: 3, completed: 1, failed: 1 });
+        assert_eq!(
+            tail.counts(3),
+            Counts {
+                total: 3,
+                completed: 1,
+                failed: 1
+            }
+        );
         assert_eq!(tail.tokens, 7);
         // The torn line completes.
         let mut f = File::options().append(true).open(&path).unwrap();
@@ -505,6 +537,13 @@ mod tests {
         assert_eq!((tail.completed, tail.failed), (1, 1), "not a result line");
         std::fs::write(&path, format!("{OK}\n")).unwrap();
         tail.read(&path).unwrap();
-        assert_eq!(tail.counts(3), Counts { total: 3, completed: 1, failed: 0 });
+        assert_eq!(
+            tail.counts(3),
+            Counts {
+                total: 3,
+                completed: 1,
+                failed: 0
+            }
+        );
     }
 }

@@ -153,7 +153,10 @@ impl Store {
     /// # Errors
     /// On a database error.
     pub fn delete_file(&self, id: &str) -> Result<bool> {
-        Ok(self.lock().execute("DELETE FROM files WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .lock()
+            .execute("DELETE FROM files WHERE id = ?1", [id])?
+            > 0)
     }
 
     /// Records a new batch.
@@ -275,7 +278,14 @@ impl Store {
         self.lock().execute(
             "UPDATE batches SET total = ?2, completed = ?3, failed = ?4, completion_tokens = ?5,
                 run_seconds = ?6 WHERE id = ?1",
-            params![id, counts.total, counts.completed, counts.failed, tokens, seconds],
+            params![
+                id,
+                counts.total,
+                counts.completed,
+                counts.failed,
+                tokens,
+                seconds
+            ],
         )?;
         Ok(())
     }
@@ -385,7 +395,13 @@ mod tests {
     use crate::serve::batch::BatchStatus::*;
 
     fn batch(id: &str) -> BatchRecord {
-        BatchRecord::new(id.into(), "/v1/chat/completions".into(), "file-x".into(), None, 1)
+        BatchRecord::new(
+            id.into(),
+            "/v1/chat/completions".into(),
+            "file-x".into(),
+            None,
+            1,
+        )
     }
 
     #[test]
@@ -397,12 +413,20 @@ mod tests {
         }
         assert_eq!(store.oldest(Validating).unwrap().unwrap().id, "b1");
         let (page, more) = store.batches(None, 2).unwrap();
-        assert_eq!(page.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["b3", "b2"]);
+        assert_eq!(
+            page.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+            ["b3", "b2"]
+        );
         assert!(more);
         let (page, more) = store.batches(Some("b2"), 2).unwrap();
-        assert_eq!(page.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), ["b1"]);
+        assert_eq!(
+            page.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+            ["b1"]
+        );
         assert!(!more);
-        assert!(store.transition("b1", &[Validating], InProgress, 5).unwrap());
+        assert!(store
+            .transition("b1", &[Validating], InProgress, 5)
+            .unwrap());
         assert!(!store.transition("b1", &[Validating], Failed, 6).unwrap());
         let b1 = store.batch("b1").unwrap().unwrap();
         assert_eq!((b1.status, b1.in_progress_at), (InProgress, Some(5)));
@@ -429,6 +453,10 @@ mod tests {
         let store = Store::open(&dir.path().join("db2")).unwrap();
         store.insert_batch(&batch("b")).unwrap();
         drop(store);
-        assert!(Store::open(&dir.path().join("db2")).unwrap().batch("b").unwrap().is_some());
+        assert!(Store::open(&dir.path().join("db2"))
+            .unwrap()
+            .batch("b")
+            .unwrap()
+            .is_some());
     }
 }

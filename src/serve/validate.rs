@@ -182,7 +182,11 @@ mod tests {
                 (8, "invalid_json_line", None),
             ]
         );
-        assert!(errors[1].message.starts_with("line 3:"), "{}", errors[1].message);
+        assert!(
+            errors[1].message.starts_with("line 3:"),
+            "{}",
+            errors[1].message
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::harness::*;
 
 /// The SDK's virtual environment, made by scripts/openai-sdk.sh (part of `make test`).
-fn sdk_python() -> PathBuf {
+pub fn sdk_python() -> PathBuf {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv-openai/bin/python");
     assert!(
         python.is_file(),

@@ -13,6 +13,7 @@ mod memory;
 mod prefix;
 mod resume;
 mod reuse;
+mod serve;
 mod shards;
 mod structured;
 mod templates;
