@@ -203,7 +203,15 @@ impl ServeArgs {
         }
         let mut probe = self.run.clone();
         probe.common.input = Some(PathBuf::from("batch.jsonl"));
-        probe.resolve().map(|_| ())
+        let cfg = probe.resolve()?;
+        // Checked now, not at the first batch: a server that cannot run one should not start.
+        if !cfg.model.is_file() {
+            return Err(UsageError(format!(
+                "--model {} is not a file (./models/fetch.sh fetches the default model)",
+                cfg.model.display()
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header::AUTHORIZATION;
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, HOST};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -37,8 +37,9 @@ pub struct AppState {
     pub queue: Arc<QueueSignals>,
     /// The largest upload, in bytes.
     pub max_upload: u64,
-    /// The API key, when one is required.
-    pub key: Option<Arc<Vec<u8>>>,
+    /// The SHA-256 of the API key, when one is required (digests compare in constant time
+    /// whatever the key's length).
+    pub key: Option<[u8; 32]>,
 }
 
 impl AppState {
@@ -90,14 +91,23 @@ pub fn router(state: AppState, timeout: Duration) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
-        .layer(axum::middleware::map_response(timeout_in_openai_shape))
+        .layer(axum::middleware::map_response(errors_in_openai_shape))
         .with_state(state)
 }
 
 /// With a key set, every request carries `Authorization: Bearer KEY`, compared in constant
-/// time.
+/// time. Without one (loopback only), the `Host` must name this machine: a web page that
+/// rebinds its own name to 127.0.0.1 cannot reach the API from a browser.
 async fn require_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(key) = &state.key else {
+        let host = req.headers().get(HOST).and_then(|h| h.to_str().ok());
+        if !host.is_some_and(is_local_host) {
+            return ApiError::forbidden(
+                "the Host header does not name this machine (localhost, 127.0.0.1 or [::1]); \
+                 a server for other hosts needs --api-key-file",
+            )
+            .into_response();
+        }
         return next.run(req).await;
     };
     let given = req
@@ -109,16 +119,64 @@ async fn require_key(State(state): State<AppState>, req: Request, next: Next) ->
             "no API key: send it as 'Authorization: Bearer KEY' (this server has --api-key-file)",
         )
         .into_response(),
-        Some(given) if bool::from(given.ct_eq(key.as_slice())) => next.run(req).await,
+        Some(given) if bool::from(crate::digest::sha256(given).ct_eq(key)) => next.run(req).await,
         Some(_) => ApiError::unauthorized("incorrect API key").into_response(),
     }
 }
 
-/// The timeout layer answers with an empty 408: give it the API's error body.
-async fn timeout_in_openai_shape(res: Response) -> Response {
-    if res.status() == StatusCode::REQUEST_TIMEOUT {
-        ApiError::timeout().into_response()
-    } else {
-        res
+/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
+pub fn is_local_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    matches!(name, "localhost" | "127.0.0.1" | "::1")
+}
+
+/// Errors that axum or tower write themselves (a timeout, a body over the limit, a bad path
+/// or query, a wrong method) come back as plain text: give them the API's error body.
+async fn errors_in_openai_shape(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return res;
+    }
+    if status == StatusCode::REQUEST_TIMEOUT {
+        return ApiError::timeout().into_response();
+    }
+    let body = axum::body::to_bytes(res.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).trim().to_owned();
+    ApiError::plain(status, message).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_of_this_machine_are_local() {
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:8080",
+            "[::1]",
+        ] {
+            assert!(is_local_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.evil:80",
+            "[::2]:1",
+            "",
+        ] {
+            assert!(!is_local_host(bad), "{bad}");
+        }
     }
 }

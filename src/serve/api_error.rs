@@ -63,6 +63,26 @@ impl ApiError {
         )
     }
 
+    /// 403: the request may not be served here.
+    pub fn forbidden(message: &str) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "invalid_request_error", message)
+    }
+
+    /// Any status, with the message axum or tower gave it.
+    pub fn plain(status: StatusCode, message: String) -> Self {
+        let kind = if status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
+        let message = if message.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_owned()
+        } else {
+            message
+        };
+        Self::new(status, kind, message)
+    }
+
     /// 409: the object is not in a state that allows this.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
@@ -128,6 +148,13 @@ impl IntoResponse for ApiError {
             "param": self.param,
             "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        // The SDK retries 408, 409 and 5xx unless told otherwise; only our own failures and
+        // timeouts are worth a retry.
+        let retry = if self.status.is_server_error() || self.status == StatusCode::REQUEST_TIMEOUT {
+            "true"
+        } else {
+            "false"
+        };
+        (self.status, [("x-should-retry", retry)], Json(body)).into_response()
     }
 }

@@ -2,6 +2,8 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::HeaderMap;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -81,7 +83,21 @@ fn check_metadata(v: Option<Value>) -> Result<Option<Value>, ApiError> {
 /// # Errors
 /// 400 for a malformed body, an endpoint not served, a window other than `24h`, or an input
 /// file that does not exist or is not for batches.
-pub async fn create(State(state): State<AppState>, body: Bytes) -> Result<Json<Value>, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    // JSON only: a page elsewhere cannot send it without the browser asking this server first
+    // (which it never allows), so no web page can start a batch here.
+    let json = headers
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !json {
+        return Err(ApiError::bad_request(
+            "send the batch as JSON (Content-Type: application/json)",
+        ));
+    }
     let req: CreateBatch = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad_request(format!("the body is not a valid batch request: {e}"))
     })?;

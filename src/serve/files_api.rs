@@ -59,14 +59,7 @@ pub async fn upload(
         .map_err(|e| multipart_error(e, state.max_upload))?
     {
         match field.name() {
-            Some("purpose") => {
-                purpose = Some(
-                    field
-                        .text()
-                        .await
-                        .map_err(|e| multipart_error(e, state.max_upload))?,
-                )
-            }
+            Some("purpose") => purpose = Some(small_text(field, state.max_upload).await?),
             Some("file") => incoming = Some(receive(&state, field).await?),
             Some(other) => {
                 return Err(ApiError::invalid(
@@ -120,6 +113,27 @@ pub async fn upload(
     Ok(Json(file_object(&record)))
 }
 
+/// The longest `purpose` read; anything longer is no purpose we know.
+const PURPOSE_BYTES: usize = 64;
+/// Past the limit, the rest of an upload is read and dropped, up to this much, so that the
+/// client reads the 413 instead of a reset connection.
+const DRAIN_BYTES: u64 = 64 << 20;
+
+/// A short text field, read piece by piece and cut off early.
+async fn small_text(mut field: Field<'_>, limit: u64) -> Result<String, ApiError> {
+    let mut text = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, limit))? {
+        text.extend_from_slice(&chunk);
+        if text.len() > PURPOSE_BYTES {
+            return Err(ApiError::invalid(
+                "purpose",
+                "`purpose` is too long: use \"batch\"",
+            ));
+        }
+    }
+    String::from_utf8(text).map_err(|_| ApiError::invalid("purpose", "`purpose` is not UTF-8"))
+}
+
 /// Streams one `file` field to a temporary file, refusing it past the limit.
 async fn receive(state: &AppState, mut field: Field<'_>) -> Result<Incoming, ApiError> {
     let filename = field.file_name().unwrap_or("upload.jsonl").to_owned();
@@ -136,6 +150,15 @@ async fn receive(state: &AppState, mut field: Field<'_>) -> Result<Incoming, Api
         bytes += chunk.len() as u64;
         if bytes > state.max_upload {
             // Dropping `tmp` removes what was written.
+            drop(out);
+            drop(tmp);
+            let mut drained = 0u64;
+            while let Ok(Some(chunk)) = field.chunk().await {
+                drained += chunk.len() as u64;
+                if drained > DRAIN_BYTES {
+                    break;
+                }
+            }
             return Err(ApiError::too_large(state.max_upload));
         }
         out.write_all(&chunk)

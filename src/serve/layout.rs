@@ -2,24 +2,52 @@
 //! batch (its input, the engine's output and checkpoint, its log) and unfinished uploads.
 //! Paths are only ever made from ids that [`crate::serve::ids::is_valid`] accepted.
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
-/// The data directory.
+/// The data directory, held by one server at a time.
 #[derive(Debug, Clone)]
 pub struct DataDir {
     root: PathBuf,
+    /// The server's exclusive lock on `server.lock`, released when the process ends.
+    _held: Arc<File>,
 }
 
 impl DataDir {
-    /// Creates the folders, and removes uploads that a crash left half-written.
+    /// Takes the directory for this server, creates the folders, and removes uploads that a
+    /// crash left half-written.
     ///
     /// # Errors
-    /// When the folders cannot be made.
+    /// When another server holds it, or the folders cannot be made.
     pub fn create(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("cannot create {}", root.display()))?;
+        let lock_path = root.join("server.lock");
+        let mut lock = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("cannot open {}", lock_path.display()))?;
+        if lock.try_lock().is_err() {
+            let pid = std::fs::read_to_string(&lock_path).unwrap_or_default();
+            bail!(
+                "another server (process {}) uses the data directory {}: stop it, or pass \
+                 another --data-dir",
+                pid.trim(),
+                root.display()
+            );
+        }
+        lock.set_len(0)?;
+        write!(lock, "{}", std::process::id())?;
         let dir = Self {
             root: root.to_owned(),
+            _held: Arc::new(lock),
         };
         for sub in [dir.files(), dir.root.join("batches")] {
             std::fs::create_dir_all(&sub)

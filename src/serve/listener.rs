@@ -45,6 +45,12 @@ pub async fn serve(
                 Ok(a) => a,
                 // A client that reset before we took it is no reason to stop.
                 Err(e) if is_per_connection(&e) => continue,
+                // Out of descriptors or memory for now: wait for connections to close.
+                Err(e) if is_exhaustion(&e) => {
+                    tracing::warn!("accept: {e}; waiting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 Err(e) => return Err(e),
             },
         };
@@ -65,6 +71,14 @@ pub async fn serve(
     tracker.close();
     let _ = tokio::time::timeout(DRAIN, tracker.wait()).await;
     Ok(())
+}
+
+fn is_exhaustion(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.raw_os_error().is_some_and(|code| {
+        [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM]
+            .contains(&Errno::from_raw(code))
+    })
 }
 
 fn is_per_connection(e: &std::io::Error) -> bool {

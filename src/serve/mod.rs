@@ -94,7 +94,7 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         dir: dir.clone(),
         queue: Arc::clone(&signals),
         max_upload: cfg.max_upload_bytes,
-        key: cfg.api_key.map(Arc::new),
+        key: cfg.api_key.as_deref().map(crate::digest::sha256),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -115,8 +115,14 @@ pub fn serve(cfg: ServeConfig) -> Result<()> {
         cfg.data_dir.display()
     );
     let app = api::router(state, cfg.request_timeout);
-    let served = runtime.block_on(listener::serve(listener, app, shutdown_signal()));
-    eprintln!("stopping: the running batch is checkpointed and resumes at the next start");
+    let stopping = Arc::clone(&signals);
+    let shutdown = async move {
+        shutdown_signal().await;
+        eprintln!("stopping: the running batch is checkpointed and resumes at the next start");
+        // The engine is asked to stop now, while requests in flight drain.
+        stopping.stop();
+    };
+    let served = runtime.block_on(listener::serve(listener, app, shutdown));
     signals.stop();
     if queue_thread.join().is_err() {
         tracing::error!("the batch queue panicked");

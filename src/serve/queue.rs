@@ -30,8 +30,10 @@ use crate::serve::layout::DataDir;
 use crate::serve::store::{FileRecord, Store};
 use crate::serve::validate::{validate, Verdict};
 
-/// How often a running batch's counts are refreshed.
-const POLL: Duration = Duration::from_millis(250);
+/// How often the queue looks at a running batch: its end, a cancel, new lines.
+const POLL: Duration = Duration::from_millis(50);
+/// How often the engine time of a running batch is written when no line came.
+const CLOCK_EVERY: Duration = Duration::from_secs(1);
 /// How long a batch waits for an engine from before a restart to let go of its output.
 const LOCK_WAIT: Duration = Duration::from_secs(60);
 /// Lines of the engine's log quoted when a batch fails in the engine.
@@ -213,30 +215,45 @@ impl Queue {
         Ok(())
     }
 
+    /// What need not wait for the running batch: validate the next new batch (a bad file
+    /// fails at once) and end a queued batch that was cancelled.
+    fn housekeeping(&self, running: &str) -> Result<()> {
+        if let Some(b) = self.store.oldest(BatchStatus::Validating)? {
+            self.validate(&b)?;
+        }
+        if let Some(b) = self.store.oldest_other(BatchStatus::Cancelling, running)? {
+            self.finalize(&b, BatchStatus::Cancelled, Vec::new())?;
+        }
+        Ok(())
+    }
+
     /// Runs the engine on `b` until it ends, is cancelled or the server stops.
     fn execute(&self, b: &BatchRecord) -> Result<RunEnd> {
         let folder = self.dir.batch(&b.id);
         let output = folder.join("output.jsonl");
         wait_for_lock(&output)?;
-        let mut child = self.spawn(&folder, &output)?;
+        let mut engine = self.spawn(&folder, &output)?;
         let started = Instant::now();
         let mut tail = OutputTail::default();
-        let mut asked_to_stop = false;
+        let mut written = (Counts::default(), Instant::now());
         let status = loop {
-            if let Some(status) = child.try_wait()? {
+            if let Some(status) = engine.child.try_wait()? {
                 break status;
             }
             tail.read(&output)?;
-            let seconds = b.run_seconds + started.elapsed().as_secs_f64();
-            self.store
-                .progress(&b.id, tail.counts(b.counts.total), tail.tokens, seconds)?;
-            let cancelled = self
-                .store
-                .batch(&b.id)?
-                .is_some_and(|now| now.status == BatchStatus::Cancelling);
-            if (cancelled || self.signals.stopping()) && !asked_to_stop {
-                stop_cleanly(&child);
-                asked_to_stop = true;
+            let counts = tail.counts(b.counts.total);
+            // Only what changed, or the clock now and then: each write is a synced commit.
+            if counts != written.0 || written.1.elapsed() >= CLOCK_EVERY {
+                let seconds = b.run_seconds + started.elapsed().as_secs_f64();
+                self.store.progress(&b.id, counts, tail.tokens, seconds)?;
+                written = (counts, Instant::now());
+            }
+            // Another batch's trouble must not stop this one.
+            if let Err(e) = self.housekeeping(&b.id) {
+                tracing::error!("batch queue: {e:#}");
+            }
+            if self.is_cancelling(&b.id)? || self.signals.stopping() {
+                engine.ask_to_stop();
             }
             self.signals.wait(POLL);
         };
@@ -247,7 +264,14 @@ impl Queue {
         Ok(self.ending(b, status, &folder))
     }
 
-    fn spawn(&self, folder: &Path, output: &Path) -> Result<Child> {
+    fn is_cancelling(&self, id: &str) -> Result<bool> {
+        Ok(self
+            .store
+            .batch(id)?
+            .is_some_and(|now| now.status == BatchStatus::Cancelling))
+    }
+
+    fn spawn(&self, folder: &Path, output: &Path) -> Result<Engine> {
         let log_path = folder.join("engine.log");
         let log = File::options()
             .create(true)
@@ -255,30 +279,47 @@ impl Queue {
             .open(&log_path)
             .with_context(|| format!("cannot open {}", log_path.display()))?;
         let mut cmd = self.engine.command(&folder.join("input.jsonl"), output);
+        // Its own process group: a Ctrl-C meant for the server reaches the engine only
+        // through the server, which stops it cleanly.
         cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log);
-        // SAFETY: prctl(2) is async-signal-safe and touches no memory of ours. The engine
-        // stops cleanly (SIGTERM) when the server dies, even by SIGKILL, so that a restarted
-        // server finds its output unlocked and resumes it.
+            .stderr(log)
+            .process_group(0);
+        let server = nix::unistd::getpid();
+        // SAFETY: prctl(2) and getppid(2) are async-signal-safe and touch no memory of ours.
+        // The engine stops cleanly (SIGTERM) when the server dies, even by SIGKILL, so that a
+        // restarted server finds its output unlocked and resumes it; a server that died
+        // before the signal was armed is caught by the parent check.
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from)?;
+                if nix::unistd::getppid() != server {
+                    return Err(std::io::Error::other("the server is gone"));
+                }
+                Ok(())
             });
         }
-        cmd.spawn().context("cannot start the engine")
+        let child = cmd.spawn().context("cannot start the engine")?;
+        Ok(Engine {
+            child,
+            stop_asked: None,
+        })
     }
 
     fn ending(&self, b: &BatchRecord, status: ExitStatus, folder: &Path) -> RunEnd {
-        let cancelled = self
-            .store
-            .batch(&b.id)
-            .ok()
-            .flatten()
-            .is_some_and(|now| now.status == BatchStatus::Cancelling);
+        // A cancel decides first: an engine stopped before it could take the signal cleanly
+        // still ends a cancelled batch, not a failed one.
+        let done = matches!(
+            ending(status),
+            Ending::Deliberate(RunOutcome::AllSucceeded | RunOutcome::SomeFailed)
+        );
+        if done {
+            return RunEnd::Done;
+        }
+        if self.is_cancelling(&b.id).unwrap_or(false) {
+            return RunEnd::Cancelled;
+        }
         match ending(status) {
-            Ending::Deliberate(RunOutcome::AllSucceeded | RunOutcome::SomeFailed) => RunEnd::Done,
-            Ending::Deliberate(RunOutcome::Interrupted) if cancelled => RunEnd::Cancelled,
             _ if self.signals.stopping() => RunEnd::Paused,
             Ending::Deliberate(RunOutcome::Interrupted) => RunEnd::Paused,
             _ => RunEnd::Failed(format!(
@@ -297,6 +338,8 @@ impl Queue {
         errors: Vec<BatchError>,
     ) -> Result<()> {
         let output = self.dir.batch(&b.id).join("output.jsonl");
+        // An engine from before a restart may still be writing its last lines.
+        wait_for_lock(&output)?;
         let created = now();
         let mut ok = OutputFile::new(&self.dir, &b.id, "output")?;
         let mut failed = OutputFile::new(&self.dir, &b.id, "error")?;
@@ -321,10 +364,8 @@ impl Queue {
             .map(|(column, f)| f.persist(created).map(|rec| (column, rec)))
             .collect::<Result<_>>()?;
         let refs: Vec<_> = kept.iter().map(|(c, r)| (*c, r)).collect();
-        if !errors.is_empty() {
-            self.store.fail(&b.id, &errors, created)?;
-        }
-        self.store.finish(&b.id, status, &refs, counts, created)
+        self.store
+            .finish(&b.id, status, &refs, &errors, counts, created)
     }
 }
 
@@ -342,10 +383,52 @@ fn wait_for_lock(output: &Path) -> Result<()> {
     Ok(())
 }
 
-fn stop_cleanly(child: &Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // It may have exited already; then there is nothing to stop.
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+/// How long an engine asked to stop gets before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// A running engine process. Asked to stop, it gets SIGTERM and, if it is still there after
+/// [`STOP_GRACE`], SIGKILL (its checkpoint still holds). Dropped while running (the queue
+/// failed), it is stopped the same way: an engine never runs on unwatched.
+struct Engine {
+    child: Child,
+    stop_asked: Option<Instant>,
+}
+
+impl Engine {
+    fn signal(&self, signal: Signal) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // It may have exited already; then there is nothing to signal.
+            let _ = kill(Pid::from_raw(pid), signal);
+        }
+    }
+
+    fn ask_to_stop(&mut self) {
+        match self.stop_asked {
+            None => {
+                self.signal(Signal::SIGTERM);
+                self.stop_asked = Some(Instant::now());
+            }
+            Some(at) if at.elapsed() > STOP_GRACE => self.signal(Signal::SIGKILL),
+            Some(_) => {}
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        self.signal(Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                self.signal(Signal::SIGKILL);
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
     }
 }
 

@@ -229,6 +229,21 @@ impl Store {
             .optional()?)
     }
 
+    /// [`Store::oldest`], leaving out the batch `except`.
+    ///
+    /// # Errors
+    /// On a database error.
+    pub fn oldest_other(&self, status: BatchStatus, except: &str) -> Result<Option<BatchRecord>> {
+        let conn = self.lock();
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE status = ?1 AND id != ?2
+             ORDER BY seq ASC LIMIT 1"
+        );
+        Ok(conn
+            .query_row(&sql, [status.as_str(), except], batch_row)
+            .optional()?)
+    }
+
     /// Moves batch `id` to `status` and stamps that state's time, only if it is still in one of
     /// `from`; whether it moved.
     ///
@@ -258,13 +273,15 @@ impl Store {
         Ok(true)
     }
 
-    /// Marks batch `id` failed validation, with its errors.
+    /// Marks batch `id` failed validation, with its errors, if it is still validating (a
+    /// batch cancelled meanwhile stays cancelled).
     ///
     /// # Errors
     /// On a database error.
     pub fn fail(&self, id: &str, errors: &[BatchError], now: u64) -> Result<()> {
         self.lock().execute(
-            "UPDATE batches SET status = 'failed', failed_at = ?2, errors = ?3 WHERE id = ?1",
+            "UPDATE batches SET status = 'failed', failed_at = ?2, errors = ?3
+             WHERE id = ?1 AND status = 'validating'",
             params![id, now, serde_json::to_string(errors)?],
         )?;
         Ok(())
@@ -290,7 +307,8 @@ impl Store {
         Ok(())
     }
 
-    /// Ends batch `id` in `status` with its output and error files, in one transaction.
+    /// Ends batch `id` in `status` with its output and error files (and `errors`, when there
+    /// are any), in one transaction.
     ///
     /// # Errors
     /// On a database error.
@@ -299,11 +317,18 @@ impl Store {
         id: &str,
         status: BatchStatus,
         outputs: &[(&str, &FileRecord)],
+        errors: &[BatchError],
         counts: Counts,
         now: u64,
     ) -> Result<()> {
         let mut conn = self.lock();
         let tx = conn.transaction()?;
+        if !errors.is_empty() {
+            tx.execute(
+                "UPDATE batches SET errors = ?2 WHERE id = ?1",
+                params![id, serde_json::to_string(errors)?],
+            )?;
+        }
         for (column, f) in outputs {
             tx.execute(
                 "INSERT OR IGNORE INTO files (id, bytes, created_at, filename, purpose)
@@ -412,6 +437,10 @@ mod tests {
             store.insert_batch(&batch(id)).unwrap();
         }
         assert_eq!(store.oldest(Validating).unwrap().unwrap().id, "b1");
+        assert_eq!(
+            store.oldest_other(Validating, "b1").unwrap().unwrap().id,
+            "b2"
+        );
         let (page, more) = store.batches(None, 2).unwrap();
         assert_eq!(
             page.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),

@@ -8,6 +8,7 @@
     batch_api.py progress BASE BATCH_ID N           poll until N requests are done
     batch_api.py cancel BASE BATCH_ID               cancel; prints the status it answered
     batch_api.py bad BASE                           every kind of bad request, each checked
+    batch_api.py local-only BASE                    a server with no key serves this machine only
     batch_api.py load BASE BATCH_ID SECONDS CLIENTS clients that upload, create and poll while
                                                     the batch BATCH_ID decodes
 
@@ -24,6 +25,7 @@ import threading
 import time
 
 import http.client
+import socket
 import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
@@ -166,6 +168,7 @@ def bad(base):
         r = raw("GET", f"{base}/v1/files")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", r.text
         assert raw("GET", f"{base}/").status_code == 401, "the page wants the key too"
+        assert raw("GET", f"{base}/v1/nothing").status_code == 401, "unknown routes too"
     auth = {"Authorization": f"Bearer {os.environ.get('INFER_BATCH_KEY', '')}"}
     # Uploads: wrong purpose, no file, malformed multipart, over the limit.
     with open(good, "rb") as f:
@@ -205,8 +208,10 @@ def bad(base):
         r = raw("POST", f"{base}/v1/batches", headers={**auth, "Content-Type": "application/json"},
                 content=json.dumps(body).encode())
         assert r.status_code == 400 and r.json()["error"]["param"] == missing, r.text
-    r = raw("POST", f"{base}/v1/batches", headers=auth, content=b"{not json")
-    assert r.status_code == 400, r.text
+    for ctype in ["application/json", "text/plain"]:
+        r = raw("POST", f"{base}/v1/batches", headers={**auth, "Content-Type": ctype},
+                content=b"{not json")
+        assert r.status_code == 400 and r.json()["error"]["message"], r.text
     e = expect(400, c.batches.create, input_file_id=up.id, endpoint="/v1/chat/completions",
                completion_window="24h", metadata={"k": 1})
     assert e["param"] == "metadata", e
@@ -237,12 +242,61 @@ def bad(base):
     got = [(e.line, e.code) for e in b.errors.data]
     assert got == [(2, "invalid_json_line"), (3, "mismatched_endpoint"), (4, "duplicate_custom_id")], got
     e = expect(409, c.batches.cancel, b.id)
+    limits(base, auth)
     # Deleting a file.
     assert c.files.delete(up.id).deleted
     expect(404, c.files.retrieve, up.id)
     # And it still serves.
     assert checked(c.batches.retrieve(b.id), "batch").status == "failed"
     print("bad requests: all answered as expected")
+
+
+def local_only(base):
+    """Without a key, only requests that name this machine as their Host are served."""
+    netloc = urlsplit(base).netloc
+    port = netloc.rsplit(":", 1)[1]
+    r = raw("GET", f"{base}/v1/batches", headers={"Host": f"evil.example:{port}"})
+    assert r.status_code == 403 and r.json()["error"]["message"], r.text
+    r = raw("GET", f"{base}/v1/batches", headers={"Host": f"localhost:{port}"})
+    assert r.status_code == 200, r.text
+    r = raw("POST", f"{base}/v1/batches", headers={"Content-Type": "text/plain"},
+            content=b'{"input_file_id": "x", "endpoint": "/v1/chat/completions"}')
+    assert r.status_code == 400, r.text
+    r = raw("DELETE", f"{base}/v1/batches")
+    assert r.status_code == 405 and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+    print("local only: checked")
+
+
+def limits(base, auth):
+    """Oversized bodies and heads, and a client too slow to send its head."""
+    r = raw("POST", f"{base}/v1/batches", headers={**auth, "Content-Type": "application/json"},
+            content=b" " * (2 << 20))
+    assert r.status_code == 413, (r.status_code, r.text)
+    netloc = urlsplit(base).netloc
+    host, port = netloc.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /v1/files HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (256 << 10) + b"\r\n\r\n")
+        s.settimeout(30)
+        answer = read_all(s)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"GET /v1/files HTTP/1.1\r\nHost: x\r\n")
+        s.settimeout(30)
+        start = time.time()
+        answer = read_all(s)
+        waited = time.time() - start
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    assert 5 < waited < 25, f"a half-sent head was dropped after {waited:.1f} s"
+
+
+def read_all(s):
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
 
 
 def load(base, running, seconds, clients):
@@ -308,6 +362,8 @@ def main(argv):
         n = int(argv[4])
         poll(c, argv[3], lambda b: b.request_counts.completed + b.request_counts.failed >= n
              or b.status in TERMINAL)
+    elif cmd == "local-only":
+        local_only(base)
     elif cmd == "cancel":
         print(checked(c.batches.cancel(argv[3]), "batch").status)
     elif cmd == "bad":
