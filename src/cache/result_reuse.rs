@@ -397,6 +397,7 @@ mod tests {
             choices: vec![Choice {
                 content: text.into(),
                 reason: StopReason::Stop,
+                reasoning: None,
                 logprobs: None,
             }],
             usage: Usage::default(),

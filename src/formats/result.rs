@@ -70,6 +70,8 @@ pub struct Usage {
     pub prompt_tokens: u64,
     /// Tokens sampled, the final end-of-generation token included.
     pub completion_tokens: u64,
+    /// Of those, the thinking's (markers included), measured.
+    pub reasoning_tokens: u64,
     /// Prompt tokens taken from the shared prefix instead of being computed for this request.
     pub cached_tokens: u64,
 }
@@ -101,8 +103,12 @@ pub struct Choice {
     pub content: String,
     /// Why generation ended.
     pub reason: StopReason,
-    /// With `logprobs`: every sampled token but a final end-of-generation token.
+    /// With `logprobs`: every sampled token but a final end-of-generation token (of a
+    /// reasoning model, the answer's tokens only).
     pub logprobs: Option<Vec<TokenLogprob>>,
+    /// A reasoning model's thinking, markers left out; `None` for a request that does not
+    /// think.
+    pub reasoning: Option<String>,
 }
 
 /// A request that ran to the end.
@@ -969,11 +975,13 @@ mod tests {
                 Choice {
                     content: "hi".into(),
                     reason: StopReason::Length,
+                    reasoning: None,
                     logprobs: None,
                 },
                 Choice {
                     content: "yo".into(),
                     reason: StopReason::Stop,
+                    reasoning: None,
                     logprobs: Some(vec![TokenLogprob {
                         sampled: TopLogprob {
                             token: "yo".into(),
@@ -991,6 +999,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 4,
+                reasoning_tokens: 0,
                 cached_tokens: 7,
             },
             time_to_first_token: 0.1,
@@ -1089,6 +1098,7 @@ mod tests {
             choices: vec![Choice {
                 content: "a \u{1F600} \\ \"quoted\"".into(),
                 reason: StopReason::Stop,
+                reasoning: None,
                 logprobs: Some(vec![TokenLogprob {
                     sampled: logprob(-0.1),
                     top: vec![logprob(-0.1), logprob(-1.234_567_9e-7), logprob(-23.5)],
@@ -1097,6 +1107,7 @@ mod tests {
             usage: Usage {
                 prompt_tokens: 40,
                 completion_tokens: 2,
+                reasoning_tokens: 0,
                 cached_tokens: 31,
             },
             time_to_first_token: 0.5,
@@ -1124,11 +1135,13 @@ mod tests {
             choices: vec![Choice {
                 content: "ok".into(),
                 reason,
+                reasoning: None,
                 logprobs: None,
             }],
             usage: Usage {
                 prompt_tokens: 20,
                 completion_tokens: 5,
+                reasoning_tokens: 0,
                 cached_tokens: 12,
             },
             time_to_first_token: 0.0,

@@ -56,11 +56,17 @@ impl TextBuilder {
     /// Finds the earliest stop string that ends within the text added since `searched_len`
     /// bytes, and cuts the text before it. Returns whether one was found.
     pub fn cut_at_stop(&mut self, stops: &[String], searched_len: usize) -> bool {
+        self.cut_at_stop_from(stops, searched_len, 0)
+    }
+
+    /// [`TextBuilder::cut_at_stop`], for a match that starts at byte `floor` or later (a
+    /// reasoning model's answer, after its thinking).
+    pub fn cut_at_stop_from(&mut self, stops: &[String], searched_len: usize, floor: usize) -> bool {
         let longest = stops.iter().map(String::len).max().unwrap_or(0);
-        if longest == 0 {
+        if longest == 0 || floor >= self.text.len() {
             return false;
         }
-        let mut from = searched_len.saturating_sub(longest - 1);
+        let mut from = searched_len.saturating_sub(longest - 1).max(floor);
         while !self.text.is_char_boundary(from) {
             from -= 1;
         }

@@ -19,7 +19,14 @@ use crate::engine::{
 pub const EOS: Token = Token(0);
 
 /// Token texts by id: 0 ends generation.
-const PIECES: [&str; 10] = ["", "a", "b", "c", " ", "ST", "OP", "x", ".", "!"];
+const PIECES: [&str; 14] = [
+    "", "a", "b", "c", " ", "ST", "OP", "x", ".", "!", "<think>", "</think>", "</", "think>",
+];
+/// Tokens [`hash_pick`] draws from: the thinking markers (10 to 13) only come when a test's
+/// own pick or the engine writes them.
+const PICKED: u64 = 10;
+/// The one token a constrained fake sampler draws, besides the end of generation.
+pub const CONSTRAINED: Token = Token(7);
 
 /// One queued token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +110,11 @@ pub fn passes(rows: &[Row]) -> Vec<&[Row]> {
     passes
 }
 
-/// The fake's sampler: a seed.
+/// The fake's sampler: a seed, and whether a constraint holds it (then it draws only
+/// [`CONSTRAINED`] or the end of generation).
 pub struct FakeSampler {
     seed: u32,
+    constrained: bool,
 }
 
 /// The fake's vocabulary.
@@ -187,8 +196,7 @@ pub fn hash_pick(context: &[Token], seed: u32) -> Token {
     for t in context {
         h = (h ^ u64::from(t.0.unsigned_abs())).wrapping_mul(0x0100_0000_01b3);
     }
-    let n = PIECES.len() as u64;
-    Token(i32::try_from(h % n).unwrap_or(1))
+    Token(i32::try_from(h % PICKED).unwrap_or(1))
 }
 
 impl Engine for FakeEngine {
@@ -334,9 +342,12 @@ impl Engine for FakeEngine {
     fn sampler(
         &self,
         spec: &SamplerSpec,
-        _constraint: Option<&Constraint>,
+        constraint: Option<&Constraint>,
     ) -> Result<FakeSampler, EngineError> {
-        Ok(FakeSampler { seed: spec.seed })
+        Ok(FakeSampler {
+            seed: spec.seed,
+            constrained: constraint.is_some(),
+        })
     }
 
     fn sample(&self, sampler: &mut FakeSampler, row: i32) -> Token {
@@ -345,10 +356,15 @@ impl Engine for FakeEngine {
             .and_then(|r| self.rows.get(r))
             .and_then(Option::as_ref)
             .expect("the scheduler samples only rows that asked for logits");
-        (self.pick)(
+        let token = (self.pick)(
             &logits.context,
             sampler.seed.wrapping_add(logits.salt * 7919),
-        )
+        );
+        if sampler.constrained && token != EOS {
+            CONSTRAINED
+        } else {
+            token
+        }
     }
 
     fn logprobs(&self, _row: i32, token: Token, top: usize) -> TokenLogprobs {

@@ -28,6 +28,20 @@ pub struct GenParams {
     pub logprobs: Option<u8>,
     /// What the answer must follow.
     pub constraint: Option<Constraint>,
+    /// How a reasoning model thinks before it answers; `None`: it answers at once.
+    pub think: Option<std::sync::Arc<crate::schedule::reasoning::ThinkPlan>>,
+}
+
+impl GenParams {
+    /// The constraint the first sampler of a choice carries: none while it thinks (the
+    /// thinking is free text), the request's when it answers at once.
+    pub fn first_constraint(&self) -> Option<&Constraint> {
+        if self.think.is_some() {
+            None
+        } else {
+            self.constraint.as_ref()
+        }
+    }
 }
 
 /// A request ready to run.
@@ -183,6 +197,7 @@ pub fn prepare(
         n: request.sampling.n,
         logprobs: request.sampling.logprobs,
         constraint,
+        think: None,
     };
     let mut endpoint = request.endpoint;
     // A `response` repeats the settings it ran with, defaults resolved; they are part of what
@@ -345,6 +360,7 @@ mod tests {
             n: 1,
             logprobs: None,
             constraint: None,
+            think: None,
         }
     }
 

@@ -6,6 +6,7 @@ pub mod detok;
 pub mod groups;
 pub mod job;
 pub mod scheduler;
+pub mod reasoning;
 pub mod sequence;
 pub mod twins;
 

@@ -376,7 +376,7 @@ impl<'s, E: Engine> Scheduler<'s, E> {
             .session
             .sampler(
                 &job.params.sampler.for_choice(first),
-                job.params.constraint.as_ref(),
+                job.params.first_constraint(),
             )
             .map_err(|e| engine_failure(job, &e))?;
         let shared = self.share.then(|| job.prompt.prefix_key()).flatten();
@@ -652,7 +652,7 @@ impl<'s, E: Engine> Scheduler<'s, E> {
             let params = &seq.job.params;
             match self.session.sampler(
                 &params.sampler.for_choice(choice),
-                params.constraint.as_ref(),
+                params.first_constraint(),
             ) {
                 Ok(sampler) => {
                     let shared = self
@@ -693,7 +693,11 @@ impl<'s, E: Engine> Scheduler<'s, E> {
         done: &mut Vec<Outcome>,
     ) {
         let model = self.session.vocab();
-        let token = self.session.sample(&mut seq.sampler, row);
+        // A thinking marker the engine writes itself is taken as if it were sampled.
+        let token = match seq.forced() {
+            Some(token) => token,
+            None => self.session.sample(&mut seq.sampler, row),
+        };
         self.metrics.completion_tokens += 1;
         self.gather.sampled(seq.job.line);
         let lp = seq
@@ -702,6 +706,21 @@ impl<'s, E: Engine> Scheduler<'s, E> {
             .logprobs
             .map(|k| self.session.logprobs(row, token, usize::from(k)));
         let Some(reason) = seq.take(model, token, lp) else {
+            if seq.answer_started() {
+                // The answer starts: its sampler carries the request's constraint.
+                let params = &seq.job.params;
+                match self
+                    .session
+                    .sampler(&params.sampler.for_choice(seq.choice), params.constraint.as_ref())
+                {
+                    Ok(sampler) => seq.sampler = sampler,
+                    Err(e) => {
+                        self.slots[i].state = SlotState::Generating { seq, last: token };
+                        self.fail(i, &e, done);
+                        return;
+                    }
+                }
+            }
             self.slots[i].state = SlotState::Generating { seq, last: token };
             return;
         };

@@ -15,6 +15,7 @@ use crate::formats::result::{Choice, Completion, StopReason, TokenLogprob, TopLo
 use crate::prompt::PrefixKey;
 use crate::schedule::detok::TextBuilder;
 use crate::schedule::job::Job;
+use crate::schedule::reasoning::{Step, Thinking};
 
 /// One choice of a request, from its prompt to its last token.
 pub struct Sequence<S> {
@@ -33,6 +34,10 @@ pub struct Sequence<S> {
     text: TextBuilder,
     generated: u64,
     logprobs: Option<Vec<TokenLogprob>>,
+    /// A reasoning request's thinking; `None` when it does not think.
+    thinking: Option<Thinking>,
+    /// Set by the token that closed the thinking, until [`Sequence::answer_started`] reads it.
+    answer_started: bool,
 }
 
 impl<S> Sequence<S> {
@@ -45,6 +50,7 @@ impl<S> Sequence<S> {
         pos: usize,
     ) -> Self {
         let logprobs = job.params.logprobs.map(|_| Vec::new());
+        let thinking = job.params.think.clone().map(Thinking::new);
         Self {
             job,
             choice,
@@ -55,7 +61,20 @@ impl<S> Sequence<S> {
             text: TextBuilder::new(),
             generated: 0,
             logprobs,
+            thinking,
+            answer_started: false,
         }
+    }
+
+    /// The token the engine writes next instead of sampling (a thinking marker), if any.
+    pub fn forced(&mut self) -> Option<Token> {
+        self.thinking.as_mut().and_then(Thinking::forced)
+    }
+
+    /// Whether the last token closed the thinking: the answer's sampler (with its constraint)
+    /// takes over from the next token. Reading it clears it.
+    pub fn answer_started(&mut self) -> bool {
+        std::mem::take(&mut self.answer_started)
     }
 
     /// Takes a sampled token; `lp` are its log probabilities when the request asked for them.
@@ -84,7 +103,20 @@ impl<S> Sequence<S> {
             });
         }
         self.text.push(&bytes);
-        if self.text.cut_at_stop(&self.job.params.stop, searched) {
+        // Stop strings apply to the answer only: while thinking, nothing is searched.
+        let floor = match self.thinking.as_mut() {
+            Some(t) => {
+                if t.advance(self.text.text()) == Step::Closed {
+                    self.answer_started = true;
+                }
+                t.answer_start(self.text.text().len())
+            }
+            None => 0,
+        };
+        if self
+            .text
+            .cut_at_stop_from(&self.job.params.stop, searched, floor)
+        {
             Some(StopReason::Stop)
         } else if self.generated >= u64::from(self.job.params.max_tokens) {
             Some(StopReason::Length)
@@ -98,12 +130,34 @@ impl<S> Sequence<S> {
         self.generated
     }
 
-    /// The finished choice.
+    /// Tokens of the thinking so far (0 for a request that does not think).
+    pub fn reasoning_tokens(&self) -> u64 {
+        self.thinking
+            .as_ref()
+            .map_or(0, |t| u64::from(t.reasoning_tokens()))
+    }
+
+    /// The finished choice. Of a thinking request, `content` is the answer alone and the
+    /// log probabilities are the answer's tokens'.
     pub fn finish(self, reason: StopReason) -> Choice {
+        let text = self.text.finish();
+        let Some(thinking) = self.thinking else {
+            return Choice {
+                content: text,
+                reason,
+                logprobs: self.logprobs,
+                reasoning: None,
+            };
+        };
+        let (reasoning, content) = thinking.split(&text);
+        let skip = thinking.tokens_before_answer() as usize;
         Choice {
-            content: self.text.finish(),
+            content,
             reason,
-            logprobs: self.logprobs,
+            logprobs: self
+                .logprobs
+                .map(|l| l.into_iter().skip(skip).collect()),
+            reasoning: Some(reasoning),
         }
     }
 }
@@ -121,6 +175,7 @@ struct Pending {
     job: Rc<Job>,
     choices: Vec<Option<Choice>>,
     completion_tokens: u64,
+    reasoning_tokens: u64,
     cached_tokens: u64,
     started: Instant,
     first_token: Option<f64>,
@@ -141,6 +196,7 @@ impl Gather {
                 job: Rc::clone(job),
                 choices: vec![None; job.params.n as usize],
                 completion_tokens: 0,
+                reasoning_tokens: 0,
                 cached_tokens,
                 started: Instant::now(),
                 first_token: None,
@@ -162,6 +218,7 @@ impl Gather {
         let choice = seq.choice as usize;
         let p = self.pending.get_mut(&line)?;
         p.completion_tokens += seq.generated();
+        p.reasoning_tokens += seq.reasoning_tokens();
         if let Some(slot) = p.choices.get_mut(choice) {
             *slot = Some(seq.finish(reason));
         }
@@ -176,6 +233,7 @@ impl Gather {
             usage: Usage {
                 prompt_tokens: p.job.prompt.tokens.len() as u64,
                 completion_tokens: p.completion_tokens,
+                reasoning_tokens: p.reasoning_tokens,
                 cached_tokens: p.cached_tokens,
             },
             time_to_first_token: p.first_token.unwrap_or_default(),

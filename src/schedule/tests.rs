@@ -22,6 +22,7 @@ use crate::input::request::{Prompt, Request};
 use crate::input::sampling::SamplingParams;
 use crate::prompt::SplitPrompt;
 use crate::report::metrics::Metrics;
+use crate::schedule::reasoning::ThinkPlan;
 
 fn job(line: u64, prefix: &[i32], own: &[i32], n: u32, max_tokens: u32) -> Job {
     let tokens: Vec<Token> = prefix.iter().chain(own).map(|&t| Token(t)).collect();
@@ -48,6 +49,7 @@ fn job(line: u64, prefix: &[i32], own: &[i32], n: u32, max_tokens: u32) -> Job {
             n,
             logprobs: None,
             constraint: None,
+            think: None,
         },
         key: ComputationKey([u8::try_from(line % 256).unwrap(); 32]),
         endpoint: Endpoint::Chat,
@@ -1103,4 +1105,131 @@ fn a_settled_request_never_takes_a_slot_and_the_loop_reads_on() {
     let mut written = feed.written();
     written.sort_by_key(|w| w.0);
     assert_eq!(written, vec![(1, Ok(())), (4, Ok(()))]);
+}
+
+/// A job whose choices think under `plan` before they answer.
+fn thinking_job(line: u64, n: u32, max_tokens: u32, plan: ThinkPlan, constrained: bool) -> Job {
+    let mut j = job(line, &[11, 12, 13, 14], &[21, 22], n, max_tokens);
+    j.params.think = Some(std::sync::Arc::new(plan));
+    if constrained {
+        j.params.constraint = Some(crate::engine::Constraint::Gbnf("root ::= \"x\"*".into()));
+    }
+    j
+}
+
+/// Markers as the fake spells them: `<think>` whole (10), `</think>` whole (11) or split
+/// (12, 13).
+fn plan(opened_by_prompt: bool, budget: u32) -> ThinkPlan {
+    ThinkPlan {
+        open: "<think>".into(),
+        close: "</think>".into(),
+        open_tokens: vec![Token(10)],
+        close_tokens: vec![Token(12), Token(13)],
+        opened_by_prompt,
+        budget,
+    }
+}
+
+/// A pick that thinks `thoughts` tokens (letters), then writes `close`, then answers by
+/// [`hash_pick`] with no end of generation.
+fn thinks_then(thoughts: usize, close: &'static [i32]) -> Pick {
+    Box::new(move |context: &[Token], seed: u32| {
+        let generated = context.len() - 6;
+        let after_open = context[6..].iter().position(|t| t.0 == 10).map_or(0, |p| p + 1);
+        let k = generated - after_open;
+        if k < thoughts {
+            Token(1 + (k % 3) as i32)
+        } else if k < thoughts + close.len() {
+            Token(close[k - thoughts])
+        } else {
+            let t = hash_pick(context, seed);
+            if t == EOS {
+                Token(8)
+            } else {
+                t
+            }
+        }
+    })
+}
+
+fn one_choice(outcomes: &[Outcome]) -> &crate::formats::result::Completion {
+    match &outcomes[..] {
+        [Ok(c)] => c,
+        other => panic!("one completion expected: {other:?}"),
+    }
+}
+
+#[test]
+fn a_close_marker_whole_or_split_ends_the_thinking_and_tokens_are_counted() {
+    for close in [&[11][..], &[12, 13][..]] {
+        let mut engine = FakeEngine::new(64);
+        engine.pick = thinks_then(4, Box::leak(close.to_vec().into_boxed_slice()));
+        let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 12, plan(true, 100), false)]);
+        let c = one_choice(&out);
+        let choice = &c.choices[0];
+        assert_eq!(choice.reasoning.as_deref(), Some("abca"), "{choice:?}");
+        assert!(!choice.content.contains("think"), "{choice:?}");
+        assert_eq!(c.usage.reasoning_tokens, 4 + close.len() as u64);
+        assert_eq!(c.usage.completion_tokens, 12);
+        assert_eq!(choice.reason, StopReason::Length);
+    }
+}
+
+#[test]
+fn the_budget_forces_the_close_and_the_constraint_starts_with_the_answer() {
+    let mut engine = FakeEngine::new(64);
+    // It would think for ever: the engine closes after 3 tokens.
+    engine.pick = thinks_then(1000, &[]);
+    let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 10, plan(true, 3), true)]);
+    let c = one_choice(&out);
+    let choice = &c.choices[0];
+    assert_eq!(choice.reasoning.as_deref(), Some("abc"), "the thinking is free text");
+    assert_eq!(choice.content, "xxxxx", "the answer follows the constraint: {choice:?}");
+    assert_eq!(c.usage.reasoning_tokens, 5, "3 thought, 2 written to close");
+    // The engine wrote the close marker: the sequence's cells hold it.
+    let calls: Vec<i32> = engine.calls.iter().flatten().map(|r| r.token.0).collect();
+    assert!(calls.windows(2).any(|w| w == [12, 13]), "{calls:?}");
+}
+
+#[test]
+fn a_zero_budget_closes_at_once_and_an_unopened_block_is_opened_by_the_engine() {
+    let mut engine = FakeEngine::new(64);
+    engine.pick = thinks_then(1000, &[]);
+    let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 6, plan(true, 0), true)]);
+    let c = one_choice(&out);
+    assert_eq!(c.choices[0].reasoning.as_deref(), Some(""));
+    assert_eq!(c.choices[0].content, "xxxx");
+    assert_eq!(c.usage.reasoning_tokens, 2);
+
+    let mut engine = FakeEngine::new(64);
+    engine.pick = thinks_then(2, &[11]);
+    let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 8, plan(false, 100), false)]);
+    let c = one_choice(&out);
+    assert_eq!(c.choices[0].reasoning.as_deref(), Some("ab"), "{:?}", c.choices[0]);
+    assert_eq!(c.usage.reasoning_tokens, 4, "the open marker, 2 thought, the close");
+}
+
+#[test]
+fn thinking_is_identical_across_parallel_and_forks() {
+    let jobs = || {
+        (1..=5)
+            .map(|l| thinking_job(l, 1 + (l % 2) as u32, 9, plan(true, 2 + l as u32 % 3), l % 2 == 0))
+            .collect::<Vec<_>>()
+    };
+    let answers = |parallel| {
+        let mut engine = FakeEngine::new(64);
+        engine.pick = thinks_then(1000, &[]);
+        let (mut out, _) = run_all(&mut engine, &exact_any(parallel), jobs());
+        out.sort_by_key(|o| o.as_ref().map(|c| c.line).unwrap_or(0));
+        out.into_iter()
+            .map(|o| {
+                let c = o.unwrap();
+                let texts: Vec<_> = c.choices.iter().map(|ch| (ch.reasoning.clone(), ch.content.clone())).collect();
+                (c.line, texts, c.usage.reasoning_tokens)
+            })
+            .collect::<Vec<_>>()
+    };
+    let one = answers(1);
+    assert_eq!(one.len(), 5);
+    assert_eq!(answers(4), one);
 }

@@ -161,6 +161,7 @@ mod tests {
                 n: 1,
                 logprobs: None,
                 constraint: None,
+                think: None,
             },
             key: ComputationKey([key; 32]),
             endpoint: crate::formats::result::Endpoint::Chat,
