@@ -83,6 +83,16 @@ pub struct OutputParams {
     pub pooling: Option<String>,
     /// `--no-normalize-embeddings`.
     pub no_normalize_embeddings: bool,
+    /// `--reasoning-format`, when not `auto` (left out, an identity reads as before it
+    /// existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_format: Option<String>,
+    /// `--reasoning-budget`, when not the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_budget: Option<String>,
+    /// `--chat-template-kwargs`, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_kwargs: Option<String>,
 }
 
 /// Everything that changes a result's bits.
@@ -236,6 +246,9 @@ pub(crate) mod tests {
                 ignore_unknown_fields: false,
                 pooling: None,
                 no_normalize_embeddings: false,
+                reasoning_format: None,
+                reasoning_budget: None,
+                chat_template_kwargs: None,
             },
         }
     }

@@ -9,7 +9,8 @@ use crate::engine::embed::Pooling;
 use crate::engine::{FlashAttn, KvType, KvTypes};
 use crate::formats::shard::Shard;
 use crate::input::fields::FieldPolicy;
-use crate::prompt::template::TemplateChoice;
+use crate::prompt::template::{TemplateChoice, TemplateKwargs};
+use crate::prompt::thinking::{ReasoningFormat, DEFAULT_BUDGETS};
 use crate::schedule::job::Defaults;
 use crate::schedule::scheduler::EXACT_MAX_ROWS;
 
@@ -434,6 +435,22 @@ pub struct CommonArgs {
     #[arg(long, value_name = "NAME|FILE")]
     pub chat_template: Option<String>,
 
+    /// Variables every conversation's chat template gets (such as `{"enable_thinking": false}`),
+    /// under each request's own `chat_template_kwargs`. A JSON object.
+    #[arg(long, value_name = "JSON")]
+    pub chat_template_kwargs: Option<String>,
+
+    /// Where a reasoning model's thinking markers come from: `auto` takes `<think>` and
+    /// `</think>` when the vocabulary holds each as one token, `deepseek` takes them whatever
+    /// the vocabulary, `none` looks for no thinking (it stays in `content`).
+    #[arg(long, value_enum, default_value_t, value_name = "FORMAT")]
+    pub reasoning_format: ReasoningFormat,
+
+    /// Thinking budgets in tokens of the efforts `low`, `medium` and `high`. A request that
+    /// asks for no effort thinks with the `medium` budget, capped at half its `max_tokens`.
+    #[arg(long, value_delimiter = ',', default_values_t = DEFAULT_BUDGETS, value_name = "LOW,MEDIUM,HIGH")]
+    pub reasoning_budget: Vec<u32>,
+
     /// Skip request fields this version does not know instead of giving the request an error
     /// line. Known fields that are not honoured (`tools`, `"stream": true`, `audio`, ...) are
     /// still refused.
@@ -518,11 +535,27 @@ pub struct RunConfig {
     pub shard: Option<Shard>,
     /// Where the chat template comes from.
     pub chat_template: TemplateChoice,
+    /// `--chat-template-kwargs`.
+    pub template_kwargs: TemplateKwargs,
+    /// `--reasoning-format`.
+    pub reasoning_format: ReasoningFormat,
+    /// `--reasoning-budget`: low, medium, high.
+    pub reasoning_budgets: [u32; 3],
     /// llama.cpp logs.
     pub verbose: bool,
 }
 
 impl RunConfig {
+    /// The run's reasoning settings, resolved against `model`.
+    pub fn think_setup(&self, model: &crate::engine::Model) -> crate::prompt::thinking::ThinkSetup {
+        crate::prompt::thinking::ThinkSetup::new(
+            model,
+            self.reasoning_format,
+            self.reasoning_budgets,
+            self.template_kwargs.clone(),
+        )
+    }
+
     /// What a request that leaves a setting out gets.
     pub fn defaults(&self) -> Defaults {
         Defaults {
@@ -613,10 +646,29 @@ impl CommonArgs {
             .output
             .clone()
             .unwrap_or_else(|| default_output(&input));
+        let template_kwargs = match self.chat_template_kwargs.as_deref() {
+            None => TemplateKwargs::new(),
+            Some(text) => match serde_json::from_str(text) {
+                Ok(serde_json::Value::Object(map)) => map,
+                _ => {
+                    return Err(UsageError(format!(
+                        "--chat-template-kwargs {text:?} is not a JSON object, such as \
+                         '{{\"enable_thinking\": false}}'"
+                    )))
+                }
+            },
+        };
+        let reasoning_budgets: [u32; 3] =
+            self.reasoning_budget.clone().try_into().map_err(|_| {
+                UsageError("--reasoning-budget takes three budgets: LOW,MEDIUM,HIGH".into())
+            })?;
         Ok(RunConfig {
             output: shard.map_or(output.clone(), |s| s.output(&output)),
             shard,
             chat_template: TemplateChoice::from_arg(self.chat_template.as_deref()),
+            template_kwargs,
+            reasoning_format: self.reasoning_format,
+            reasoning_budgets,
             model,
             input,
             parallel,

@@ -489,7 +489,12 @@ pub fn load_offloaded(cfg: &RunConfig, gpu_layers: u32) -> Result<Option<Model>>
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
     let kinds = input_kinds(cfg)?;
     let (model, renderer) = load_model(cfg, 0, kinds.conversations)?;
-    let mut prompts = PromptBuilder::new(&model, &renderer, kinds.text_prefix.as_deref());
+    let mut prompts = PromptBuilder::new(
+        &model,
+        &renderer,
+        kinds.text_prefix.as_deref(),
+        cfg.think_setup(&model),
+    );
     let model_sha256 = check_files(cfg)?;
     preflight(
         cfg,
@@ -587,10 +592,12 @@ pub fn scan(
         let item = item.with_context(|| format!("cannot read input {}", cfg.input.display()))?;
         demand.lines += 1;
         let Ok(request) = item else { continue };
-        let Ok(prompt) = prompts.build_prompt(&request.prompt) else {
+        let max_tokens = cfg.defaults().max_tokens_for(&request);
+        let Ok((prompt, _)) =
+            prompts.build_request(&request.prompt, &request.reasoning, max_tokens)
+        else {
             continue;
         };
-        let max_tokens = cfg.defaults().max_tokens_for(&request);
         if !fits_trained_context(prompt.tokens.len(), max_tokens, n_ctx_train) {
             continue; // it gets its error in the second pass
         }

@@ -22,6 +22,7 @@ use crate::formats::manifest::{InputRecord, Manifest, ModelRecord, RunState, MAN
 use crate::identity::{Identity, Machine, OutputParams, Settings};
 use crate::input::request::RequestReader;
 use crate::plan::KvLayout;
+use crate::prompt::thinking::{ReasoningFormat, ThinkSetup, DEFAULT_BUDGETS};
 use crate::prompt::{PrefixKey, PromptBuilder, Renderer};
 use crate::schedule::groups::DecodeGroups;
 use crate::schedule::scheduler::Exact;
@@ -80,6 +81,14 @@ pub fn identity(cfg: &RunConfig, model_sha256: [u8; 32], machine: Machine) -> Id
             ignore_unknown_fields: cfg.fields.ignore_unknown,
             pooling: cfg.pooling.map(|p| p.name().to_owned()),
             no_normalize_embeddings: !cfg.normalize_embeddings,
+            reasoning_format: (cfg.reasoning_format != ReasoningFormat::Auto)
+                .then(|| cfg.reasoning_format.name().to_owned()),
+            reasoning_budget: (cfg.reasoning_budgets != DEFAULT_BUDGETS).then(|| {
+                let [l, m, h] = cfg.reasoning_budgets;
+                format!("{l},{m},{h}")
+            }),
+            chat_template_kwargs: (!cfg.template_kwargs.is_empty())
+                .then(|| serde_json::Value::Object(cfg.template_kwargs.clone()).to_string()),
         },
     }
 }
@@ -185,6 +194,8 @@ pub struct Prepared {
     pub model_sha256: [u8; 32],
     /// The text `/v1/completions` prompts share.
     pub text_prefix: Option<String>,
+    /// Which conversations think, and how.
+    pub think: ThinkSetup,
 }
 
 impl Prepared {
@@ -203,7 +214,9 @@ impl Prepared {
         let kinds = input_kinds(cfg)?;
         let (planning, renderer) = load_model(cfg, 0, kinds.conversations)?;
         let text_prefix = kinds.text_prefix;
-        let mut prompts = PromptBuilder::new(&planning, &renderer, text_prefix.as_deref());
+        let think = cfg.think_setup(&planning);
+        let mut prompts =
+            PromptBuilder::new(&planning, &renderer, text_prefix.as_deref(), think.clone());
         let preflight = preflight(
             cfg,
             &planning,
@@ -220,12 +233,18 @@ impl Prepared {
             preflight,
             model_sha256,
             text_prefix,
+            think,
         })
     }
 
     /// A builder of the run's prompts.
     pub fn prompts(&self) -> PromptBuilder<'_> {
-        PromptBuilder::new(&self.planning, &self.renderer, self.text_prefix.as_deref())
+        PromptBuilder::new(
+            &self.planning,
+            &self.renderer,
+            self.text_prefix.as_deref(),
+            self.think.clone(),
+        )
     }
 
     /// The model sessions run on.

@@ -228,6 +228,17 @@ impl Model {
             .map_err(|e| EngineError::Template(e.to_string()))
     }
 
+    /// `text` as tokens with no BOS, special tokens parsed: a marker such as `<think>` is one
+    /// token where the vocabulary has it whole.
+    pub fn tokenize_piece(&self, text: &str) -> Vec<Token> {
+        self.model
+            .vocab()
+            .tokenize(text.as_bytes(), false, true)
+            .into_iter()
+            .map(|t| Token(t.0))
+            .collect()
+    }
+
     /// Tokenizes rendered prompt text; special tokens in the text are parsed as such. The
     /// vocabulary's BOS is added unless the text already opens with it (templates that write
     /// `bos_token` themselves).

@@ -180,6 +180,10 @@ fn response_id(custom_id: &str) -> String {
     format!("resp_{}", derived_id("response", custom_id, 24))
 }
 
+fn reasoning_id(custom_id: &str) -> String {
+    format!("rs_{}", derived_id("reasoning", custom_id, 24))
+}
+
 fn message_id(custom_id: &str) -> String {
     format!("msg_{}", derived_id("message", custom_id, 24))
 }
@@ -259,8 +263,8 @@ pub struct ResponseObject {
     pub metadata: Option<Value>,
     /// The model's name.
     pub model: String,
-    /// One assistant message.
-    pub output: Vec<OutputMessage>,
+    /// A reasoning model's thinking (a `reasoning` item), then one assistant message.
+    pub output: Vec<OutputItem>,
     /// Always `true`; no tools run here.
     pub parallel_tool_calls: bool,
     /// The temperature it sampled with.
@@ -383,6 +387,40 @@ pub struct IncompleteDetails {
     pub reason: String,
 }
 
+/// An item of a `response`'s `output`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OutputItem {
+    /// The assistant's message.
+    Message(OutputMessage),
+    /// A reasoning model's thinking.
+    Reasoning(ReasoningItem),
+}
+
+/// An output item of type `reasoning`: the thinking, whole, as one `reasoning_text` part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasoningItem {
+    /// `reasoning`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `rs_...`, derived from the `custom_id`.
+    pub id: String,
+    /// Always empty: no summary is made.
+    pub summary: Vec<Value>,
+    /// One `reasoning_text` part.
+    pub content: Vec<ReasoningText>,
+}
+
+/// A `reasoning_text` content part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReasoningText {
+    /// `reasoning_text`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The thinking, markers left out.
+    pub text: String,
+}
+
 /// An output item of type `message`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputMessage {
@@ -420,7 +458,7 @@ pub struct ResponseUsage {
     pub input_tokens_details: InputTokensDetails,
     /// Generated tokens.
     pub output_tokens: u64,
-    /// Of those, reasoning tokens: always 0.
+    /// Of those, the thinking's, measured.
     pub output_tokens_details: OutputTokensDetails,
     /// Both.
     pub total_tokens: u64,
@@ -439,7 +477,7 @@ pub struct InputTokensDetails {
 /// `usage.output_tokens_details`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputTokensDetails {
-    /// No reasoning tokens are generated apart.
+    /// Tokens of a reasoning model's thinking, its markers included, measured.
     pub reasoning_tokens: u64,
 }
 
@@ -478,8 +516,12 @@ pub struct ChoiceBody {
 pub struct MessageBody {
     /// `assistant`.
     pub role: String,
-    /// The generated text.
+    /// The generated text (of a reasoning model, the answer alone).
     pub content: String,
+    /// A reasoning model's thinking, markers left out: the field llama-server, vLLM and
+    /// DeepSeek use, an extension to OpenAI's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
 }
 
 /// A choice's log probabilities.
@@ -526,6 +568,16 @@ pub struct UsageBody {
     pub total_tokens: u64,
     /// Of the prompt, the cached part.
     pub prompt_tokens_details: PromptTokensDetails,
+    /// Of the completion, the thinking's part: only for a request that thinks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+/// `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionTokensDetails {
+    /// Tokens of the thinking, its markers included, measured.
+    pub reasoning_tokens: u64,
 }
 
 /// `usage.prompt_tokens_details`.
@@ -651,8 +703,11 @@ impl ResultLine {
                     o.id = response_id(custom_id);
                     o.created_at = created;
                     model.clone_into(&mut o.model);
-                    for m in &mut o.output {
-                        m.id = message_id(custom_id);
+                    for item in &mut o.output {
+                        match item {
+                            OutputItem::Message(m) => m.id = message_id(custom_id),
+                            OutputItem::Reasoning(r) => r.id = reasoning_id(custom_id),
+                        }
                     }
                 }
             }
@@ -692,6 +747,7 @@ fn chat_completion(c: &Completion, model: &str, created: u64) -> ChatCompletion 
             message: MessageBody {
                 role: "assistant".into(),
                 content: choice.content.clone(),
+                reasoning_content: choice.reasoning.clone(),
             },
             logprobs: choice.logprobs.as_ref().map(|tokens| LogprobsBody {
                 content: tokens
@@ -717,12 +773,17 @@ fn chat_completion(c: &Completion, model: &str, created: u64) -> ChatCompletion 
         created,
         model: model.to_owned(),
         choices,
-        usage: usage_body(c.usage),
+        usage: usage_body(c.usage, thinks(c)),
     }
 }
 
+/// Whether the request thought before it answered.
+fn thinks(c: &Completion) -> bool {
+    c.choices.iter().any(|ch| ch.reasoning.is_some())
+}
+
 /// The usage every body but a `response` reports.
-fn usage_body(u: Usage) -> UsageBody {
+fn usage_body(u: Usage, thinks: bool) -> UsageBody {
     UsageBody {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
@@ -730,6 +791,9 @@ fn usage_body(u: Usage) -> UsageBody {
         prompt_tokens_details: PromptTokensDetails {
             cached_tokens: u.cached_tokens,
         },
+        completion_tokens_details: thinks.then_some(CompletionTokensDetails {
+            reasoning_tokens: u.reasoning_tokens,
+        }),
     }
 }
 
@@ -755,7 +819,7 @@ fn text_completion(c: &Completion, model: &str, created: u64) -> TextCompletion 
         created,
         model: model.to_owned(),
         choices,
-        usage: usage_body(c.usage),
+        usage: usage_body(c.usage, false),
     }
 }
 
@@ -842,17 +906,32 @@ fn response_object(
         max_output_tokens: echo.max_output_tokens,
         metadata: echo.metadata.clone(),
         model: model.to_owned(),
-        output: vec![OutputMessage {
-            kind: "message".into(),
-            id: message_id(&c.custom_id),
-            status: status.into(),
-            role: "assistant".into(),
-            content: vec![OutputText {
-                kind: "output_text".into(),
-                text: choice.map(|ch| ch.content.clone()).unwrap_or_default(),
-                annotations: Vec::new(),
-            }],
-        }],
+        output: choice
+            .and_then(|ch| ch.reasoning.clone())
+            .map(|text| {
+                OutputItem::Reasoning(ReasoningItem {
+                    kind: "reasoning".into(),
+                    id: reasoning_id(&c.custom_id),
+                    summary: Vec::new(),
+                    content: vec![ReasoningText {
+                        kind: "reasoning_text".into(),
+                        text,
+                    }],
+                })
+            })
+            .into_iter()
+            .chain([OutputItem::Message(OutputMessage {
+                kind: "message".into(),
+                id: message_id(&c.custom_id),
+                status: status.into(),
+                role: "assistant".into(),
+                content: vec![OutputText {
+                    kind: "output_text".into(),
+                    text: choice.map(|ch| ch.content.clone()).unwrap_or_default(),
+                    annotations: Vec::new(),
+                }],
+            })])
+            .collect(),
         parallel_tool_calls: true,
         temperature: widen(echo.temperature),
         tool_choice: "none".into(),
@@ -867,7 +946,7 @@ fn response_object(
             },
             output_tokens: c.usage.completion_tokens,
             output_tokens_details: OutputTokensDetails {
-                reasoning_tokens: 0,
+                reasoning_tokens: c.usage.reasoning_tokens,
             },
             total_tokens: c.usage.prompt_tokens + c.usage.completion_tokens,
         },

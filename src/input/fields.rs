@@ -70,6 +70,8 @@ pub const RESPONSES: BodyFields = BodyFields {
         "text",
         "stream",
         "metadata",
+        "reasoning",
+        "chat_template_kwargs",
     ],
     no_effect: &[
         "model",
@@ -90,7 +92,6 @@ pub const RESPONSES: BodyFields = BodyFields {
         "conversation",
         "background",
         "prompt",
-        "reasoning",
         "include",
         "truncation",
         "top_logprobs",
@@ -132,7 +133,7 @@ pub const EMBEDDINGS: BodyFields = BodyFields {
 };
 
 /// Body fields that the chat request parser reads and honours.
-const HONOURED: [&str; 18] = [
+const HONOURED: [&str; 20] = [
     "messages",
     "max_tokens",
     "max_completion_tokens",
@@ -151,6 +152,8 @@ const HONOURED: [&str; 18] = [
     "response_format",
     "json_schema",
     "grammar",
+    "reasoning_effort",
+    "chat_template_kwargs",
 ];
 
 /// Body fields accepted with any value because they change nothing about the output.
@@ -347,8 +350,9 @@ fn chat_unsupported(name: &str, value: &Value) -> Option<&'static str> {
         "modalities" if value != &serde_json::json!(["text"]) => {
             "only the text modality is supported"
         }
-        "audio" | "prediction" | "web_search_options" | "reasoning_effort" | "verbosity"
-        | "stream_options" => "this version does not honour it; remove it",
+        "audio" | "prediction" | "web_search_options" | "verbosity" | "stream_options" => {
+            "this version does not honour it; remove it"
+        }
         _ => return None,
     };
     Some(reason)
@@ -384,7 +388,6 @@ fn responses_unsupported(name: &str, value: &Value) -> Option<&'static str> {
         }
         "background" if !empty => "a batch runs every request in the background already; remove it",
         "prompt" => "stored prompts are not available here; send `instructions` and `input`",
-        "reasoning" if !empty => "this version does not honour it; remove it",
         "include" if !empty => "no extra output is produced; remove it",
         "truncation" if value.as_str() != Some("disabled") => {
             "a prompt that does not fit gets an error line, never a truncated context"

@@ -3,6 +3,7 @@
 pub mod completions;
 pub mod embeddings;
 pub mod fields;
+pub mod reasoning;
 pub mod request;
 pub mod responses;
 pub mod sampling;

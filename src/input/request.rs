@@ -19,6 +19,7 @@ use crate::input::fields::{
     check_body, check_object, Fault, FieldPolicy, Honoured, CHAT, COMPLETIONS, EMBEDDINGS,
     ENVELOPE, MESSAGE, RESPONSES,
 };
+use crate::input::reasoning::{self, ReasoningAsk};
 use crate::input::sampling::{parse_sampling, SamplingParams};
 use crate::input::{completions, embeddings, responses};
 
@@ -81,6 +82,8 @@ pub struct Request {
     pub ignored_fields: Vec<String>,
     /// The endpoint it came through.
     pub endpoint: Endpoint,
+    /// What it asks of a reasoning model.
+    pub reasoning: ReasoningAsk,
 }
 
 /// Parses one non-blank input line.
@@ -109,6 +112,11 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
     let honoured = check_body(body, fields, policy, &mut ignore).map_err(|r| fail(r.fault()))?;
     let body = &honoured;
     check_stream(body).map_err(fail)?;
+    let reasoning = match url {
+        RESPONSES_URL => reasoning::parse_responses(body).map_err(fail)?,
+        COMPLETIONS_URL | EMBEDDINGS_URL => ReasoningAsk::default(),
+        _ => reasoning::parse_chat(body).map_err(fail)?,
+    };
     let (prompt, sampling, endpoint) = match url {
         RESPONSES_URL => {
             let r = responses::parse(body, policy, &mut ignore).map_err(fail)?;
@@ -139,6 +147,7 @@ pub fn parse_line(line_no: u64, text: &str, policy: FieldPolicy) -> Result<Reque
         sampling,
         ignored_fields,
         endpoint,
+        reasoning,
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod grammar;
 pub mod template;
 pub mod text_prefix;
+pub mod thinking;
 
 use std::collections::HashMap;
 
@@ -15,7 +16,13 @@ use crate::digest::{sha256_parts, short_hex, Hasher};
 use crate::engine::{Model, Token};
 use crate::formats::message::Message;
 use crate::input::request::Prompt;
+use std::sync::Arc;
+
+use crate::input::reasoning::{Effort, ReasoningAsk};
+use crate::prompt::template::TemplateKwargs;
 use crate::prompt::template::{JinjaTemplate, TemplateChoice};
+use crate::prompt::thinking::{ReasoningFault, ThinkSetup};
+use crate::schedule::reasoning::ThinkPlan;
 
 /// Identity of a shared prefix: the SHA-256 of its exact token ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -190,13 +197,15 @@ impl Renderer {
                 content: "Grade this.".into(),
             },
         ];
-        renderer.render(model, &probe, true).map_err(|e| {
-            format!(
+        renderer
+            .render(model, &probe, true, &TemplateKwargs::new())
+            .map_err(|e| {
+                format!(
                 "chat template {} cannot render a system and a user message ({e}); choose another \
                  with --chat-template",
                 renderer.identity()
             )
-        })?;
+            })?;
         Ok(renderer)
     }
 
@@ -218,9 +227,14 @@ impl Renderer {
         model: &Model,
         messages: &[Message],
         add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
     ) -> Result<String, String> {
         match self {
-            Self::Jinja(t) => t.render(messages, add_generation_prompt),
+            Self::Jinja(t) => t.render(messages, add_generation_prompt, kwargs),
+            Self::LlamaCpp { identity, .. } if !kwargs.is_empty() => Err(format!(
+                "chat_template_kwargs need a Jinja chat template, and {identity} is rendered by \
+                 llama.cpp's own formatter; pass a Jinja file with --chat-template"
+            )),
             Self::LlamaCpp { template, .. } => model
                 .render_llama_cpp(template, messages, add_generation_prompt)
                 .map_err(|e| e.to_string()),
@@ -234,6 +248,8 @@ impl Renderer {
 pub struct PromptBuilder<'m> {
     model: &'m Model,
     renderer: &'m Renderer,
+    /// Which conversations think, and how.
+    think: ThinkSetup,
     memo: HashMap<[u8; 32], Vec<Token>>,
     /// The tokens of the text that raw-text prompts share ([`text_prefix`]).
     text_prefix: Vec<Token>,
@@ -242,13 +258,54 @@ pub struct PromptBuilder<'m> {
 impl<'m> PromptBuilder<'m> {
     /// A builder for prompts of `model`, rendered by `renderer`; raw-text prompts share
     /// `text_prefix` where they begin with it.
-    pub fn new(model: &'m Model, renderer: &'m Renderer, text_prefix: Option<&str>) -> Self {
+    pub fn new(
+        model: &'m Model,
+        renderer: &'m Renderer,
+        text_prefix: Option<&str>,
+        think: ThinkSetup,
+    ) -> Self {
         Self {
             model,
             renderer,
+            think,
             memo: HashMap::new(),
             text_prefix: text_prefix.map(|t| model.tokenize(t)).unwrap_or_default(),
         }
+    }
+
+    /// A request's prompt, tokenized and split, and how it thinks: its template switches are
+    /// the run's under its own, and an effort of `none` or `minimal` turns thinking off through
+    /// the template where the template reads `enable_thinking`.
+    ///
+    /// # Errors
+    /// What the template said, or why it cannot think as it asked.
+    pub fn build_request(
+        &mut self,
+        prompt: &Prompt,
+        ask: &ReasoningAsk,
+        max_tokens: u32,
+    ) -> Result<(SplitPrompt, Option<Arc<ThinkPlan>>), RequestPromptError> {
+        let mut kwargs = self.think.kwargs_for(ask);
+        let Prompt::Chat(messages) = prompt else {
+            return Ok((self.build_prompt(prompt, &kwargs)?, None));
+        };
+        let off = ask.effort.is_some_and(Effort::is_off);
+        if off && self.think.markers.is_some() && !kwargs.contains_key(ENABLE_THINKING) {
+            let with = |on: bool| {
+                let mut k = kwargs.clone();
+                k.insert(ENABLE_THINKING.into(), on.into());
+                k
+            };
+            if self.render(messages, &with(false))? != self.render(messages, &with(true))? {
+                kwargs = with(false);
+            }
+        }
+        let rendered = self.render(messages, &kwargs)?;
+        let think = self
+            .think
+            .plan(ask, &rendered, max_tokens)
+            .map_err(RequestPromptError::Reasoning)?;
+        Ok((self.build(messages, &kwargs)?, think))
     }
 
     /// Tokenizes and splits a request's prompt: a conversation through the chat template, raw
@@ -256,9 +313,13 @@ impl<'m> PromptBuilder<'m> {
     ///
     /// # Errors
     /// What the template said when it cannot render the conversation.
-    pub fn build_prompt(&mut self, prompt: &Prompt) -> Result<SplitPrompt, PromptError> {
+    pub fn build_prompt(
+        &mut self,
+        prompt: &Prompt,
+        kwargs: &TemplateKwargs,
+    ) -> Result<SplitPrompt, PromptError> {
         match prompt {
-            Prompt::Chat(messages) => self.build(messages),
+            Prompt::Chat(messages) => self.build(messages, kwargs),
             Prompt::Text(text) => {
                 let tokens = self.model.tokenize(text);
                 let shared_len = shared_len(&self.text_prefix, &tokens);
@@ -273,17 +334,25 @@ impl<'m> PromptBuilder<'m> {
     /// The text every conversation that opens with `system` begins with: the rendering of
     /// `system` and a marker user message, cut at the marker. A template that does not show
     /// the marker gives the rendering of `system` alone.
-    fn prefix_text(&self, system: &[Message]) -> Result<String, String> {
+    fn prefix_text(&self, system: &[Message], kwargs: &TemplateKwargs) -> Result<String, String> {
         let mut probe = system.to_vec();
         probe.push(Message {
             role: "user".into(),
             content: SPLIT_MARK.into(),
         });
-        let text = self.renderer.render(self.model, &probe, false)?;
+        let text = self.renderer.render(self.model, &probe, false, kwargs)?;
         match text.find(SPLIT_MARK) {
             Some(at) => Ok(text[..at].to_owned()),
-            None => self.renderer.render(self.model, system, false),
+            None => self.renderer.render(self.model, system, false, kwargs),
         }
+    }
+
+    /// The text of a conversation's prompt, its assistant turn opened.
+    ///
+    /// # Errors
+    /// What the template said.
+    pub fn render(&self, messages: &[Message], kwargs: &TemplateKwargs) -> Result<String, String> {
+        self.renderer.render(self.model, messages, true, kwargs)
     }
 
     /// Renders, tokenizes and splits one conversation. The split is made in every mode: the
@@ -291,10 +360,14 @@ impl<'m> PromptBuilder<'m> {
     ///
     /// # Errors
     /// What the template said when it cannot render the conversation.
-    pub fn build(&mut self, messages: &[Message]) -> Result<SplitPrompt, PromptError> {
+    pub fn build(
+        &mut self,
+        messages: &[Message],
+        kwargs: &TemplateKwargs,
+    ) -> Result<SplitPrompt, PromptError> {
         let tokens = self
             .model
-            .tokenize(&self.renderer.render(self.model, messages, true)?);
+            .tokenize(&self.renderer.render(self.model, messages, true, kwargs)?);
         let system = leading_system(messages);
         if system.is_empty() {
             return Ok(SplitPrompt {
@@ -302,12 +375,12 @@ impl<'m> PromptBuilder<'m> {
                 shared_len: 0,
             });
         }
-        let key = system_key(system);
+        let key = system_key(system, kwargs);
         if !self.memo.contains_key(&key) {
             if self.memo.len() >= PREFIX_MEMO_CAPACITY {
                 self.memo.clear();
             }
-            let prefix = self.model.tokenize(&self.prefix_text(system)?);
+            let prefix = self.model.tokenize(&self.prefix_text(system, kwargs)?);
             self.memo.insert(key, prefix);
         }
         let shared_len = shared_len(&self.memo[&key], &tokens);
@@ -315,12 +388,39 @@ impl<'m> PromptBuilder<'m> {
     }
 }
 
-/// A hash of the system messages' roles and texts, unambiguous about their boundaries.
-fn system_key(system: &[Message]) -> [u8; 32] {
+/// The template switch that Qwen3-style templates read.
+const ENABLE_THINKING: &str = "enable_thinking";
+
+/// Why a request's prompt cannot be built.
+#[derive(Debug)]
+pub enum RequestPromptError {
+    /// The template refused the conversation.
+    Template(PromptError),
+    /// It cannot think as it asked.
+    Reasoning(ReasoningFault),
+}
+
+impl From<PromptError> for RequestPromptError {
+    fn from(e: PromptError) -> Self {
+        Self::Template(e)
+    }
+}
+
+impl From<String> for RequestPromptError {
+    fn from(e: String) -> Self {
+        Self::Template(e.into())
+    }
+}
+
+/// A hash of the system messages' roles and texts and the template's kwargs, unambiguous
+/// about their boundaries.
+fn system_key(system: &[Message], kwargs: &TemplateKwargs) -> [u8; 32] {
+    let kwargs = serde_json::to_vec(kwargs).unwrap_or_default();
     sha256_parts(
         system
             .iter()
-            .flat_map(|m| [m.role.as_bytes(), m.content.as_bytes()]),
+            .flat_map(|m| [m.role.as_bytes(), m.content.as_bytes()])
+            .chain([kwargs.as_slice()]),
     )
 }
 
@@ -391,8 +491,8 @@ mod tests {
             content: c.into(),
         };
         assert_ne!(
-            system_key(&[m("ab"), m("c")]),
-            system_key(&[m("a"), m("bc")])
+            system_key(&[m("ab"), m("c")], &TemplateKwargs::new()),
+            system_key(&[m("a"), m("bc")], &TemplateKwargs::new())
         );
     }
 }

@@ -14,6 +14,10 @@ use crate::digest::{sha256_parts, short_hex};
 use crate::formats::message::Message;
 
 /// Where the chat template comes from, as `--chat-template` says.
+/// `chat_template_kwargs`: extra variables a chat template reads (Qwen3's
+/// `enable_thinking`, ...).
+pub type TemplateKwargs = serde_json::Map<String, serde_json::Value>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TemplateChoice {
     /// The GGUF's own template (no `--chat-template`).
@@ -104,6 +108,7 @@ impl JinjaTemplate {
         &self,
         messages: &[Message],
         add_generation_prompt: bool,
+        kwargs: &TemplateKwargs,
     ) -> Result<String, String> {
         let messages: Vec<TemplateMessage<'_>> = messages
             .iter()
@@ -119,6 +124,8 @@ impl JinjaTemplate {
                 add_generation_prompt => add_generation_prompt,
                 bos_token => self.bos_token,
                 eos_token => self.eos_token,
+                // The template's own switches (`enable_thinking`, ...); ours above win.
+                ..minijinja::Value::from_serialize(kwargs)
             })
             .map_err(|e| match e.kind() {
                 ErrorKind::InvalidOperation => e.detail().unwrap_or("raised").to_owned(),
@@ -149,14 +156,29 @@ mod tests {
     fn renders_a_hugging_face_template() {
         let t = JinjaTemplate::new(CHATML, "test", "<s>", "</s>").unwrap();
         assert_eq!(
-            t.render(&[m("system", "S"), m("user", "U")], true).unwrap(),
+            t.render(&[m("system", "S"), m("user", "U")], true, &TemplateKwargs::new()).unwrap(),
             "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
         );
         assert_eq!(
-            t.render(&[m("user", "U")], false).unwrap(),
+            t.render(&[m("user", "U")], false, &TemplateKwargs::new())
+                .unwrap(),
             "<|im_start|>system\nDefault<|im_end|>\n<|im_start|>user\nU<|im_end|>\n"
         );
         assert!(t.identity().starts_with("jinja:test:"));
+    }
+
+    #[test]
+    fn template_kwargs_reach_the_template_and_cannot_replace_the_messages() {
+        let source = "{% if enable_thinking is defined and not enable_thinking %}[off]{% endif %}{{ messages[0].content }}";
+        let t = JinjaTemplate::new(source, "test", "", "").unwrap();
+        let mut kwargs = TemplateKwargs::new();
+        assert_eq!(t.render(&[m("user", "U")], true, &kwargs).unwrap(), "U");
+        kwargs.insert("enable_thinking".into(), false.into());
+        kwargs.insert("messages".into(), serde_json::json!([{"content": "X"}]));
+        assert_eq!(
+            t.render(&[m("user", "U")], true, &kwargs).unwrap(),
+            "[off]U"
+        );
     }
 
     #[test]
@@ -164,10 +186,13 @@ mod tests {
         let source = "{{ bos_token }}{% for m in messages %}{% if m.role == 'assistant' %}{{ raise_exception('no assistant turns here') }}{% endif %}[{{ m.content.strip() | upper }}]{% endfor %}{{ eos_token }}";
         let t = JinjaTemplate::new(source, "test", "<bos>", "<eos>").unwrap();
         assert_eq!(
-            t.render(&[m("user", "  hi ")], true).unwrap(),
+            t.render(&[m("user", "  hi ")], true, &TemplateKwargs::new())
+                .unwrap(),
             "<bos>[HI]<eos>"
         );
-        let e = t.render(&[m("assistant", "x")], true).unwrap_err();
+        let e = t
+            .render(&[m("assistant", "x")], true, &TemplateKwargs::new())
+            .unwrap_err();
         assert!(e.contains("no assistant turns here"), "{e}");
     }
 

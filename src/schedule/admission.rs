@@ -128,7 +128,7 @@ enum Admitting {
 
 /// A request read and prepared, not yet started.
 enum Item<W> {
-    Job(Job),
+    Job(Box<Job>),
     Work { line: u64, work: W },
 }
 
@@ -250,7 +250,7 @@ fn take<E: Engine, F: Feed>(
             return Ok(Some(Item::Work { line, work }));
         }
         if let Some(job) = queue.jobs.pop_front() {
-            return Ok(Some(Item::Job(job)));
+            return Ok(Some(Item::Job(Box::new(job))));
         }
         if *state == Admitting::InputDone || queue.parked.len() >= PARKED_WORK {
             return Ok(None);
@@ -290,7 +290,7 @@ fn place<E: Engine, F: Feed>(
     let solo = apart.isolate.is_some_and(|lines| lines.contains(&line));
     if solo && (!scheduler.is_idle() || queue.lane.is_some()) {
         match item {
-            Item::Job(job) => queue.jobs.push_front(job),
+            Item::Job(job) => queue.jobs.push_front(*job),
             Item::Work { line, work } => queue.parked.push_front((line, work)),
         }
         return Ok(Placed::NoRoom);
@@ -306,7 +306,7 @@ fn place<E: Engine, F: Feed>(
         }
         Item::Job(job) => {
             feed.admitted(&job);
-            match scheduler.admit(job) {
+            match scheduler.admit(*job) {
                 Ok(Admission::Started) => true,
                 Ok(Admission::Wait(job)) => {
                     queue.jobs.push_front(*job);
@@ -359,7 +359,7 @@ fn next_item<F: Feed>(
             Next::Failed(quarantined(r.line, &r.custom_id))
         }
         Some(Ok(r)) => match feed.prepare(r, metrics)? {
-            Intake::Run(job) => Next::Item(Item::Job(job)),
+            Intake::Run(job) => Next::Item(Item::Job(Box::new(job))),
             Intake::Work { line, work } => Next::Item(Item::Work { line, work }),
             Intake::Failed(e) => Next::Failed(e),
             Intake::Settled => Next::Settled,

@@ -61,7 +61,12 @@ impl TextBuilder {
 
     /// [`TextBuilder::cut_at_stop`], for a match that starts at byte `floor` or later (a
     /// reasoning model's answer, after its thinking).
-    pub fn cut_at_stop_from(&mut self, stops: &[String], searched_len: usize, floor: usize) -> bool {
+    pub fn cut_at_stop_from(
+        &mut self,
+        stops: &[String],
+        searched_len: usize,
+        floor: usize,
+    ) -> bool {
         let longest = stops.iter().map(String::len).max().unwrap_or(0);
         if longest == 0 || floor >= self.text.len() {
             return false;

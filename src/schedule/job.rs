@@ -11,7 +11,7 @@ use crate::input::request::{
 };
 use crate::input::sampling::ConstraintSpec;
 use crate::prompt::grammar::Grammars;
-use crate::prompt::{PromptBuilder, SplitPrompt};
+use crate::prompt::{PromptBuilder, RequestPromptError, SplitPrompt};
 
 /// Resolved generation settings of one request.
 #[derive(Debug, Clone)]
@@ -159,15 +159,18 @@ pub fn prepare(
             message,
         ))
     };
-    let prompt = match prompts.build_prompt(&request.prompt) {
-        Ok(p) => p,
-        Err(e) => {
-            return fail(
-                ErrorCode::InvalidMessages,
-                format!("the chat template cannot render these messages: {e}"),
-            )
-        }
-    };
+    let max_tokens = cfg.max_tokens_for(&request);
+    let (prompt, think) =
+        match prompts.build_request(&request.prompt, &request.reasoning, max_tokens) {
+            Ok(p) => p,
+            Err(RequestPromptError::Template(e)) => {
+                return fail(
+                    ErrorCode::InvalidMessages,
+                    format!("the chat template cannot render these messages: {e}"),
+                )
+            }
+            Err(RequestPromptError::Reasoning(e)) => return fail(ErrorCode::InvalidParameter, e.0),
+        };
     let s = &request.sampling;
     let constraint = match &s.constraint {
         None => None,
@@ -176,7 +179,6 @@ pub fn prepare(
             Err(e) => return fail(ErrorCode::InvalidParameter, e.to_string()),
         },
     };
-    let max_tokens = cfg.max_tokens_for(&request);
     if let Err(message) = limits.check_fit(&prompt, max_tokens, cfg.prefix_cache) {
         return fail(ErrorCode::ContextLengthExceeded, message);
     }
@@ -197,7 +199,7 @@ pub fn prepare(
         n: request.sampling.n,
         logprobs: request.sampling.logprobs,
         constraint,
-        think: None,
+        think,
     };
     let mut endpoint = request.endpoint;
     // A `response` repeats the settings it ran with, defaults resolved; they are part of what
@@ -315,6 +317,17 @@ pub fn computation_key(
     for stop in &params.stop {
         parts.push(stop);
     }
+    match &params.think {
+        None => parts.push("answers at once"),
+        Some(t) => parts
+            .push("thinks")
+            .push(&t.open)
+            .push(&t.close)
+            .tokens(&t.open_tokens)
+            .tokens(&t.close_tokens)
+            .push([u8::from(t.opened_by_prompt)])
+            .push(t.budget.to_le_bytes()),
+    };
     match constraint {
         None => parts.push("none"),
         Some(ConstraintSpec::JsonSchema { schema, .. }) => {

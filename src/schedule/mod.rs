@@ -5,8 +5,8 @@ pub mod admission;
 pub mod detok;
 pub mod groups;
 pub mod job;
-pub mod scheduler;
 pub mod reasoning;
+pub mod scheduler;
 pub mod sequence;
 pub mod twins;
 

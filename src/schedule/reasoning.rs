@@ -180,7 +180,9 @@ impl Thinking {
         let piece = |a: usize, b: usize| text.get(a..b.min(text.len())).unwrap_or("");
         match self.phase {
             Phase::Opening => (String::new(), String::new()),
-            Phase::Thinking { start } => (piece(start, text.len()).trim().to_owned(), String::new()),
+            Phase::Thinking { start } => {
+                (piece(start, text.len()).trim().to_owned(), String::new())
+            }
             Phase::Answer { reasoning, start } => (
                 piece(reasoning.0, reasoning.1).trim().to_owned(),
                 piece(start, text.len()).trim_start().to_owned(),
@@ -222,7 +224,11 @@ mod tests {
         let mut t = Thinking::new(plan(true, 100));
         assert_eq!(t.forced(), None, "the prompt opened it");
         let mut text = String::new();
-        let steps = feed(&mut t, &mut text, &["Let me ", "see.", "</think>", "\n\n", "{\"a\":1}"]);
+        let steps = feed(
+            &mut t,
+            &mut text,
+            &["Let me ", "see.", "</think>", "\n\n", "{\"a\":1}"],
+        );
         assert_eq!(steps[2], Step::Closed);
         assert!(t.answering());
         assert_eq!(t.split(&text), ("Let me see.".into(), "{\"a\":1}".into()));
@@ -235,7 +241,17 @@ mod tests {
         let mut t = Thinking::new(plan(true, 100));
         let mut text = String::new();
         let steps = feed(&mut t, &mut text, &["hm", "</", "thi", "nk", ">", "yes"]);
-        assert_eq!(steps, [Step::Same, Step::Same, Step::Same, Step::Same, Step::Closed, Step::Same]);
+        assert_eq!(
+            steps,
+            [
+                Step::Same,
+                Step::Same,
+                Step::Same,
+                Step::Same,
+                Step::Closed,
+                Step::Same
+            ]
+        );
         assert_eq!(t.split(&text), ("hm".into(), "yes".into()));
         assert_eq!(t.reasoning_tokens(), 5);
     }
@@ -258,7 +274,11 @@ mod tests {
     #[test]
     fn a_zero_budget_closes_at_once_and_an_unopened_block_is_opened_first() {
         let mut t = Thinking::new(plan(true, 0));
-        assert_eq!(std::iter::from_fn(|| t.forced()).count(), 3, "closed before any token");
+        assert_eq!(
+            std::iter::from_fn(|| t.forced()).count(),
+            3,
+            "closed before any token"
+        );
 
         let mut t = Thinking::new(plan(false, 1));
         let opening: Vec<_> = std::iter::from_fn(|| t.forced()).collect();

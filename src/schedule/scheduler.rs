@@ -709,10 +709,10 @@ impl<'s, E: Engine> Scheduler<'s, E> {
             if seq.answer_started() {
                 // The answer starts: its sampler carries the request's constraint.
                 let params = &seq.job.params;
-                match self
-                    .session
-                    .sampler(&params.sampler.for_choice(seq.choice), params.constraint.as_ref())
-                {
+                match self.session.sampler(
+                    &params.sampler.for_choice(seq.choice),
+                    params.constraint.as_ref(),
+                ) {
                     Ok(sampler) => seq.sampler = sampler,
                     Err(e) => {
                         self.slots[i].state = SlotState::Generating { seq, last: token };

@@ -154,9 +154,7 @@ impl<S> Sequence<S> {
         Choice {
             content,
             reason,
-            logprobs: self
-                .logprobs
-                .map(|l| l.into_iter().skip(skip).collect()),
+            logprobs: self.logprobs.map(|l| l.into_iter().skip(skip).collect()),
             reasoning: Some(reasoning),
         }
     }

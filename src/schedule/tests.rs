@@ -772,6 +772,7 @@ impl Feed for TestFeed {
                 sampling: SamplingParams::default(),
                 ignored_fields: Vec::new(),
                 endpoint: Endpoint::Chat,
+                reasoning: Default::default(),
             }),
             Err(line) => Err(LineError::new(
                 line,
@@ -1135,7 +1136,10 @@ fn plan(opened_by_prompt: bool, budget: u32) -> ThinkPlan {
 fn thinks_then(thoughts: usize, close: &'static [i32]) -> Pick {
     Box::new(move |context: &[Token], seed: u32| {
         let generated = context.len() - 6;
-        let after_open = context[6..].iter().position(|t| t.0 == 10).map_or(0, |p| p + 1);
+        let after_open = context[6..]
+            .iter()
+            .position(|t| t.0 == 10)
+            .map_or(0, |p| p + 1);
         let k = generated - after_open;
         if k < thoughts {
             Token(1 + (k % 3) as i32)
@@ -1153,7 +1157,7 @@ fn thinks_then(thoughts: usize, close: &'static [i32]) -> Pick {
 }
 
 fn one_choice(outcomes: &[Outcome]) -> &crate::formats::result::Completion {
-    match &outcomes[..] {
+    match outcomes {
         [Ok(c)] => c,
         other => panic!("one completion expected: {other:?}"),
     }
@@ -1164,7 +1168,11 @@ fn a_close_marker_whole_or_split_ends_the_thinking_and_tokens_are_counted() {
     for close in [&[11][..], &[12, 13][..]] {
         let mut engine = FakeEngine::new(64);
         engine.pick = thinks_then(4, Box::leak(close.to_vec().into_boxed_slice()));
-        let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 12, plan(true, 100), false)]);
+        let (out, _) = run_all(
+            &mut engine,
+            &exact_any(2),
+            vec![thinking_job(1, 1, 12, plan(true, 100), false)],
+        );
         let c = one_choice(&out);
         let choice = &c.choices[0];
         assert_eq!(choice.reasoning.as_deref(), Some("abca"), "{choice:?}");
@@ -1180,11 +1188,22 @@ fn the_budget_forces_the_close_and_the_constraint_starts_with_the_answer() {
     let mut engine = FakeEngine::new(64);
     // It would think for ever: the engine closes after 3 tokens.
     engine.pick = thinks_then(1000, &[]);
-    let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 10, plan(true, 3), true)]);
+    let (out, _) = run_all(
+        &mut engine,
+        &exact_any(2),
+        vec![thinking_job(1, 1, 10, plan(true, 3), true)],
+    );
     let c = one_choice(&out);
     let choice = &c.choices[0];
-    assert_eq!(choice.reasoning.as_deref(), Some("abc"), "the thinking is free text");
-    assert_eq!(choice.content, "xxxxx", "the answer follows the constraint: {choice:?}");
+    assert_eq!(
+        choice.reasoning.as_deref(),
+        Some("abc"),
+        "the thinking is free text"
+    );
+    assert_eq!(
+        choice.content, "xxxxx",
+        "the answer follows the constraint: {choice:?}"
+    );
     assert_eq!(c.usage.reasoning_tokens, 5, "3 thought, 2 written to close");
     // The engine wrote the close marker: the sequence's cells hold it.
     let calls: Vec<i32> = engine.calls.iter().flatten().map(|r| r.token.0).collect();
@@ -1195,7 +1214,11 @@ fn the_budget_forces_the_close_and_the_constraint_starts_with_the_answer() {
 fn a_zero_budget_closes_at_once_and_an_unopened_block_is_opened_by_the_engine() {
     let mut engine = FakeEngine::new(64);
     engine.pick = thinks_then(1000, &[]);
-    let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 6, plan(true, 0), true)]);
+    let (out, _) = run_all(
+        &mut engine,
+        &exact_any(2),
+        vec![thinking_job(1, 1, 6, plan(true, 0), true)],
+    );
     let c = one_choice(&out);
     assert_eq!(c.choices[0].reasoning.as_deref(), Some(""));
     assert_eq!(c.choices[0].content, "xxxx");
@@ -1203,17 +1226,37 @@ fn a_zero_budget_closes_at_once_and_an_unopened_block_is_opened_by_the_engine() 
 
     let mut engine = FakeEngine::new(64);
     engine.pick = thinks_then(2, &[11]);
-    let (out, _) = run_all(&mut engine, &exact_any(2), vec![thinking_job(1, 1, 8, plan(false, 100), false)]);
+    let (out, _) = run_all(
+        &mut engine,
+        &exact_any(2),
+        vec![thinking_job(1, 1, 8, plan(false, 100), false)],
+    );
     let c = one_choice(&out);
-    assert_eq!(c.choices[0].reasoning.as_deref(), Some("ab"), "{:?}", c.choices[0]);
-    assert_eq!(c.usage.reasoning_tokens, 4, "the open marker, 2 thought, the close");
+    assert_eq!(
+        c.choices[0].reasoning.as_deref(),
+        Some("ab"),
+        "{:?}",
+        c.choices[0]
+    );
+    assert_eq!(
+        c.usage.reasoning_tokens, 4,
+        "the open marker, 2 thought, the close"
+    );
 }
 
 #[test]
 fn thinking_is_identical_across_parallel_and_forks() {
     let jobs = || {
         (1..=5)
-            .map(|l| thinking_job(l, 1 + (l % 2) as u32, 9, plan(true, 2 + l as u32 % 3), l % 2 == 0))
+            .map(|l| {
+                thinking_job(
+                    l,
+                    1 + (l % 2) as u32,
+                    9,
+                    plan(true, 2 + l as u32 % 3),
+                    l % 2 == 0,
+                )
+            })
             .collect::<Vec<_>>()
     };
     let answers = |parallel| {
@@ -1224,7 +1267,11 @@ fn thinking_is_identical_across_parallel_and_forks() {
         out.into_iter()
             .map(|o| {
                 let c = o.unwrap();
-                let texts: Vec<_> = c.choices.iter().map(|ch| (ch.reasoning.clone(), ch.content.clone())).collect();
+                let texts: Vec<_> = c
+                    .choices
+                    .iter()
+                    .map(|ch| (ch.reasoning.clone(), ch.content.clone()))
+                    .collect();
                 (c.line, texts, c.usage.reasoning_tokens)
             })
             .collect::<Vec<_>>()

@@ -11,6 +11,7 @@ mod harness;
 mod kv_types;
 mod memory;
 mod prefix;
+mod reasoning;
 mod resume;
 mod reuse;
 mod serve;

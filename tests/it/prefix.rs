@@ -127,7 +127,7 @@ fn forked_and_restored_prefix_gives_bit_identical_logits() {
     let model = load(&model_path());
     assert_eq!(model.memory_kind(), MemoryKind::Kv);
     let renderer = Renderer::for_model(&model, &TemplateChoice::Gguf).unwrap();
-    let mut prompts = PromptBuilder::new(&model, &renderer, None);
+    let mut prompts = PromptBuilder::new(&model, &renderer, None, Default::default());
     let messages = [
         Message {
             role: "system".into(),
@@ -138,7 +138,7 @@ fn forked_and_restored_prefix_gives_bit_identical_logits() {
             content: profile(4),
         },
     ];
-    let prompt = prompts.build(&messages).unwrap();
+    let prompt = prompts.build(&messages, &Default::default()).unwrap();
     assert!(
         prompt.shared_len > CHUNK,
         "the prefix spans chunks ({})",

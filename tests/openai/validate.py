@@ -8,9 +8,11 @@ Response, text_completion: Completion, list: CreateEmbeddingResponse). A base64 
 first decoded to floats as the SDK's own embeddings parser does (little-endian f32), since the
 type declares the decoded list. The SDK's models accept
 fields they do not know, so the check also refuses any such extra field, at any depth: a
-misspelt field is an error, not silently ignored. Prints one line per body checked and exits 1
-on the first that fails.
+misspelt field is an error, not silently ignored. One extension is allowed, and only there: a
+reasoning model's thinking in a chat message's `reasoning_content` (the field llama-server,
+vLLM and DeepSeek use). Prints one line per body checked and exits 1 on the first that fails.
 """
+import re
 import array
 import base64
 import json
@@ -27,6 +29,10 @@ TYPES = {
     "text_completion": Completion,
     "list": CreateEmbeddingResponse,
 }
+
+
+# The one documented extension: the thinking of a chat choice.
+EXTENSION = re.compile(r"body\.choices\[\d+\]\.message\.reasoning_content")
 
 
 def extras(model, path="body"):
@@ -66,7 +72,7 @@ def main():
         if kind is CreateEmbeddingResponse:
             decode_embeddings(body)
         parsed = kind.model_validate(body)
-        unknown = extras(parsed)
+        unknown = [f for f in extras(parsed) if not EXTENSION.fullmatch(f)]
         if unknown:
             sys.exit(f"line {n}: fields the {kind.__name__} type does not declare: {unknown}")
         print(f"line {n}: {kind.__name__} ok")
