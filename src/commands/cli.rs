@@ -767,6 +767,36 @@ mod tests {
     }
 
     #[test]
+    fn reasoning_flags_are_checked() {
+        let base = ["--model", "m.gguf", "in.jsonl"];
+        let with = |extra: &[&str]| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(extra);
+            parse(&a)
+        };
+        let c = with(&["--chat-template-kwargs", r#"{"enable_thinking": false}"#]).unwrap();
+        assert_eq!(c.template_kwargs["enable_thinking"], false);
+        assert_eq!(
+            c.reasoning_budgets,
+            crate::prompt::thinking::DEFAULT_BUDGETS
+        );
+        let e = with(&["--chat-template-kwargs", "[1]"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--chat-template-kwargs"), "{e}");
+        let e = with(&["--reasoning-budget", "1,2"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LOW,MEDIUM,HIGH"), "{e}");
+        assert_eq!(
+            with(&["--reasoning-budget", "1,2,3"])
+                .unwrap()
+                .reasoning_budgets,
+            [1, 2, 3]
+        );
+    }
+
+    #[test]
     fn default_output_replaces_jsonl() {
         assert_eq!(
             default_output(Path::new("/d/in.jsonl")),
