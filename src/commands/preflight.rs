@@ -489,6 +489,7 @@ pub fn load_offloaded(cfg: &RunConfig, gpu_layers: u32) -> Result<Option<Model>>
 pub fn dry_run(cfg: &RunConfig) -> Result<Preflight> {
     let kinds = input_kinds(cfg)?;
     let (model, renderer) = load_model(cfg, 0, kinds.conversations)?;
+    renderer.check_kwargs(&cfg.template_kwargs)?;
     let mut prompts = PromptBuilder::new(
         &model,
         &renderer,

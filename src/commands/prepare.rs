@@ -213,6 +213,7 @@ impl Prepared {
     ) -> Result<Self> {
         let kinds = input_kinds(cfg)?;
         let (planning, renderer) = load_model(cfg, 0, kinds.conversations)?;
+        renderer.check_kwargs(&cfg.template_kwargs)?;
         let text_prefix = kinds.text_prefix;
         let think = cfg.think_setup(&planning);
         let mut prompts =

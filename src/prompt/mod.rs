@@ -209,6 +209,29 @@ impl Renderer {
         Ok(renderer)
     }
 
+    /// Whether the template reads `chat_template_kwargs` (a Jinja template does; llama.cpp's
+    /// formatter takes none).
+    pub fn reads_kwargs(&self) -> bool {
+        matches!(self, Self::Jinja(_))
+    }
+
+    /// Refuses run-wide template variables that this renderer cannot take, before any request
+    /// runs.
+    ///
+    /// # Errors
+    /// `--chat-template-kwargs` given to llama.cpp's formatter.
+    pub fn check_kwargs(&self, kwargs: &TemplateKwargs) -> Result<(), PromptError> {
+        if kwargs.is_empty() || self.reads_kwargs() || matches!(self, Self::Missing(_)) {
+            return Ok(());
+        }
+        Err(format!(
+            "--chat-template-kwargs needs a Jinja chat template, and {} is rendered by llama.cpp's \
+             own formatter; pass a Jinja file with --chat-template",
+            self.identity()
+        )
+        .into())
+    }
+
     /// What the run reports the template as.
     pub fn identity(&self) -> &str {
         match self {
@@ -290,7 +313,11 @@ impl<'m> PromptBuilder<'m> {
             return Ok((self.build_prompt(prompt, &kwargs)?, None));
         };
         let off = ask.effort.is_some_and(Effort::is_off);
-        if off && self.think.markers.is_some() && !kwargs.contains_key(ENABLE_THINKING) {
+        if off
+            && self.think.markers.is_some()
+            && self.renderer.reads_kwargs()
+            && !kwargs.contains_key(ENABLE_THINKING)
+        {
             let with = |on: bool| {
                 let mut k = kwargs.clone();
                 k.insert(ENABLE_THINKING.into(), on.into());

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::engine::{Model, Token};
+use crate::engine::{Model, Token, Vocab};
 use crate::input::reasoning::{Effort, ReasoningAsk};
 use crate::prompt::template::TemplateKwargs;
 use crate::schedule::reasoning::ThinkPlan;
@@ -78,6 +78,18 @@ impl ThinkSetup {
             open_tokens: model.tokenize_piece("<think>"),
             close_tokens: model.tokenize_piece("</think>"),
         };
+        // Markers are found in the text, so their tokens must write them: a marker that is a
+        // control token (rendered as nothing) could never be seen.
+        let written = |m: &Markers| {
+            let text = |tokens: &[Token]| {
+                let mut bytes = Vec::new();
+                for &t in tokens {
+                    model.token_bytes(t, &mut bytes);
+                }
+                bytes
+            };
+            text(&m.open_tokens) == m.open.as_bytes() && text(&m.close_tokens) == m.close.as_bytes()
+        };
         let markers = match format {
             ReasoningFormat::None => None,
             ReasoningFormat::Deepseek => Some(markers()),
@@ -85,6 +97,16 @@ impl ThinkSetup {
                 Some(markers()).filter(|m| m.open_tokens.len() == 1 && m.close_tokens.len() == 1)
             }
         };
+        let markers = markers.filter(|m| {
+            let ok = written(m);
+            if !ok {
+                tracing::warn!(
+                    "this model's <think> and </think> tokens do not write their text (control \
+                     tokens): its thinking cannot be followed, and nothing thinks"
+                );
+            }
+            ok
+        });
         Self {
             markers,
             budgets,
@@ -100,11 +122,14 @@ impl ThinkSetup {
     }
 
     /// How a conversation whose rendered prompt is `rendered` thinks; `None` when it answers
-    /// at once.
+    /// at once. It thinks when its prompt opens the block (as DeepSeek-R1's template does) or
+    /// when it asks for an effort (then the engine opens the block); a model whose template
+    /// does not open it is otherwise left to answer as it writes, its constraint from the
+    /// first token.
     ///
     /// # Errors
-    /// An effort asked of a model with no markers, or an asked effort whose budget is not
-    /// below `max_tokens`.
+    /// An effort asked of a model with no markers, or an asked effort whose budget, with the
+    /// markers the engine writes, leaves no room for an answer within `max_tokens`.
     pub fn plan(
         &self,
         ask: &ReasoningAsk,
@@ -114,9 +139,10 @@ impl ThinkSetup {
         let Some(m) = &self.markers else {
             return match ask.effort {
                 Some(e) if !e.is_off() => Err(ReasoningFault(format!(
-                    "field `reasoning_effort` ({}) asks a model to think that has no thinking \
-                     markers (no `<think>` and `</think>` tokens in its vocabulary); if it writes \
-                     <think>...</think> all the same, pass --reasoning-format deepseek",
+                    "field `reasoning_effort` (`reasoning.effort` on /v1/responses) is {:?}, but \
+                     this model has no thinking markers (no `<think>` and `</think>` tokens in \
+                     its vocabulary); if it writes <think>...</think> all the same, pass \
+                     --reasoning-format deepseek",
                     e.name()
                 ))),
                 _ => Ok(None),
@@ -128,6 +154,10 @@ impl ThinkSetup {
         if tail.ends_with(&m.close) {
             return Ok(None);
         }
+        let opened_by_prompt = tail.ends_with(&m.open);
+        if !opened_by_prompt && ask.effort.is_none() {
+            return Ok(None);
+        }
         let effort = ask.effort.unwrap_or(Effort::Medium);
         let budget = match effort {
             Effort::None | Effort::Minimal => 0,
@@ -135,16 +165,26 @@ impl ThinkSetup {
             Effort::Medium => self.budgets[1],
             Effort::High => self.budgets[2],
         };
+        // The markers the engine may write count against max_tokens too.
+        let markers = m.close_tokens.len()
+            + if opened_by_prompt {
+                0
+            } else {
+                m.open_tokens.len()
+            };
+        let markers = u32::try_from(markers).unwrap_or(u32::MAX);
         let budget = match ask.effort {
             // The run's default leaves at least half of max_tokens to the answer.
-            None => budget.min(max_tokens / 2),
-            Some(e) if !e.is_off() && budget >= max_tokens => {
+            None => budget.min(max_tokens.saturating_sub(markers) / 2),
+            Some(e) if budget.saturating_add(markers) >= max_tokens => {
                 return Err(ReasoningFault(format!(
-                    "field `reasoning_effort` ({}) gives the thinking {budget} tokens \
-                     (--reasoning-budget), which leaves none of max_tokens ({max_tokens}) to the \
-                     answer: raise `max_tokens` (or `max_completion_tokens`) above {budget}, or \
-                     ask for less effort",
-                    e.name()
+                    "field `reasoning_effort` (`reasoning.effort` on /v1/responses) is {:?}: its \
+                     thinking budget of {budget} tokens (--reasoning-budget) and the {markers} \
+                     tokens of its markers leave none of max_tokens ({max_tokens}) to the \
+                     answer: raise `max_tokens` (or `max_completion_tokens`) above {}, or ask \
+                     for less effort",
+                    e.name(),
+                    budget + markers
                 )))
             }
             Some(_) => budget,
@@ -154,7 +194,7 @@ impl ThinkSetup {
             close: m.close.clone(),
             open_tokens: m.open_tokens.clone(),
             close_tokens: m.close_tokens.clone(),
-            opened_by_prompt: tail.ends_with(&m.open),
+            opened_by_prompt,
             budget,
         })))
     }
@@ -202,10 +242,15 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(p.budget, 0, "none closes at once");
-        let p = s.plan(&ask(None), "", 30).unwrap().unwrap();
+        let p = s.plan(&ask(None), "<think>", 31).unwrap().unwrap();
         assert_eq!(
             p.budget, 15,
-            "the default leaves half of max_tokens to the answer"
+            "the default leaves half of max_tokens, less the close marker, to the answer"
+        );
+        assert_eq!(
+            s.plan(&ask(None), "<|assistant|>", 100).unwrap(),
+            None,
+            "a block the prompt did not open, and no effort asked: it answers at once"
         );
         assert_eq!(
             s.plan(&ask(Some(Effort::Low)), "<think>\n\n</think>\n\n", 100)
@@ -220,6 +265,9 @@ mod tests {
             .plan(&ask(Some(Effort::Medium)), "", 20)
             .unwrap_err();
         assert!(e.0.contains("max_tokens (20)"), "{e:?}");
+        // 20 thinking tokens and the 2 marker tokens the engine writes: 22 leave no answer.
+        assert!(setup().plan(&ask(Some(Effort::Medium)), "", 22).is_err());
+        assert!(setup().plan(&ask(Some(Effort::Medium)), "", 23).is_ok());
         let none = ThinkSetup::default();
         let e = none.plan(&ask(Some(Effort::Low)), "", 100).unwrap_err();
         assert!(e.0.contains("--reasoning-format deepseek"), "{e:?}");

@@ -317,17 +317,17 @@ pub fn computation_key(
     for stop in &params.stop {
         parts.push(stop);
     }
-    match &params.think {
-        None => parts.push("answers at once"),
-        Some(t) => parts
+    // A request that answers at once keeps the key it had before reasoning existed.
+    if let Some(t) = &params.think {
+        parts
             .push("thinks")
             .push(&t.open)
             .push(&t.close)
             .tokens(&t.open_tokens)
             .tokens(&t.close_tokens)
             .push([u8::from(t.opened_by_prompt)])
-            .push(t.budget.to_le_bytes()),
-    };
+            .push(t.budget.to_le_bytes());
+    }
     match constraint {
         None => parts.push("none"),
         Some(ConstraintSpec::JsonSchema { schema, .. }) => {

@@ -165,12 +165,30 @@ impl Thinking {
         self.answer_from.unwrap_or(self.taken)
     }
 
-    /// The byte where stop strings may start matching: the answer's start, or the end of the
-    /// text while thinking.
-    pub fn answer_start(&self, text_len: usize) -> usize {
+    /// The byte where stop strings may start matching: the answer's first character that is
+    /// not whitespace (the whitespace after the close marker is not the answer's), or the end
+    /// of the text while there is none.
+    pub fn answer_start(&self, text: &str) -> usize {
         match self.phase {
-            Phase::Answer { start, .. } => start,
-            _ => text_len,
+            Phase::Answer { start, .. } => {
+                let rest = text.get(start..).unwrap_or("");
+                let answer = rest.trim_start();
+                if answer.is_empty() {
+                    text.len()
+                } else {
+                    start + (rest.len() - answer.len())
+                }
+            }
+            _ => text.len(),
+        }
+    }
+
+    /// Ends the thinking now: the engine writes the close marker next (a model that ended its
+    /// generation while thinking still owes an answer).
+    pub fn force_close(&mut self) {
+        if !self.answering() && self.forced.is_empty() {
+            self.budget_spent = true;
+            self.forced.extend(self.plan.close_tokens.iter().copied());
         }
     }
 
@@ -179,7 +197,8 @@ impl Thinking {
     pub fn split(&self, text: &str) -> (String, String) {
         let piece = |a: usize, b: usize| text.get(a..b.min(text.len())).unwrap_or("");
         match self.phase {
-            Phase::Opening => (String::new(), String::new()),
+            // The open marker never appeared: what there is, is no thinking.
+            Phase::Opening => (String::new(), text.trim_start().to_owned()),
             Phase::Thinking { start } => {
                 (piece(start, text.len()).trim().to_owned(), String::new())
             }
@@ -300,6 +319,16 @@ mod tests {
         feed(&mut t, &mut text, &["still ", "going"]);
         assert!(!t.answering());
         assert_eq!(t.split(&text), ("still going".into(), String::new()));
-        assert_eq!(t.answer_start(text.len()), text.len());
+        assert_eq!(t.answer_start(&text), text.len());
+    }
+
+    #[test]
+    fn stop_strings_start_after_the_whitespace_that_follows_the_close() {
+        let mut t = Thinking::new(plan(true, 100));
+        let mut text = String::new();
+        feed(&mut t, &mut text, &["x", "</think>", "\n\n"]);
+        assert_eq!(t.answer_start(&text), text.len(), "no answer yet");
+        feed(&mut t, &mut text, &["Yes"]);
+        assert_eq!(&text[t.answer_start(&text)..], "Yes");
     }
 }

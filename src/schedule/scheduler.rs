@@ -696,7 +696,10 @@ impl<'s, E: Engine> Scheduler<'s, E> {
         // A thinking marker the engine writes itself is taken as if it were sampled.
         let token = match seq.forced() {
             Some(token) => token,
-            None => self.session.sample(&mut seq.sampler, row),
+            None => {
+                let sampled = self.session.sample(&mut seq.sampler, row);
+                seq.substitute(model, sampled)
+            }
         };
         self.metrics.completion_tokens += 1;
         self.gather.sampled(seq.job.line);

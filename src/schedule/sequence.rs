@@ -71,6 +71,19 @@ impl<S> Sequence<S> {
         self.thinking.as_mut().and_then(Thinking::forced)
     }
 
+    /// The token to take in place of `sampled`: an end of generation while thinking becomes
+    /// the close marker's first token (the rest follow as forced tokens), so that the answer,
+    /// and its constraint, still come.
+    pub fn substitute(&mut self, model: &impl Vocab, sampled: Token) -> Token {
+        match self.thinking.as_mut() {
+            Some(t) if !t.answering() && model.is_end_of_generation(sampled) => {
+                t.force_close();
+                t.forced().unwrap_or(sampled)
+            }
+            _ => sampled,
+        }
+    }
+
     /// Whether the last token closed the thinking: the answer's sampler (with its constraint)
     /// takes over from the next token. Reading it clears it.
     pub fn answer_started(&mut self) -> bool {
@@ -109,7 +122,7 @@ impl<S> Sequence<S> {
                 if t.advance(self.text.text()) == Step::Closed {
                     self.answer_started = true;
                 }
-                t.answer_start(self.text.text().len())
+                t.answer_start(self.text.text())
             }
             None => 0,
         };

@@ -1280,3 +1280,40 @@ fn thinking_is_identical_across_parallel_and_forks() {
     assert_eq!(one.len(), 5);
     assert_eq!(answers(4), one);
 }
+
+#[test]
+fn an_end_of_generation_while_thinking_becomes_the_close_and_the_answer_follows() {
+    let mut engine = FakeEngine::new(64);
+    // Two thoughts, then the model ends its generation; once closed, it answers.
+    engine.pick = Box::new(|context: &[Token], seed: u32| {
+        let generated = &context[6..];
+        if generated.contains(&Token(13)) {
+            let t = hash_pick(context, seed);
+            if t == EOS {
+                Token(8)
+            } else {
+                t
+            }
+        } else if generated.len() == 2 {
+            EOS
+        } else {
+            Token(1)
+        }
+    });
+    let (out, _) = run_all(
+        &mut engine,
+        &exact_any(2),
+        vec![thinking_job(1, 1, 8, plan(true, 100), true)],
+    );
+    let c = one_choice(&out);
+    let choice = &c.choices[0];
+    assert_eq!(choice.reasoning.as_deref(), Some("aa"), "{choice:?}");
+    assert_eq!(
+        choice.content, "xxxx",
+        "the constrained answer still came: {choice:?}"
+    );
+    assert_eq!(
+        c.usage.reasoning_tokens, 4,
+        "2 thought, the close written in place of the end"
+    );
+}
