@@ -26,7 +26,7 @@ fn input(s: &Scratch) -> PathBuf {
 }
 
 /// Each request's choices (text, log probabilities, finish reason) and usage.
-fn answers(out: &Path) -> BTreeMap<String, Value> {
+pub fn answers(out: &Path) -> BTreeMap<String, Value> {
     by_key(out)
         .into_iter()
         .map(|(k, v)| {
@@ -46,7 +46,8 @@ fn assert_same(got: &BTreeMap<String, Value>, want: &BTreeMap<String, Value>, wh
     assert!(differ.is_empty(), "{what}: {differ:?} differ");
 }
 
-fn run(a: &[String]) {
+/// Runs the binary with `a`, which must succeed.
+pub fn run(a: &[String]) {
     let o = spawn(a).wait_with_output().unwrap();
     assert!(o.status.success(), "{a:?}: {o:?}");
 }

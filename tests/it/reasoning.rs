@@ -3,13 +3,13 @@
 //! `--reasoning-format deepseek`. SmolLM2 never closes the block itself, so every budget is
 //! spent and the engine writes `</think>`; then the answer follows the schema.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
 use crate::endpoints::assert_openai_types;
 use crate::harness::*;
+use crate::kv_types::{answers, run};
 use crate::resume::args;
 
 fn template() -> String {
@@ -64,22 +64,6 @@ fn run_with(s: &Scratch, input: &Path, out: &Path, parallel: &str) -> Vec<String
     let mut a = args(s, input, out, parallel);
     a.extend(flags());
     a
-}
-
-fn run(a: &[String]) {
-    let o = spawn(a).wait_with_output().unwrap();
-    assert!(o.status.success(), "{a:?}: {o:?}");
-}
-
-/// Each request's whole choices and usage.
-fn answers(out: &Path) -> BTreeMap<String, Value> {
-    by_key(out)
-        .into_iter()
-        .map(|(k, v)| {
-            let body = &v["response"]["body"];
-            (k, json!([body["choices"], body["usage"]]))
-        })
-        .collect()
 }
 
 #[test]
