@@ -336,19 +336,7 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
         ],
     );
     // One server a data directory.
-    let model = model_path();
-    let data = scratch.path("data");
-    let o = infer_batch(&[
-        "serve",
-        "--model",
-        model.to_str().unwrap(),
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = serve_refused(&scratch.path("data"), &[]);
     assert!(err.contains("another server"), "{err}");
     // Refused uploads leave nothing behind.
     let leftovers: Vec<_> = std::fs::read_dir(scratch.path("data/uploads"))
@@ -365,26 +353,12 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
 #[test]
 fn serving_beyond_loopback_without_a_key_or_on_a_newer_database_is_refused() {
     let scratch = Scratch::new();
-    let model = model_path();
     let data = scratch.path("data");
-    let o = infer_batch(&[
-        "serve",
-        "--model",
-        model.to_str().unwrap(),
-        "--host",
-        "0.0.0.0",
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = serve_refused(&data, &["--host", "0.0.0.0"]);
     assert!(err.contains("--api-key-file"), "{err}");
     assert!(!data.exists(), "nothing was created");
 
-    let o = infer_batch(&["serve", "--model", model.to_str().unwrap(), "in.jsonl"]);
-    let err = String::from_utf8_lossy(&o.stderr);
+    let err = serve_refused(&data, &["in.jsonl"]);
     assert!(err.contains("serve takes no input file"), "{err}");
 
     std::fs::create_dir_all(&data).unwrap();
@@ -396,17 +370,7 @@ fn serving_beyond_loopback_without_a_key_or_on_a_newer_database_is_refused() {
         .unwrap();
     assert!(made.success());
     let before = std::fs::read(&db).unwrap();
-    let o = infer_batch(&[
-        "serve",
-        "--model",
-        model.to_str().unwrap(),
-        "--port",
-        "0",
-        "--data-dir",
-        data.to_str().unwrap(),
-    ]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
+    let err = serve_refused(&data, &[]);
     assert!(
         err.contains("schema version 99") && err.contains("newer"),
         "{err}"
@@ -468,6 +432,26 @@ fn the_status_page_shows_a_running_batch_in_a_browser_and_polling_holds_under_lo
     let stats: Value = serde_json::from_str(&stdout(&load)).unwrap();
     eprintln!("polling under load: {stats}");
     assert!(stats["polls"].as_u64().unwrap() > 100, "{stats}");
+}
+
+/// Runs `serve` on `data` with `extra` arguments, which must refuse to start (exit 2); its
+/// stderr.
+fn serve_refused(data: &Path, extra: &[&str]) -> String {
+    let model = model_path();
+    let mut args = vec![
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--port",
+        "0",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = infer_batch(&args);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    err
 }
 
 /// GET `path` of a server with no key, through batch_api.py's own client.
