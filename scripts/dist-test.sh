@@ -38,6 +38,7 @@ rm -rf "$work"
 mkdir -p "$work"
 log() { echo "dist-test: $*"; }
 fail() { echo "dist-test: FAIL: $*" >&2; exit 1; }
+. scripts/dist-lib.sh
 
 # --- On the host --------------------------------------------------------------------------
 (cd dist && sha256sum --quiet -c SHA256SUMS) || fail "dist/SHA256SUMS"
@@ -53,7 +54,6 @@ fi
 rm -rf "$work/tampered"
 log "SHA256SUMS: passes, and fails on a tampered copy"
 
-is_elf() { [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; }
 elves=0
 while IFS= read -r -d '' f; do
     is_elf "$f" || continue
@@ -87,8 +87,8 @@ EOF
 
 log "packing again, to compare the bytes ..."
 DIST_OUT=$work/again ./scripts/dist.sh >"$work/again.log" 2>&1 || fail "second dist.sh (log: $work/again.log)"
-for f in dist/*.tar.gz dist/*.whl; do
-    cmp -s "$f" "$work/again/$(basename "$f")" || fail "$(basename "$f") differs when packed again"
+for f in $(cut -d' ' -f3 dist/SHA256SUMS); do
+    cmp -s "dist/$f" "$work/again/$f" || fail "$f differs when packed again"
 done
 log "reproducible: packing twice gave identical archives"
 
@@ -104,18 +104,6 @@ cp -a "$cache" "$root"
 cp "$archive" "$root/tmp/"
 cp "$model" "$root/opt/model.gguf"
 chmod 0644 "$root/opt/model.gguf"
-
-# in_root USER CMD...: CMD in the root, with no network, its own /proc, as USER (uid:gid).
-in_root() {
-    local user=$1
-    shift
-    unshare --net --mount --pid --fork -- sh -c '
-        root=$1 user=$2
-        shift 2
-        mount -t proc proc "$root/proc" && mount -t sysfs sysfs "$root/sys" || exit 1
-        exec chroot --userspec="$user" "$root" /usr/bin/env -i HOME=/tmp LC_ALL=C.UTF-8 \
-            PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"' sh "$root" "$user" "$@"
-}
 
 for tool in cc gcc clang rustc cargo python3 vulkaninfo; do
     ! in_root 0:0 sh -c "command -v $tool" >/dev/null || fail "the root has $tool"

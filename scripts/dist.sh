@@ -64,7 +64,7 @@ root=$stage/$name
 rm -rf "$stage"
 mkdir -p "$root/bin" "$root/lib/infer-batch" "$root/licenses/llama.cpp" "$root/examples" "$out"
 
-is_elf() { [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; }
+. scripts/dist-lib.sh
 needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
 # Libraries every glibc system has, left to the host; libvulkan.so.1 is the host's Vulkan
 # loader, needed only by the Vulkan module, which is left out where it is missing.

@@ -460,9 +460,6 @@ pub fn offloadable_layers(requested: u32) -> u32 {
         let why = match env!("INFER_BATCH_GPU_BACKEND") {
             "" => "this build has no GPU backend (build with --features cuda or vulkan)".to_owned(),
             _ if !failed.is_empty() => failed.join("; "),
-            "vulkan" => "the Vulkan backend found no GPU (a CPU-type device such as lavapipe is \
-                         used only when GGML_VK_VISIBLE_DEVICES names it)"
-                .to_owned(),
             _ => "the GPU backend found no device or driver".to_owned(),
         };
         tracing::warn!("no GPU: {why}; running on the CPU");

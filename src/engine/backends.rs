@@ -19,11 +19,12 @@ use std::sync::OnceLock;
 /// CPU variants never loaded (see the module's comment).
 const SKIPPED_CPU_VARIANTS: &[&str] = &["libggml-cpu-sapphirerapids.so"];
 
-/// Why each GPU module found did not load, for the run's one "no GPU" line.
+/// Why each GPU module found gives no device, for the run's one "no GPU" line.
 static NOT_LOADED: OnceLock<Vec<String>> = OnceLock::new();
 
 /// The GPU modules that were found but did not load, each with the loader's reason (such as
-/// `libvulkan.so.1: cannot open shared object file`); empty before `load` runs and on a CPU build.
+/// `libvulkan.so.1: cannot open shared object file`), or that loaded and found no device;
+/// empty before `load` runs and on a CPU build.
 pub fn not_loaded() -> &'static [String] {
     NOT_LOADED.get().map_or(&[], Vec::as_slice)
 }
@@ -77,11 +78,45 @@ pub fn load() -> Result<(), String> {
             .trim_end_matches(".so"),
         best.display()
     );
-    // A module that cannot load (no CUDA runtime or Vulkan loader here) is left out; the run
-    // says why once, where it falls back to the CPU.
-    let failed = others.iter().filter_map(|m| register(m).err()).collect();
+    // A module that cannot load (no CUDA runtime or Vulkan loader here), or loads and finds
+    // no device (no driver), is left out; the run says why once, where it falls back to the CPU.
+    let failed = others
+        .iter()
+        .filter_map(|m| register(m).err().or_else(|| no_device(m)))
+        .collect();
     let _ = NOT_LOADED.set(failed);
     Ok(())
+}
+
+/// Why a module that registered gives no device, or `None` where it gives one: the CUDA
+/// module loads wherever its runtime libraries are, and finds no device without the driver.
+#[cfg(backend_modules)]
+fn no_device(path: &Path) -> Option<String> {
+    use llama_cpp_sys_2 as sys;
+    let name = file_name(path);
+    let backend = name.trim_start_matches("libggml-").trim_end_matches(".so");
+    // SAFETY: plain queries of ggml's registry; names are NUL-terminated strings it owns.
+    let devices: usize = unsafe {
+        (0..sys::ggml_backend_reg_count())
+            .map(|i| sys::ggml_backend_reg_get(i))
+            .filter(|&reg| {
+                super::device::c_text(sys::ggml_backend_reg_name(reg))
+                    .is_some_and(|n| n.eq_ignore_ascii_case(backend))
+            })
+            .map(|reg| sys::ggml_backend_reg_dev_count(reg))
+            .sum()
+    };
+    (devices == 0).then(|| match backend {
+        "cuda" => format!(
+            "{name} loaded but found no device (no NVIDIA GPU, or no driver for CUDA 13: \
+             release 580 or newer; -v shows CUDA's own error)"
+        ),
+        "vulkan" => format!(
+            "{name} loaded but found no GPU (a CPU-type device such as lavapipe is used only \
+             when GGML_VK_VISIBLE_DEVICES names it)"
+        ),
+        _ => format!("{name} loaded but found no device"),
+    })
 }
 
 /// The CPU variant with the best score above 0, the skipped ones left out.
