@@ -3,7 +3,7 @@
 
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: example test test-slurm test-vulkan cuda-build vulkan-build dist dist-test dist-oci setup deps lint bench
+.PHONY: example test test-slurm test-vulkan cuda-build vulkan-build dist dist-test dist-oci dist-cuda setup deps lint bench
 
 # The main job, end to end: the bundled example batch on the default model.
 example: deps
@@ -20,8 +20,8 @@ test-slurm: deps
 	./scripts/slurm-test.sh
 
 # The CUDA build (no GPU needed): a CUDA 13 toolkit from NVIDIA's wheels (scripts/cuda-toolkit.sh),
-# kernels for sm_80 and sm_90, the binary and its backend modules in target/cuda/release/. Not part
-# of `make test`: it takes about an hour on 2 cores.
+# machine code for sm_80, sm_89, sm_90 and sm_120, the binary and its backend modules in
+# target/cuda/release/. Not part of `make test`: it takes hours on 2 cores.
 cuda-build: deps
 	./scripts/cuda-toolkit.sh
 	. ./.cuda/env && cargo build --release --features cuda --target-dir target/cuda
@@ -58,6 +58,13 @@ dist-test: dist
 	@./models/fetch.sh smollm2
 	./scripts/dist-test.sh
 	./scripts/dist-oci.sh
+
+# The CUDA add-on (scripts/dist-cuda.sh): the CUDA module and NVIDIA's runtime libraries, to
+# unpack over the archive, and as a wheel beside the base wheel; proved as far as a machine with
+# no GPU can (scripts/dist-cuda-test.sh; root). Not in CI: it needs the CUDA build.
+dist-cuda: dist cuda-build
+	./scripts/dist-cuda.sh
+	./scripts/dist-cuda-test.sh
 
 # An OCI image archive of that release on a minimal Debian root, assembled with umoci (no
 # registry), then run with podman --network none (scripts/dist-oci.sh; root). Part of dist-test.

@@ -59,8 +59,9 @@ export CMAKE_CUDA_COMPILER=$prefix/bin/nvcc
 export PATH=$prefix/bin:\$PATH
 export LIBRARY_PATH=$prefix/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}
 export LD_LIBRARY_PATH=$prefix/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}
-# H100/H200 (sm_90) and A100 (sm_80), no more: each architecture adds minutes of nvcc.
-export CMAKE_CUDA_ARCHITECTURES=\${CMAKE_CUDA_ARCHITECTURES:-80;90}
+# Machine code for A100 (sm_80), RTX 40 and L4/L40 (sm_89), H100/H200 (sm_90) and RTX 50
+# (sm_120, which ggml makes sm_120a), no PTX: each architecture adds a share of nvcc's time.
+export CMAKE_CUDA_ARCHITECTURES=\${CMAKE_CUDA_ARCHITECTURES:-80-real;89-real;90-real;120-real}
 ENV
 echo "CUDA $version toolkit in $prefix; its environment:"
 cat "$root/env"
