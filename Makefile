@@ -21,7 +21,7 @@ test-slurm: deps
 
 # The CUDA build (no GPU needed): a CUDA 13 toolkit from NVIDIA's wheels (scripts/cuda-toolkit.sh),
 # machine code for sm_80, sm_89, sm_90 and sm_120, the binary and its backend modules in
-# target/cuda/release/. Not part of `make test`: it takes hours on 2 cores.
+# target/cuda/release/. Not part of `make test`: it took 74 minutes on 2 cores.
 cuda-build: deps
 	./scripts/cuda-toolkit.sh
 	. ./.cuda/env && cargo build --release --features cuda --target-dir target/cuda

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Proves the CUDA add-on from scripts/dist-cuda.sh (`make dist-cuda`, as root) as far as a
 # machine without an NVIDIA GPU can:
-#   - SHA256SUMS.cuda passes, outside and inside, and fails on a tampered copy; the module carries machine code for every
-#     architecture promised, its run path is $ORIGIN, and no driver library is bundled;
+#   - SHA256SUMS.cuda passes, outside and inside, and fails on a tampered copy; the module
+#     carries machine code for every architecture promised, its run path is $ORIGIN, and no
+#     driver library is bundled; packing again gives the same bytes;
 #   - unpacked over the base archive in a minimal Debian 12 root with no network: ldd resolves
 #     everything the module needs from the archive itself (the driver is loaded at run time),
 #     and the example batch runs as nobody, says once why CUDA gives no device, and its results
 #     equal the base archive's alone;
-#   - the wheel installs beside the base wheel into a fresh venv with --no-index and no network,
-#     from dist/ and the NVIDIA runtime wheels the add-on packed; ldd resolves the module from
-#     NVIDIA's wheels, and the example batch runs with results equal to the base archive's.
-# A GPU run is scripts/gpu-check.sh's. Results and logs: target/dist-cuda-test/.
+#   - the README's `pip download` gathers, from dist/ and the NVIDIA wheels the add-on packed
+#     (no index), everything `pip install --no-index infer-batch-cuda` then installs into a
+#     fresh venv with no network; ldd resolves the module from NVIDIA's wheels, and the
+#     example batch runs with results equal to the base archive's.
+# Nothing here runs the add-on on a GPU (scripts/gpu-check.sh builds its own module on the
+# device). Results and logs: target/dist-cuda-test/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -45,6 +48,11 @@ if (cd "$work/tampered" && sha256sum --quiet -c SHA256SUMS.cuda >/dev/null 2>&1)
     fail "sha256sum -c SHA256SUMS.cuda passes on a tampered copy"
 fi
 rm -rf "$work/tampered"
+DIST_OUT=$work/again ./scripts/dist-cuda.sh >"$work/again.log" 2>&1 || fail "packing again (log: $work/again.log)"
+for f in $(cut -d' ' -f3 dist/SHA256SUMS.cuda); do
+    cmp -s "dist/$f" "$work/again/$f" || fail "$f differs when packed again"
+done
+rm -rf "$work/again"
 module=$tree/lib/infer-batch/libggml-cuda.so
 have=$(python3 scripts/cuda_archs.py "$module")
 for arch in $archs; do
@@ -53,7 +61,7 @@ done
 runpath=$(readelf -d "$module" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p')
 [ "$runpath" = '$ORIGIN' ] || fail "the module's run path is '$runpath'"
 [ -z "$(find "$tree" -name 'libcuda.so*' -print -quit)" ] || fail "the driver library is bundled"
-log "archives: checksums pass, and fail on a tampered copy; the module holds $have; run path \$ORIGIN; no driver bundled"
+log "archives: checksums pass, and fail on a tampered copy; packed twice, the same bytes; the module holds $have; run path \$ORIGIN; no driver bundled"
 
 # --- In a minimal root with no network: the base archive, then the add-on over it ---------
 root=$work/root
@@ -85,11 +93,13 @@ python3 scripts/dist_compare.py "$work/base.results.jsonl" "$work/cuda.results.j
 log "root: the example runs with the add-on, results equal the base's; $(grep -o 'no GPU:.*' <<<"$no_gpu")"
 
 # --- The wheels: a fresh venv, from dist/ and NVIDIA's runtime wheels alone ---------------
+# The README's download on the connected side, with the NVIDIA wheels the add-on packed
+# standing in for the package index.
 wheels=$work/wheels
-mkdir -p "$wheels"
-cp dist/infer_batch-*.whl dist/infer_batch_cuda-*.whl "$wheels/"
-# NVIDIA's runtime wheels: those the add-on packed (scripts/dist-cuda.sh fetched them).
-cp target/dist/cuda-wheels/nvidia_*.whl "$wheels/"
+unshare --net python3 -m pip download --quiet --disable-pip-version-check --no-index --dest "$wheels" \
+    --find-links dist --find-links target/dist/cuda-wheels --only-binary :all: \
+    --platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 "infer-batch-cuda==$version" \
+    >"$work/pip-download.log" 2>&1 || fail "the README's pip download (log: $work/pip-download.log)"
 python3 -m venv "$work/venv"
 unshare --net env -u PIP_FIND_LINKS "$work/venv/bin/pip" install --quiet --no-index \
     --find-links "$wheels" infer-batch-cuda >"$work/pip.log" 2>&1 || fail "pip install --no-index (log: $work/pip.log)"
@@ -99,7 +109,7 @@ env -u LD_LIBRARY_PATH ldd "$installed" >"$work/wheel-ldd.txt"
 grep -q 'libcudart.so.13 => .*/infer-batch/\.\./\.\./\.\./nvidia/cu13/lib/libcudart.so.13 ' "$work/wheel-ldd.txt" ||
     fail "the installed module does not take libcudart from NVIDIA's wheel"
 # No device even where this host has a GPU: the same bits as the base archive's CPU run.
-env -u LD_LIBRARY_PATH CUDA_VISIBLE_DEVICES= "$work/venv/bin/infer-batch" --model "$model" examples/rubric.jsonl \
+env -u LD_LIBRARY_PATH CUDA_VISIBLE_DEVICES= GGML_VK_VISIBLE_DEVICES= "$work/venv/bin/infer-batch" --model "$model" examples/rubric.jsonl \
     -o "$work/wheel.results.jsonl" --prefix-cache-dir "$work/wheel-cache" 2>"$work/wheel.log" ||
     fail "the wheel's run (log: $work/wheel.log)"
 grep -q 'libggml-cuda.so loaded but found no device' "$work/wheel.log" ||

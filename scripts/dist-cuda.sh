@@ -18,7 +18,7 @@
 # interface is only stable within one version): checked here through both binaries' --version.
 # NVIDIA's wheels are the toolkit's own versions (.cuda/site), fetched once into
 # target/dist/cuda-wheels. Never bundled: the driver (libcuda.so.1). Reproducible as
-# scripts/dist.sh is.
+# scripts/dist.sh is (scripts/dist-cuda-test.sh packs twice and compares).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/dist-lib.sh
@@ -46,7 +46,7 @@ llama_line() { "$1" --version | sed -n 's/^llama.cpp: //p'; }
 "$build/infer-batch" --version | grep -q "commit $commit" ||
     echo "warning: $build/infer-batch is not built from $commit; the module's sources are the same llama.cpp" >&2
 
-libdir=$(readelf -d "$build/infer-batch" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' | tr : '\n' | grep '^/' | head -n 1 || true)
+libdir=$(build_libdir "$build/infer-batch")
 module=$(dirname "${libdir:-.}")/backends/libggml-cuda.so
 [ -e "$module" ] || { echo "error: no CUDA module at $module" >&2; exit 1; }
 have=" $(python3 scripts/cuda_archs.py "$module") "
@@ -60,7 +60,7 @@ for arch in $archs; do
 done
 # The toolkit CMake found for the module: its cache records "...[v13.5.37()]".
 nvcc_version=$(sed -n 's/^FIND_PACKAGE_MESSAGE_DETAILS_CUDAToolkit:.*\[v\([0-9.]*\).*/\1/p' \
-    "$(dirname "$libdir")/build/CMakeCache.txt" 2>/dev/null | head -n 1)
+    "$(dirname "$libdir")/build/CMakeCache.txt" 2>/dev/null | head -n 1 || true)
 
 # NVIDIA's runtime wheels, at the versions of the toolkit the module was built with.
 wheel_version() { # wheel_version PACKAGE: its version in the toolkit
@@ -71,15 +71,20 @@ wheel_version() { # wheel_version PACKAGE: its version in the toolkit
 }
 runtime_version=$(wheel_version nvidia-cuda-runtime)
 cublas_version=$(wheel_version nvidia-cublas)
-pins=("nvidia-cuda-runtime==$runtime_version" "nvidia-cublas==$cublas_version" "nvidia-cuda-nvrtc==$runtime_version")
-mkdir -p "$wheels"
-python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$wheels" "${pins[@]}"
+# NVRTC is not part of the toolkit's wheels; this is the release that came with its runtime.
+nvrtc_version=${NVRTC_VERSION:-13.5.37}
+pins=("nvidia-cuda-runtime==$runtime_version" "nvidia-cublas==$cublas_version" "nvidia-cuda-nvrtc==$nvrtc_version")
+pinned_wheel() { ls "$wheels/$(tr - _ <<<"${1%%==*}")-${1##*==}"-*.whl 2>/dev/null | head -n 1; }
+for pin in "${pins[@]}"; do
+    [ -n "$(pinned_wheel "$pin")" ] && continue
+    mkdir -p "$wheels"
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$wheels" "$pin"
+done
 runtime=$stage-runtime
 rm -rf "$runtime"
 mkdir -p "$runtime"
 for pin in "${pins[@]}"; do
-    whl=$(ls "$wheels/$(tr - _ <<<"${pin%%==*}")-${pin##*==}"-*.whl | head -n 1)
-    unzip -q -o -d "$runtime" "$whl" 'nvidia/cu13/lib/*.so*' '*.dist-info/licenses/*'
+    unzip -q -o -d "$runtime" "$(pinned_wheel "$pin")" 'nvidia/cu13/lib/*.so*' '*.dist-info/licenses/*'
 done
 
 name=infer-batch-$version-linux-x86_64
@@ -94,7 +99,6 @@ chmod 0755 "$root/lib/infer-batch/libggml-cuda.so"
 
 # What the module needs beyond the base archive (whose library names it lists): NVIDIA's
 # runtime libraries, never the driver; and NVRTC, which cuBLAS loads at run time.
-needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
 base_libs=" $(tar -tzf "$base_archive" | sed -n "s|^$name/lib/infer-batch/\(..*\)|\1|p" | tr '\n' ' ') \
 libc.so.6 libm.so.6 libdl.so.2 libpthread.so.0 librt.so.1 ld-linux-x86-64.so.2 libstdc++.so.6 libgcc_s.so.1 "
 todo=("$root/lib/infer-batch/libggml-cuda.so")
@@ -133,10 +137,11 @@ Unpack it over infer-batch-$version-linux-x86_64.tar.gz (the same top folder):
 lib/infer-batch/libggml-cuda.so is llama.cpp's CUDA backend, compiled with CUDA ${nvcc_version:-13}
 into machine code for $archs. Beside it are the CUDA runtime libraries it needs,
 unmodified, from NVIDIA's Python wheels nvidia-cuda-runtime $runtime_version, nvidia-cublas
-$cublas_version and nvidia-cuda-nvrtc $runtime_version, under NVIDIA's licence
+$cublas_version and nvidia-cuda-nvrtc $nvrtc_version, under NVIDIA's licence
 (licenses/cuda/NVIDIA-License.txt).
 
-The host supplies the NVIDIA driver, release 580 or newer (CUDA 13); it is never bundled.
+The host supplies the NVIDIA driver, release 580 or newer (CUDA 13.0's; the 13.5 libraries
+rely on NVIDIA's minor-version compatibility); it is never bundled.
 Without it the run says why once and computes on the CPU (or on Vulkan where that loads).
 EOF
 (cd "$root" && find lib licenses README.cuda.txt -type f | LC_ALL=C sort | xargs sha256sum >SHA256SUMS.cuda)
@@ -164,7 +169,7 @@ rm -f "$out"/infer_batch_cuda-*.whl
 next=$((${runtime_version%%.*} + 1)) # CUDA 13's libraries, not 14's
 wheel=$(python3 scripts/dist_wheel.py --cuda-addon "$wheel_tree" "$out" "$version" "$floor" \
     "nvidia-cuda-runtime>=$runtime_version,<$next" "nvidia-cublas>=$cublas_version,<$next" \
-    "nvidia-cuda-nvrtc>=$runtime_version,<$next")
+    "nvidia-cuda-nvrtc>=$nvrtc_version,<$next")
 echo "wrote $wheel ($(du -h "$wheel" | cut -f1))"
 
 (cd "$out" && sha256sum "$(basename "$archive")" "$(basename "$wheel")" >SHA256SUMS.cuda)

@@ -3,6 +3,15 @@
 # is_elf FILE: whether FILE starts with the ELF magic.
 is_elf() { [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; }
 
+# needed ELF: the libraries ELF names as NEEDED, one a line.
+needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
+
+# build_libdir BINARY: where llama-cpp-sys-2 put a GPU build's shared libraries, the absolute
+# entry of BINARY's run path (build.rs writes it); its modules are in the backends/ beside it.
+build_libdir() {
+    readelf -d "$1" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' | tr : '\n' | grep '^/' | head -n 1 || true
+}
+
 # in_root USER CMD...: CMD in the folder $root as a root file system, with no network, its own
 # /proc and /sys, as USER (uid:gid), with an empty environment. Needs root (unshare, chroot).
 in_root() {

@@ -20,6 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$(pwd)
+. scripts/dist-lib.sh
 
 build=${DIST_BUILD:-target/vulkan/release}
 out=${DIST_OUT:-dist}
@@ -52,7 +53,7 @@ git diff --quiet HEAD || echo "warning: the work tree has uncommitted changes; t
 
 # Where llama-cpp-sys-2 put the shared libraries and the modules: the build's own run path names
 # its lib/ (build.rs), and the modules are in the backends/ beside it.
-libdir=$(readelf -d "$build/infer-batch" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' | tr : '\n' | grep '^/' | head -n 1)
+libdir=$(build_libdir "$build/infer-batch")
 backends=$(dirname "$libdir")/backends
 [ -e "$libdir/libllama.so" ] && ls "$backends"/libggml-cpu-*.so >/dev/null 2>&1 || {
     echo "error: no llama.cpp libraries in $libdir or modules in $backends" >&2
@@ -64,8 +65,6 @@ root=$stage/$name
 rm -rf "$stage"
 mkdir -p "$root/bin" "$root/lib/infer-batch" "$root/licenses/llama.cpp" "$root/examples" "$out"
 
-. scripts/dist-lib.sh
-needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
 # Libraries every glibc system has, left to the host; libvulkan.so.1 is the host's Vulkan
 # loader, needed only by the Vulkan module, which is left out where it is missing.
 host_libs=" libc.so.6 libm.so.6 libdl.so.2 libpthread.so.0 librt.so.1 ld-linux-x86-64.so.2 \

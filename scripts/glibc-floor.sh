@@ -4,10 +4,11 @@
 #
 #   scripts/glibc-floor.sh DIR      prints e.g. "GLIBC_2.34 GLIBCXX_3.4.30"
 set -euo pipefail
+. "$(dirname "$0")/dist-lib.sh"
 dir=${1:?usage: glibc-floor.sh DIR}
 floor() { sort -u | sort -V | tail -n 1; }
 syms=$(find "$dir" -type f -print0 | while IFS= read -r -d '' f; do
-    [ "$(head -c 4 "$f" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ] || continue
+    is_elf "$f" || continue
     objdump -T "$f" | grep -o 'GLIBC\(XX\)\?_[0-9][0-9.]*' || true
 done)
 glibc=$(grep '^GLIBC_' <<<"$syms" | floor)

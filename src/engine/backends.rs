@@ -82,7 +82,7 @@ pub fn load() -> Result<(), String> {
     // no device (no driver), is left out; the run says why once, where it falls back to the CPU.
     let failed = others
         .iter()
-        .filter_map(|m| register(m).err().or_else(|| no_device(m)))
+        .filter_map(|m| register(m).map_or_else(Some, |reg| no_device(m, reg)))
         .collect();
     let _ = NOT_LOADED.set(failed);
     Ok(())
@@ -91,27 +91,22 @@ pub fn load() -> Result<(), String> {
 /// Why a module that registered gives no device, or `None` where it gives one: the CUDA
 /// module loads wherever its runtime libraries are, and finds no device without the driver.
 #[cfg(backend_modules)]
-fn no_device(path: &Path) -> Option<String> {
-    use llama_cpp_sys_2 as sys;
-    let name = file_name(path);
-    let backend = name.trim_start_matches("libggml-").trim_end_matches(".so");
-    // SAFETY: plain queries of ggml's registry; names are NUL-terminated strings it owns.
-    let devices: usize = unsafe {
-        (0..sys::ggml_backend_reg_count())
-            .map(|i| sys::ggml_backend_reg_get(i))
-            .filter(|&reg| {
-                super::device::c_text(sys::ggml_backend_reg_name(reg))
-                    .is_some_and(|n| n.eq_ignore_ascii_case(backend))
-            })
-            .map(|reg| sys::ggml_backend_reg_dev_count(reg))
-            .sum()
+fn no_device(path: &Path, reg: llama_cpp_sys_2::ggml_backend_reg_t) -> Option<String> {
+    // SAFETY: `reg` is the registry entry ggml just returned for this module; it lives as
+    // long as the process, and its name is a NUL-terminated string it owns.
+    let (devices, backend) = unsafe {
+        (
+            llama_cpp_sys_2::ggml_backend_reg_dev_count(reg),
+            super::device::c_text(llama_cpp_sys_2::ggml_backend_reg_name(reg)).unwrap_or_default(),
+        )
     };
-    (devices == 0).then(|| match backend {
-        "cuda" => format!(
+    let name = file_name(path);
+    (devices == 0).then(|| match backend.as_str() {
+        "CUDA" => format!(
             "{name} loaded but found no device (no NVIDIA GPU, or no driver for CUDA 13: \
              release 580 or newer; -v shows CUDA's own error)"
         ),
-        "vulkan" => format!(
+        "Vulkan" => format!(
             "{name} loaded but found no GPU (a CPU-type device such as lavapipe is used only \
              when GGML_VK_VISIBLE_DEVICES names it)"
         ),
@@ -176,9 +171,9 @@ fn score(path: &Path) -> Option<c_int> {
     }
 }
 
-/// Registers one backend module with llama.cpp.
+/// Registers one backend module with llama.cpp, returning its registry entry.
 #[cfg(backend_modules)]
-fn register(path: &Path) -> Result<(), String> {
+fn register(path: &Path) -> Result<llama_cpp_sys_2::ggml_backend_reg_t, String> {
     let c_path = CString::new(path.to_string_lossy().as_bytes())
         .map_err(|_| format!("{}: a NUL in the path", path.display()))?;
     // SAFETY: a plain call into ggml's registry with a valid C string.
@@ -191,7 +186,7 @@ fn register(path: &Path) -> Result<(), String> {
             .map_or_else(|| "it did not register".to_owned(), |e| e.to_string());
         Err(format!("{} did not load ({why})", file_name(path)))
     } else {
-        Ok(())
+        Ok(reg)
     }
 }
 
