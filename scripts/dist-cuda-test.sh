@@ -58,8 +58,7 @@ have=$(python3 scripts/cuda_archs.py "$module")
 for arch in $archs; do
     case " $have " in *" $arch "*) ;; *) fail "the module has no $arch code ($have)" ;; esac
 done
-runpath=$(readelf -d "$module" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p')
-[ "$runpath" = '$ORIGIN' ] || fail "the module's run path is '$runpath'"
+[ "$(runpath "$module")" = '$ORIGIN' ] || fail "the module's run path is '$(runpath "$module")'"
 [ -z "$(find "$tree" -name 'libcuda.so*' -print -quit)" ] || fail "the driver library is bundled"
 log "archives: checksums pass, and fail on a tampered copy; packed twice, the same bytes; the module holds $have; run path \$ORIGIN; no driver bundled"
 

@@ -146,8 +146,8 @@ Without it the run says why once and computes on the CPU (or on Vulkan where tha
 EOF
 (cd "$root" && find lib licenses README.cuda.txt -type f | LC_ALL=C sort | xargs sha256sum >SHA256SUMS.cuda)
 archive=$out/$name-cuda.tar.gz
-tar -C "$stage" --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
-    --mode='u+rwX,go+rX,go-w' --format=gnu -cf - "$name" | gzip -6 -n >"$archive"
+# Level 6: cuBLASLt hardly compresses, and level 9 only costs time on it.
+pack "$stage" "$name" "$archive" 6
 echo "wrote $archive ($(du -h "$archive" | cut -f1))"
 
 # The wheel: the module alone (llama.cpp's code: its licence), its run path also reaching

@@ -6,10 +6,19 @@ is_elf() { [ "$(head -c 4 "$1" | od -An -tx1 | tr -d ' \n')" = 7f454c46 ]; }
 # needed ELF: the libraries ELF names as NEEDED, one a line.
 needed() { readelf -d "$1" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'; }
 
+# runpath ELF: ELF's run path (DT_RUNPATH), empty where it has none.
+runpath() { readelf -d "$1" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p'; }
+
 # build_libdir BINARY: where llama-cpp-sys-2 put a GPU build's shared libraries, the absolute
 # entry of BINARY's run path (build.rs writes it); its modules are in the backends/ beside it.
-build_libdir() {
-    readelf -d "$1" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p' | tr : '\n' | grep '^/' | head -n 1 || true
+build_libdir() { runpath "$1" | tr : '\n' | grep '^/' | head -n 1 || true; }
+
+# pack PARENT FOLDER ARCHIVE [GZIP_LEVEL]: PARENT/FOLDER as a .tar.gz that is the same bytes
+# on every run: sorted entries, times from SOURCE_DATE_EPOCH, numeric owners, no gzip name or
+# time. Level 9 by default.
+pack() {
+    tar -C "$1" --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
+        --mode='u+rwX,go+rX,go-w' --format=gnu -cf - "$2" | gzip "-${4:-9}" -n >"$3"
 }
 
 # in_root USER CMD...: CMD in the folder $root as a root file system, with no network, its own

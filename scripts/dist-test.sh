@@ -58,12 +58,12 @@ elves=0
 while IFS= read -r -d '' f; do
     is_elf "$f" || continue
     elves=$((elves + 1))
-    runpath=$(readelf -d "$f" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p')
+    have=$(runpath "$f")
     case "$f" in
     */bin/*) want='$ORIGIN/../lib/infer-batch' ;;
     *) want='$ORIGIN' ;;
     esac
-    [ "$runpath" = "$want" ] || fail "$f: run path '$runpath', not '$want'"
+    [ "$have" = "$want" ] || fail "$f: run path '$have', not '$want'"
 done < <(find "$tree" -type f -print0)
 for lib in libvulkan.so.1 libcuda.so.1; do
     [ ! -e "$tree/lib/infer-batch/$lib" ] || fail "$lib is bundled"

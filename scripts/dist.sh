@@ -140,10 +140,6 @@ EOF
 (cd "$root" && find . -type f ! -name SHA256SUMS | LC_ALL=C sort | sed 's|^\./||' |
     xargs sha256sum >SHA256SUMS)
 
-pack() { # pack FOLDER_PARENT FOLDER ARCHIVE
-    tar -C "$1" --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
-        --mode='u+rwX,go+rX,go-w' --format=gnu -cf - "$2" | gzip -9 -n >"$3"
-}
 pack "$stage" "$name" "$out/$name.tar.gz"
 echo "wrote $out/$name.tar.gz ($(du -h "$out/$name.tar.gz" | cut -f1))"
 
