@@ -150,9 +150,10 @@ pub async fn create(
             if std::fs::hard_link(s.dir.file(&file.id), &input).is_err() {
                 std::fs::copy(s.dir.file(&file.id), &input).map_err(anyhow::Error::from)?;
             }
-            let batch = BatchRecord::new(id.clone(), endpoint, file.id, metadata, now());
+            let batch = BatchRecord::new(id, endpoint, file.id, metadata, now());
             s.store.insert_batch(&batch)?;
-            Ok(s.store.batch(&id)?.unwrap_or(batch))
+            // The record as created: the queue may start it before a read-back could run.
+            Ok(batch)
         })
         .await?;
     state.queue.ring();
