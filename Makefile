@@ -26,15 +26,19 @@ cuda-build: deps
 	./scripts/cuda-toolkit.sh
 	. ./.cuda/env && cargo build --release --features cuda --target-dir target/cuda
 
-# The Vulkan build (AMD, Intel and NVIDIA GPUs; no GPU needed to build): the Vulkan packages and
-# newer Vulkan-Hpp headers in .vulkan/ (scripts/vulkan-sdk.sh), then the binary and its backend
-# modules in target/vulkan/release/.
-VULKAN := . ./.vulkan/env && cargo
-VULKAN_FLAGS := --release --features vulkan --target-dir target/vulkan
+# The Vulkan build (AMD, Intel and NVIDIA GPUs; no GPU needed to build), which `make dist` packs:
+# the Vulkan packages and newer Vulkan-Hpp headers in .vulkan/ (scripts/vulkan-sdk.sh), zig's
+# compilers in .zig/ (scripts/zig.sh), then the binary and its backend modules, built against
+# glibc 2.28 with libc++ linked in (no OpenMP: zig has none), in
+# target/vulkan/x86_64-unknown-linux-gnu/release/.
+VULKAN := . ./.vulkan/env && . ./.zig/env &&
+VULKAN_FLAGS := --release --no-default-features --features vulkan --target $$ZIG_TARGET \
+	--target-dir target/vulkan
 
 vulkan-build: deps
 	./scripts/vulkan-sdk.sh
-	$(VULKAN) build $(VULKAN_FLAGS)
+	./scripts/zig.sh >/dev/null
+	$(VULKAN) cargo zigbuild $(VULKAN_FLAGS)
 
 # The GPU path on Mesa's lavapipe, a Vulkan device that runs on the CPU (tests/it/vulkan.rs):
 # ggml uses a CPU-type device only when GGML_VK_VISIBLE_DEVICES names it. The CPU build is made
@@ -42,7 +46,7 @@ vulkan-build: deps
 test-vulkan: vulkan-build
 	@./models/fetch.sh smollm2
 	cargo build --release
-	$(VULKAN) test $(VULKAN_FLAGS) --test it vulkan:: -- --test-threads 1
+	$(VULKAN) cargo-zigbuild test $(VULKAN_FLAGS) --test it vulkan:: -- --test-threads 1
 
 # The archives for machines with no network, in dist/ (scripts/dist.sh): the Vulkan build with
 # llama.cpp's libraries and every backend module, which runs wherever it is unpacked, and the

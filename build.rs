@@ -1,7 +1,8 @@
 //! Records what the binary is built from, for `--version` and the computation identity: our git
-//! commit, the llama.cpp sources the crate vendors (a result computed by other sources or
-//! another build type is never reused) and the backends compiled in. For the GPU builds, it
-//! also tells the binary where its shared libraries are.
+//! commit, the llama.cpp sources the crate vendors and the compilers that build them (a result
+//! computed by other sources, another build type or another compiler is never reused) and the
+//! backends compiled in. For the GPU builds, it also tells the binary where its shared
+//! libraries are.
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,12 @@ fn main() {
     println!("cargo:rerun-if-env-changed=LLAMA_LIB_PROFILE");
     let profile = std::env::var("LLAMA_LIB_PROFILE").unwrap_or_else(|_| "default".to_owned());
     println!("cargo:rustc-env=INFER_BATCH_LLAMA_LIB_PROFILE={profile}");
+    // So does the compiler (GCC and clang contract floating-point operations differently), and
+    // the glibc it targets tells a portable build from a host one.
+    println!(
+        "cargo:rustc-env=INFER_BATCH_LLAMA_CPP_COMPILER={}",
+        compilers()
+    );
     // The GPU builds (`cuda`, `vulkan`) link llama.cpp as shared libraries, its backends
     // modules loaded at run time: look for them beside the binary, in its lib/ (where a shipped
     // copy keeps them), then where llama-cpp-sys-2 built them, so the binary starts without
@@ -126,6 +133,71 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) {
         } else {
             out.push(p);
         }
+    }
+}
+
+/// The C and C++ compilers that build llama.cpp (ggml's kernels are mostly C), found as the
+/// cmake crate finds them: through cc's variables, else `cc` and `c++`.
+fn compilers() -> String {
+    let c = compiler("CC", "cc");
+    let cxx = compiler("CXX", "c++");
+    if c == cxx {
+        c
+    } else {
+        format!("C {c}; C++ {cxx}")
+    }
+}
+
+/// One compiler's `--version` line, and its target where it names one (zig's clang names the
+/// glibc it builds for).
+fn compiler(var: &str, default: &str) -> String {
+    let target = std::env::var("TARGET").unwrap_or_default();
+    // cc reads HOST_CC where the target is the host, TARGET_CC otherwise.
+    let kind = if std::env::var("HOST").ok().as_deref() == Some(target.as_str()) {
+        "HOST"
+    } else {
+        "TARGET"
+    };
+    let vars = [
+        format!("{var}_{target}"),
+        format!("{var}_{}", target.replace('-', "_")),
+        format!("{kind}_{var}"),
+        var.to_owned(),
+    ];
+    for v in &vars {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    let command = vars
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|c| !c.trim().is_empty()))
+        .unwrap_or_else(|| default.to_owned());
+    let mut words = command.split_whitespace();
+    let Some(program) = words.next() else {
+        return "unknown".to_owned();
+    };
+    let Some(out) = std::process::Command::new(program)
+        .args(words)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+    else {
+        let name = program.rsplit('/').next().unwrap_or(program);
+        return format!("{name} (version unknown)");
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    // GCC's first line starts with the name it was called by (`cc (Debian 12.2.0-14) 12.2.0`):
+    // named GCC instead, `cc` and `c++` read as the one GCC they are.
+    let first = lines.next().unwrap_or("unknown").trim();
+    let name = program.rsplit('/').next().unwrap_or(program);
+    let first = match first.strip_prefix(name).map(str::trim_start) {
+        Some(rest) if rest.starts_with('(') => format!("GCC {rest}"),
+        _ => first.to_owned(),
+    };
+    match lines.find_map(|l| l.strip_prefix("Target:")) {
+        Some(t) => format!("{first}, target {}", t.trim()),
+        None => first,
     }
 }
 

@@ -97,7 +97,8 @@ log "root: the example runs with the add-on, results equal the base's; $(grep -o
 wheels=$work/wheels
 unshare --net python3 -m pip download --quiet --disable-pip-version-check --no-index --dest "$wheels" \
     --find-links dist --find-links target/dist/cuda-wheels --only-binary :all: \
-    --platform manylinux_2_35_x86_64 --platform manylinux2014_x86_64 "infer-batch-cuda==$version" \
+    --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    "infer-batch-cuda==$version" \
     >"$work/pip-download.log" 2>&1 || fail "the README's pip download (log: $work/pip-download.log)"
 python3 -m venv "$work/venv"
 unshare --net env -u PIP_FIND_LINKS "$work/venv/bin/pip" install --quiet --no-index \

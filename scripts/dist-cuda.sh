@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 . scripts/dist-lib.sh
 
 build=${DIST_CUDA_BUILD:-target/cuda/release}
-base_build=${DIST_BUILD:-target/vulkan/release}
+base_build=${DIST_BUILD:-target/vulkan/x86_64-unknown-linux-gnu/release}
 out=${DIST_OUT:-dist}
 stage=target/dist/stage-cuda
 # The architectures the add-on promises; the module is checked to hold their code.
@@ -160,11 +160,7 @@ patchelf --set-rpath '$ORIGIN:$ORIGIN/../../../nvidia/cu13/lib' "$wheel_tree/lib
 [ "$(python3 scripts/cuda_archs.py "$wheel_tree/lib/infer-batch/libggml-cuda.so")" = "${have:1:-1}" ] ||
     { echo "error: the wheel's copy of the module lost code" >&2; exit 1; }
 tar -xzf "$base_archive" -C "$wheel_tree/licenses/llama.cpp" --strip-components=3 "$name/licenses/llama.cpp/LICENSE"
-floor=$(scripts/glibc-floor.sh "$wheel_tree" | sed -n 's/^GLIBC_\([0-9.]*\) .*/\1/p')
-# GLIBCXX_3.4.30 (GCC 12's libstdc++) comes with glibc 2.35 systems, as auditwheel counts it.
-if scripts/glibc-floor.sh "$wheel_tree" | grep -q 'GLIBCXX_3.4.3[0-9]'; then
-    floor=$(printf '%s\n' "$floor" 2.35 | sort -V | tail -n 1)
-fi
+floor=$(wheel_glibc "$wheel_tree")
 rm -f "$out"/infer_batch_cuda-*.whl
 next=$((${runtime_version%%.*} + 1)) # CUDA 13's libraries, not 14's
 wheel=$(python3 scripts/dist_wheel.py --cuda-addon "$wheel_tree" "$out" "$version" "$floor" \

@@ -33,3 +33,17 @@ in_root() {
         exec chroot --userspec="$user" "$root" /usr/bin/env -i HOME=/tmp LC_ALL=C.UTF-8 \
             PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"' sh "$root" "$user" "$@"
 }
+
+# wheel_glibc DIR: the glibc version a wheel of DIR's files is tagged with (manylinux_2_N): the
+# highest GLIBC_ symbol version they need, raised to 2.35 where they need GCC 12's libstdc++
+# (GLIBCXX_3.4.30 comes with glibc 2.35 systems, as auditwheel counts it). Read from the files
+# alone: `auditwheel show` also counts what the host's Vulkan loader needs.
+wheel_glibc() {
+    local floor glibc
+    floor=$(scripts/glibc-floor.sh "$1")
+    glibc=$(sed -n 's/^GLIBC_\([0-9.]*\) .*/\1/p' <<<"$floor")
+    if grep -q 'GLIBCXX_3.4.3[0-9]' <<<"$floor"; then
+        glibc=$(printf '%s\n' "$glibc" 2.35 | sort -V | tail -n 1)
+    fi
+    echo "$glibc"
+}

@@ -11,14 +11,17 @@
 #   - leaves unresolved, under ldd, only what is loaded at run time (the Vulkan loader);
 #   - with libvulkan1 and Mesa's drivers added to the root, runs --gpu-layers all on lavapipe,
 #     and the summary names the device.
+# In a minimal Debian 11 root (glibc 2.31, older than Debian 12 builds need) the example batch
+# runs with the same results; the files need no glibc above 2.28 and no libstdc++, and the
+# wheel's tag says no more than manylinux_2_28.
 # On the host: every ELF file's run path is $ORIGIN-relative; SHA256SUMS passes and fails on a
 # tampered copy; the SBOM parses and names every crate of Cargo.lock; packing twice gives the
 # same bytes; the wheel installs into a fresh venv with --no-index and gives the same results.
 # DIST_TEST_SOURCE=1 also builds the source bundle with no network and an empty cargo home.
 # It prints the archives' sizes and the glibc floor (scripts/glibc-floor.sh).
 #
-# The root is made once (scripts/dist-root.sh, from the host's own apt sources) and kept in
-# target/dist/root-bookworm; each run works on a copy. Results and logs: target/dist-test/.
+# The roots are made once (scripts/dist-root.sh, from the host's own apt sources and mirror)
+# and kept in target/dist/root-*; each run works on a copy. Results and logs: target/dist-test/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 here=$(pwd)
@@ -29,7 +32,7 @@ version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 name=infer-batch-$version-linux-x86_64
 archive=dist/$name.tar.gz
 model=models/SmolLM2-135M-Instruct.Q4_1.gguf
-reference=${DIST_BUILD:-target/vulkan/release}/infer-batch
+reference=${DIST_BUILD:-target/vulkan/x86_64-unknown-linux-gnu/release}/infer-batch
 [ -e "$archive" ] || { echo "error: no $archive: run make dist" >&2; exit 1; }
 [ -e "$model" ] || ./models/fetch.sh smollm2
 
@@ -161,6 +164,23 @@ grep -q 'no llama.cpp CPU backend (libggml-cpu-\*.so) in .*/opt/x64-only/bin/../
     "$work/none.log" || fail "with no CPU variant left: $(cat "$work/none.log")"
 log "no CPU variant left: $(grep -o 'no llama.cpp CPU backend[^:]*' "$work/none.log")"
 
+# --- An older system: Debian 11 (glibc 2.31, GCC 10's libstdc++), below what Debian 12 builds
+# need; the archive is built against glibc 2.28 with libc++ linked in.
+oldroot=$work/oldroot
+cp -a "$(./scripts/dist-root.sh old)" "$oldroot"
+cp "$archive" "$oldroot/tmp/"
+cp "$model" "$oldroot/opt/model.gguf"
+chmod 0644 "$oldroot/opt/model.gguf"
+root=$oldroot in_root 0:0 tar -C /opt -xzf "/tmp/$name.tar.gz"
+old_glibc=$(root=$oldroot in_root 0:0 getconf GNU_LIBC_VERSION)
+root=$oldroot in_root 65534:65534 "/opt/$name/bin/infer-batch" --model /opt/model.gguf \
+    "/opt/$name/examples/rubric.jsonl" -o /tmp/old.results.jsonl --prefix-cache-dir /tmp/old-cache \
+    2>"$work/old.log" || fail "the run on Debian 11 (log: $work/old.log)"
+cp "$oldroot/tmp/old.results.jsonl" "$work/"
+python3 scripts/dist_compare.py "$work/host.results.jsonl" "$work/old.results.jsonl" >/dev/null ||
+    fail "the results on Debian 11 differ from the build tree's"
+log "Debian $(cat "$oldroot/etc/debian_version") root ($old_glibc): the example batch runs, results equal"
+
 # --- With a Vulkan loader: the root again, plus libvulkan1 and Mesa's lavapipe ------------
 # lavapipe is a CPU-type device, which ggml takes only when GGML_VK_VISIBLE_DEVICES names it;
 # a few tokens a second, so one short request, without the decode-group probe (exact mode's
@@ -204,6 +224,8 @@ python3 scripts/dist_compare.py "$work/host.results.jsonl" "$work/wheel.results.
 tools=target/dist/tools
 [ -x "$tools/bin/auditwheel" ] || { python3 -m venv "$tools" && "$tools/bin/pip" install --quiet auditwheel; }
 "$tools/bin/auditwheel" show "$wheel" >"$work/auditwheel.txt" 2>&1 || true
+tag=$(basename "$wheel" | sed -n 's/.*-manylinux_2_\([0-9]*\)_x86_64\.whl$/\1/p')
+[ -n "$tag" ] && [ "$tag" -le 28 ] || fail "the wheel's tag is above manylinux_2_28: $(basename "$wheel")"
 log "wheel: $(basename "$wheel") installs with --no-index, runs the example, results equal"
 log "auditwheel show: $(tr '\n' ' ' <"$work/auditwheel.txt" | sed 's/  */ /g' | cut -c1-400)"
 
@@ -226,5 +248,11 @@ fi
 log "sizes:"
 for f in dist/*; do printf '  %-48s %s\n' "$(basename "$f")" "$(du -h --apparent-size "$f" | cut -f1)"; done
 printf '  %-48s %s\n' "$name/ (unpacked)" "$(du -sh --apparent-size "$tree" | cut -f1)"
-log "glibc floor: $(./scripts/glibc-floor.sh "$tree")"
+floor=$(./scripts/glibc-floor.sh "$tree")
+# The build targets glibc 2.28 (RHEL 8) and links libc++ in: a newer symbol or libstdc++ is a
+# regression.
+highest=$(printf '%s\n' "${floor%% *}" GLIBC_2.28 | sort -V | tail -n 1)
+[ "$highest" = GLIBC_2.28 ] && [ "${floor#* }" = no-libstdc++ ] ||
+    fail "glibc floor $floor: above GLIBC_2.28, or libstdc++ needed"
+log "glibc floor: $floor"
 log "passed in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Packs the Vulkan build (target/vulkan/release, made by `make vulkan-build`) for machines with
-# no network, into dist/ (`make dist`):
+# Packs the Vulkan build (made by `make vulkan-build` against glibc 2.28, in
+# target/vulkan/x86_64-unknown-linux-gnu/release) for machines with no network, into dist/
+# (`make dist`):
 #
 #   infer-batch-VERSION-linux-x86_64.tar.gz   bin/infer-batch, lib/infer-batch/ (llama.cpp's
 #       shared libraries, every CPU variant module, the Vulkan module), the example batch, our
@@ -22,7 +23,7 @@ cd "$(dirname "$0")/.."
 here=$(pwd)
 . scripts/dist-lib.sh
 
-build=${DIST_BUILD:-target/vulkan/release}
+build=${DIST_BUILD:-target/vulkan/x86_64-unknown-linux-gnu/release}
 out=${DIST_OUT:-dist}
 stage=target/dist/stage
 
@@ -71,7 +72,8 @@ host_libs=" libc.so.6 libm.so.6 libdl.so.2 libpthread.so.0 librt.so.1 ld-linux-x
 libstdc++.so.6 libgcc_s.so.1 libvulkan.so.1 "
 
 # The binary, every module, and what they need from llama.cpp's build, each under the name it
-# is asked for (the real file, not a link). OpenMP's runtime is not on a minimal host: bundled.
+# is asked for (the real file, not a link). OpenMP's runtime (for a DIST_BUILD made with GCC and
+# OpenMP) is not on a minimal host: bundled.
 cp "$build/infer-batch" "$root/bin/"
 cp "$backends"/libggml-*.so "$root/lib/infer-batch/"
 todo=("$root/bin/infer-batch" "$root"/lib/infer-batch/*.so)
@@ -120,6 +122,14 @@ cp "$llama/LICENSE" "$root/licenses/llama.cpp/LICENSE"
     mkdir -p "$root/licenses/llama.cpp/vendor/$(dirname "$f")"
     cp "$llama/vendor/$f" "$root/licenses/llama.cpp/vendor/$f"
 done
+# zig links LLVM's libc++, libc++abi and libunwind into every file: their licence, from zig.
+if ! scripts/glibc-floor.sh "$root" | grep -q GLIBCXX_ && [ -e .zig/env ]; then
+    zig_lib=$(. ./.zig/env && python3 -m ziglang env | sed -n 's/.*\.lib_dir = "\(.*\)".*/\1/p')
+    for part in libcxx libcxxabi libunwind; do
+        mkdir -p "$root/licenses/llvm/$part"
+        cp "$zig_lib/$part/LICENSE.TXT" "$root/licenses/llvm/$part/"
+    done
+fi
 FEATURES=vulkan python3 scripts/dist_meta.py licenses "$root/THIRD-PARTY-LICENSES.txt"
 FEATURES=vulkan python3 scripts/dist_meta.py sbom "$root/sbom.cdx.json"
 cp examples/rubric.jsonl "$root/examples/"
@@ -143,21 +153,10 @@ EOF
 pack "$stage" "$name" "$out/$name.tar.gz"
 echo "wrote $out/$name.tar.gz ($(du -h "$out/$name.tar.gz" | cut -f1))"
 
-# The same files as a wheel, tagged with the glibc they need: the highest GLIBC_ symbol
-# version, raised to what `auditwheel show` finds (its policies also count libstdc++'s GLIBCXX_
-# versions: GLIBCXX_3.4.30 needs a glibc 2.35 system). auditwheel only checks, never repairs: a
-# repair would rename the libraries, and ggml finds its modules by name.
-floor=$(scripts/glibc-floor.sh "$root" | sed -n 's/^GLIBC_\([0-9.]*\) .*/\1/p')
-tools=target/dist/tools
-[ -x "$tools/bin/auditwheel" ] || { python3 -m venv "$tools" && "$tools/bin/pip" install --quiet auditwheel; }
+# The same files as a wheel, tagged with the glibc they need (wheel_glibc). It is never
+# repaired: a repair would rename the libraries, and ggml finds its modules by name.
 rm -f "$out"/infer_batch-*.whl
-wheel=$(python3 scripts/dist_wheel.py "$root" "$out" "$version" "$floor")
-shown=$("$tools/bin/auditwheel" show "$wheel" 2>&1 | tr '\n' ' ' |
-    sed -n 's/.*constrains the platform tag to "manylinux_\([0-9]*\)_\([0-9]*\)_x86_64".*/\1.\2/p')
-if [ -n "$shown" ] && [ "$shown" != "$floor" ] && [ "$(printf '%s\n' "$floor" "$shown" | sort -V | tail -n 1)" = "$shown" ]; then
-    rm -f "$wheel"
-    wheel=$(python3 scripts/dist_wheel.py "$root" "$out" "$version" "$shown")
-fi
+wheel=$(python3 scripts/dist_wheel.py "$root" "$out" "$version" "$(wheel_glibc "$root")")
 echo "wrote $wheel ($(du -h "$wheel" | cut -f1))"
 
 # The offline source bundle: what git tracks at HEAD, the vendored crates, and a cargo

@@ -24,12 +24,7 @@ hpp=libvulkan-dev=1.4.309.0-1
 "$here/scripts/deps.sh" vulkan
 
 if [ ! -e "$prefix/usr/include/vulkan/vulkan.hpp" ]; then
-    # The mirror this host already uses for Debian's main archive.
-    uri=$(awk '/^URIs:/ { u = $2 } /^Suites:/ && u !~ /security/ { print u; exit }' \
-        /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
-    [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $0 !~ /security/ { print $2; exit }' \
-        /etc/apt/sources.list 2>/dev/null || true)
-    [ -n "$uri" ] || { echo "error: no Debian mirror found in the apt sources" >&2; exit 1; }
+    uri=$("$here/scripts/debian-mirror.sh")
     apt=$root/apt
     rm -rf "$apt"
     mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/debs"
@@ -50,6 +45,9 @@ if [ ! -e "$prefix/usr/include/vulkan/vulkan.hpp" ]; then
     find "$prefix" -name 'libvulkan.so*' -delete
     rm -rf "$apt"
 fi
+# The link name where FindVulkan and cargo look first (\$VULKAN_SDK/lib): the system's loader.
+# The portable build's compiler (scripts/zig.sh) searches no system folder.
+ln -sfn /usr/lib/x86_64-linux-gnu/libvulkan.so.1 "$prefix/usr/lib/libvulkan.so"
 grep -q LayerSettingEXT "$prefix/usr/include/vulkan/vulkan_structs.hpp" || {
     echo "error: the headers in $prefix lack vk::LayerSettingEXT" >&2
     exit 1

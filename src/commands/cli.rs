@@ -39,6 +39,8 @@ const VERSION: &str = concat!(
     env!("INFER_BATCH_LLAMA_CPP_SOURCES"),
     "), ",
     env!("INFER_BATCH_LLAMA_LIB_PROFILE"),
+    "\ncompiler: ",
+    env!("INFER_BATCH_LLAMA_CPP_COMPILER"),
     "\nbackends: ",
     env!("INFER_BATCH_BACKENDS")
 );

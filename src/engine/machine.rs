@@ -5,13 +5,15 @@ use llama_cpp_sys_2 as sys;
 
 use super::{backend, c_text, devices};
 
-/// The llama.cpp this binary links: the crate that vendors it, the sources, the build type.
+/// The llama.cpp this binary links: the crate that vendors it, the sources, the build type and
+/// the compiler.
 pub fn llama_cpp() -> String {
     format!(
-        "llama-cpp-sys-2 {} ({}), {}",
+        "llama-cpp-sys-2 {} ({}), {}, {}",
         env!("INFER_BATCH_LLAMA_CPP_SYS_VERSION"),
         env!("INFER_BATCH_LLAMA_CPP_SOURCES"),
-        env!("INFER_BATCH_LLAMA_LIB_PROFILE")
+        env!("INFER_BATCH_LLAMA_LIB_PROFILE"),
+        env!("INFER_BATCH_LLAMA_CPP_COMPILER")
     )
 }
 

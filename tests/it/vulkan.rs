@@ -374,11 +374,7 @@ fn a_cpu_run_never_takes_a_state_the_device_wrote() {
     let s = Scratch::new();
     // The plain CPU build (`cargo build --release`, which `make test-vulkan` makes first), and
     // this build with the device hidden: both prefill, beside the device's state.
-    let cpu_exe = vulkan_exe()
-        .ancestors()
-        .nth(3)
-        .map(|target| target.join("release").join("infer-batch"))
-        .unwrap();
+    let cpu_exe = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/release/infer-batch");
     assert!(
         cpu_exe.is_file(),
         "{} is missing: build the CPU binary first (cargo build --release)",
