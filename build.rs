@@ -175,6 +175,7 @@ fn compiler(var: &str, default: &str) -> String {
     let Some(program) = words.next() else {
         return "unknown".to_owned();
     };
+    let name = program.rsplit('/').next().unwrap_or(program);
     let Some(out) = std::process::Command::new(program)
         .args(words)
         .arg("--version")
@@ -182,7 +183,6 @@ fn compiler(var: &str, default: &str) -> String {
         .ok()
         .filter(|o| o.status.success())
     else {
-        let name = program.rsplit('/').next().unwrap_or(program);
         return format!("{name} (version unknown)");
     };
     let text = String::from_utf8_lossy(&out.stdout);
@@ -190,7 +190,6 @@ fn compiler(var: &str, default: &str) -> String {
     // GCC's first line starts with the name it was called by (`cc (Debian 12.2.0-14) 12.2.0`):
     // named GCC instead, `cc` and `c++` read as the one GCC they are.
     let first = lines.next().unwrap_or("unknown").trim();
-    let name = program.rsplit('/').next().unwrap_or(program);
     let first = match first.strip_prefix(name).map(str::trim_start) {
         Some(rest) if rest.starts_with('(') => format!("GCC {rest}"),
         _ => first.to_owned(),

@@ -101,12 +101,16 @@ run_flags=(--model /opt/model.gguf /opt/"$name"/examples/rubric.jsonl)
     --prefix-cache-dir "$work/host-cache" 2>"$work/host.log" || fail "the build tree's binary (log: $work/host.log)"
 
 # --- In a minimal root with no network --------------------------------------------------
-cache=$(./scripts/dist-root.sh)
+# new_root DEST [dist-root.sh ARG]: a copy of a kept root, with the archive in /tmp and the model
+# in /opt.
+new_root() {
+    cp -a "$(./scripts/dist-root.sh ${2:+"$2"})" "$1"
+    cp "$archive" "$1/tmp/"
+    cp "$model" "$1/opt/model.gguf"
+    chmod 0644 "$1/opt/model.gguf"
+}
 root=$work/root
-cp -a "$cache" "$root"
-cp "$archive" "$root/tmp/"
-cp "$model" "$root/opt/model.gguf"
-chmod 0644 "$root/opt/model.gguf"
+new_root "$root"
 
 for tool in cc gcc clang rustc cargo python3 vulkaninfo; do
     ! in_root 0:0 sh -c "command -v $tool" >/dev/null || fail "the root has $tool"
@@ -167,29 +171,20 @@ log "no CPU variant left: $(grep -o 'no llama.cpp CPU backend[^:]*' "$work/none.
 # --- An older system: Debian 11 (glibc 2.31, GCC 10's libstdc++), below what Debian 12 builds
 # need; the archive is built against glibc 2.28 with libc++ linked in.
 oldroot=$work/oldroot
-cp -a "$(./scripts/dist-root.sh old)" "$oldroot"
-cp "$archive" "$oldroot/tmp/"
-cp "$model" "$oldroot/opt/model.gguf"
-chmod 0644 "$oldroot/opt/model.gguf"
+new_root "$oldroot" old
 root=$oldroot in_root 0:0 tar -C /opt -xzf "/tmp/$name.tar.gz"
 old_glibc=$(root=$oldroot in_root 0:0 getconf GNU_LIBC_VERSION)
-root=$oldroot in_root 65534:65534 "/opt/$name/bin/infer-batch" --model /opt/model.gguf \
-    "/opt/$name/examples/rubric.jsonl" -o /tmp/old.results.jsonl --prefix-cache-dir /tmp/old-cache \
-    2>"$work/old.log" || fail "the run on Debian 11 (log: $work/old.log)"
-cp "$oldroot/tmp/old.results.jsonl" "$work/"
+variant=$(root=$oldroot run old)
 python3 scripts/dist_compare.py "$work/host.results.jsonl" "$work/old.results.jsonl" >/dev/null ||
     fail "the results on Debian 11 differ from the build tree's"
-log "Debian $(cat "$oldroot/etc/debian_version") root ($old_glibc): the example batch runs, results equal"
+log "Debian $(cat "$oldroot/etc/debian_version") root ($old_glibc): the example batch runs ($variant), results equal"
 
 # --- With a Vulkan loader: the root again, plus libvulkan1 and Mesa's lavapipe ------------
 # lavapipe is a CPU-type device, which ggml takes only when GGML_VK_VISIBLE_DEVICES names it;
 # a few tokens a second, so one short request, without the decode-group probe (exact mode's
 # start-up check, minutes on lavapipe; make test-vulkan covers it).
 vkroot=$work/vkroot
-cp -a "$(./scripts/dist-root.sh vulkan)" "$vkroot"
-cp "$archive" "$vkroot/tmp/"
-cp "$model" "$vkroot/opt/model.gguf"
-chmod 0644 "$vkroot/opt/model.gguf"
+new_root "$vkroot" vulkan
 printf '%s\n' '{"custom_id":"hi","method":"POST","url":"/v1/chat/completions","body":{"messages":[{"role":"user","content":"Say hi."}],"max_tokens":4}}' \
     >"$vkroot/tmp/hi.jsonl"
 chmod 0644 "$vkroot/tmp/hi.jsonl"
